@@ -1,0 +1,22 @@
+"""lowrank: compress transformer checkpoints by low-rank factorization, then recover accuracy.
+
+Importing the package registers the `lowrank` quantizer with transformers, so
+`AutoModelForCausalLM.from_pretrained(folder)` reads compressed checkpoints.
+"""
+
+__version__ = "0.1.0"
+
+from . import hf_integration as _hf_integration  # noqa: E402
+
+_hf_integration.register()
+
+from .checkpoint import load_compressed as load  # noqa: E402
+from .checkpoint import save_compressed  # noqa: E402
+from .compress import compress_model  # noqa: E402
+from .errors import LowrankError  # noqa: E402
+from .layers import LowRankLinear  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .plan import Plan  # noqa: E402
+
+__all__ = ["__version__", "load", "save_compressed", "compress_model", "load_model", "LowrankError",
+           "LowRankLinear", "Plan"]

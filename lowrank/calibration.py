@@ -1,0 +1,268 @@
+"""Calibration text → token windows → activation statistics of every target's input.
+
+Statistics are kept per distinct layer input: modules that read the same tensor (q/k/v, or
+gate/up) share one `ActivationStats`, so its Gram matrix is computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+#: Hugging Face data sets known by a short name: (path, config, split, text column).
+KNOWN_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "wikitext2-test": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "c4": ("allenai/c4", "en", "validation", "text"),
+}
+
+SAMPLE_TEXTS = ("hamlet", "macbeth", "tempest", "julius_caesar")
+
+
+def sample_text_path(name: str = "hamlet") -> Path:
+    """Path of a public-domain text shipped inside the package (see lowrank/data/texts)."""
+    if name not in SAMPLE_TEXTS:
+        raise CalibrationError(f"unknown sample text {name!r}; choose one of {', '.join(SAMPLE_TEXTS)}")
+    return Path(str(resources.files("lowrank") / "data" / "texts" / f"{name}.txt"))
+
+
+def _read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise CalibrationError(f"{path} looks like a binary file, not text; pass a .txt file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and retry") from None
+
+
+def _load_dataset_text(spec: str) -> str:
+    """Text of a Hugging Face data set: a short name from KNOWN_DATASETS or hf:PATH[:CONFIG[:SPLIT]]."""
+    if spec in KNOWN_DATASETS:
+        path, config, split, column = KNOWN_DATASETS[spec]
+    else:
+        parts = spec.removeprefix("hf:").split(":")
+        path = parts[0]
+        config = parts[1] if len(parts) > 1 and parts[1] else None
+        split = parts[2] if len(parts) > 2 else "train"
+        column = "text"
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(
+            f"calibration source {spec!r} is a Hugging Face data set, which needs the datasets package: "
+            "pip install 'lowrank[datasets]', or pass local .txt files"
+        ) from None
+    try:
+        data = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # network errors come in many types
+        raise CalibrationError(
+            f"could not load data set {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "check the name and your connection, or pass local .txt files"
+        ) from None
+    return "\n\n".join(row for row in data[column] if row)
+
+
+def load_text(sources: list[str | Path] | str | Path | None) -> str:
+    """Concatenated text from .txt files, folders of them, or data set names.
+
+    With no sources, the bundled sample (Hamlet) is used, so the default run needs no arguments.
+    """
+    if sources is None or (isinstance(sources, (list, tuple)) and not sources):
+        sources = [sample_text_path()]
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    pieces = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise CalibrationError(f"folder {path} holds no .txt files; put text files in it or pass files")
+            pieces.extend(_read_text_file(p) for p in files)
+        elif path.is_file():
+            pieces.append(_read_text_file(path))
+        elif str(source) in KNOWN_DATASETS or str(source).startswith("hf:"):
+            pieces.append(_load_dataset_text(str(source)))
+        else:
+            raise CalibrationError(
+                f"text source {str(source)!r} is not a file, a folder or a data set name; "
+                f"pass .txt files, a folder, hf:PATH[:CONFIG[:SPLIT]] or one of {', '.join(KNOWN_DATASETS)}"
+            )
+    text = "\n\n".join(pieces)
+    if not text.strip():
+        raise CalibrationError("the text given is empty; pass files that contain text")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids
+
+
+def token_windows(
+    token_ids: torch.Tensor,
+    n_samples: int | None,
+    seq_len: int,
+    seed: int = 0,
+    what: str = "calibration",
+) -> torch.Tensor:
+    """`n_samples` non-overlapping windows of `seq_len` tokens, chosen at random with `seed`.
+
+    With `n_samples=None` every window is returned, in order (used for evaluation).
+    """
+    if seq_len < 2:
+        raise CalibrationError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    available = token_ids.numel() // seq_len
+    wanted = available if n_samples is None else n_samples
+    if n_samples is not None and n_samples < 1:
+        raise CalibrationError(f"--samples must be at least 1, got {n_samples}")
+    if available < max(wanted, 1):
+        raise CalibrationError(
+            f"{what} text has {token_ids.numel()} tokens, enough for {available} windows of {seq_len} "
+            f"but {max(wanted, 1)} were requested; give more text or lower --samples/--seq-len"
+        )
+    windows = token_ids[: available * seq_len].view(available, seq_len)
+    if n_samples is None:
+        return windows
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:n_samples].sort().values
+    return windows[chosen]
+
+
+@dataclass
+class ActivationStats:
+    """Running statistics of one layer input x ∈ R^n: Gram XᵀX (float64), count, Σ|x|."""
+
+    dim: int
+    gram: torch.Tensor = field(repr=False)
+    abs_sum: torch.Tensor = field(repr=False)
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> "ActivationStats":
+        return cls(dim, torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs of shape (..., n)."""
+        flat = x.detach().reshape(-1, self.dim)
+        # Per-batch products in float32 (float64 for float64 inputs), accumulated in float64.
+        work = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        self.gram += (work.T @ work).to(device=self.gram.device, dtype=torch.float64)
+        self.abs_sum += work.abs().sum(0).to(device=self.abs_sum.device, dtype=torch.float64)
+        self.count += flat.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate `ActivationStats` for a set of target modules.
+
+    Targets that receive the very same input tensor object in a forward pass share one
+    accumulation: the first hook to see a tensor updates the statistics, the others link to it.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[Target]):
+        self.model = model
+        self.targets = targets
+        self.stats: dict[str, ActivationStats] = {}
+        self._handles = []
+        self._seen: dict[int, tuple[weakref.ref, ActivationStats]] = {}
+        self._shares_input: set[str] = set()
+
+    def _hook(self, name: str, dim: int):
+        def hook(module, args):
+            x = args[0]
+            if name in self._shares_input:
+                return  # another module already accumulated this very input
+            entry = self._seen.get(id(x))
+            if entry is not None and entry[0]() is x and name not in self.stats:
+                self.stats[name] = entry[1]
+                self._shares_input.add(name)
+                return
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = ActivationStats.empty(dim)
+            stats.update(x)
+            self._seen[id(x)] = (weakref.ref(x), stats)
+
+        return hook
+
+    def __enter__(self) -> "StatsCollector":
+        for target in self.targets:
+            module = self.model.get_submodule(target.name)
+            self._handles.append(module.register_forward_pre_hook(self._hook(target.name, target.in_features)))
+        return self
+
+    def end_batch(self) -> None:
+        """Forget the tensors seen in the last forward pass."""
+        self._seen.clear()
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    targets: list[Target],
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, ActivationStats]:
+    """Run the calibration windows through the model and return each target's input statistics."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with StatsCollector(model, targets) as collector:
+            batches = windows.split(batch_size)
+            for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not progress):
+                model(input_ids=batch.to(device), use_cache=False)
+                collector.end_batch()
+    finally:
+        model.train(was_training)
+    missing = [t.name for t in targets if t.name not in collector.stats]
+    if missing:
+        raise CalibrationError(
+            f"{len(missing)} target layers never ran during calibration (first: {missing[0]}); "
+            "exclude them with --exclude"
+        )
+    return collector.stats
+
+
+def text_windows(
+    tokenizer,
+    sources: list[str | Path] | str | Path | None,
+    n_samples: int | None,
+    seq_len: int,
+    seed: int = 0,
+    what: str = "calibration",
+    default: str = "hamlet",
+) -> torch.Tensor:
+    """Token windows from text sources (the bundled `default` sample when none are given)."""
+    if not sources:
+        sources = [sample_text_path(default)]
+    return token_windows(tokenize(tokenizer, load_text(sources)), n_samples, seq_len, seed, what)

@@ -1,0 +1,178 @@
+"""The math: pure functions from a weight W (out × in) and input statistics to low-rank factors.
+
+Every method returns `Factors` with W ≈ up @ down, where down is (k × in) and up is (out × k).
+Work happens in float64; callers cast the result to the model's dtype.
+
+- `svd`:    truncated SVD of W; minimizes ‖W − W′‖_F, blind to the inputs.
+- `asvd`:   SVD of W·diag(mean|x|^α), mapped back (Yuan et al., 2023).
+- `whiten`: SVD of W·S with S Sᵀ = XᵀX, mapped back with S⁻¹ (SVD-LLM, Wang et al., ICLR 2025).
+  It minimizes the output error ‖(W − W′)X‖_F, and each dropped σᵢ(W·S)² is exactly the
+  squared output error that direction costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LowrankError
+
+METHODS = ("whiten", "asvd", "svd")
+
+#: Ridge added to the Gram matrix, relative to its mean eigenvalue. It makes whitening well
+#: defined for singular or badly conditioned Gram matrices at a negligible cost in output error.
+DEFAULT_DAMPING = 1e-6
+
+#: Exponent of ASVD's activation scaling, the value recommended by its authors.
+ASVD_ALPHA = 0.5
+
+
+@dataclass
+class Factors:
+    """W ≈ up @ down: `down` maps inputs to the rank-k space, `up` maps it to the outputs."""
+
+    down: torch.Tensor  # (k, in)
+    up: torch.Tensor  # (out, k)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """The rank-k approximation up @ down."""
+        return self.up @ self.down
+
+
+@dataclass
+class Whitening:
+    """A square root S of a (damped) Gram matrix G = S Sᵀ, and its inverse."""
+
+    root: torch.Tensor  # S, (in, in)
+    inverse: torch.Tensor  # S⁻¹, (in, in)
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise LowrankError(
+            f"{what} contains NaN or Inf; check the model's weights and the calibration text"
+        )
+
+
+def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = "layer") -> Whitening:
+    """A square root S of G + δ·mean(eig G)·I, and S⁻¹; never fails, never returns NaN.
+
+    The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
+    it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
+    root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
+    In both cases the ridge δ keeps every direction invertible.
+    """
+    gram = gram.to(torch.float64)
+    _check_finite(gram, f"the Gram matrix of {name}")
+    gram = (gram + gram.T) / 2
+    scale = torch.diagonal(gram).mean()  # = mean eigenvalue
+    if scale <= 0:
+        raise LowrankError(
+            f"{name} received only zero inputs during calibration; "
+            "use more or different calibration text, or exclude the layer with --exclude"
+        )
+    identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    lower, info = torch.linalg.cholesky_ex(gram + damping * scale * identity)
+    if int(info) == 0 and torch.isfinite(lower).all():
+        inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
+        if torch.isfinite(inverse).all():
+            return Whitening(root=lower, inverse=inverse)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.clamp(min=0.0) + damping * scale
+    sqrt = eigenvalues.sqrt()
+    root = (eigenvectors * sqrt) @ eigenvectors.T
+    inverse = (eigenvectors / sqrt) @ eigenvectors.T
+    return Whitening(root=root, inverse=inverse)
+
+
+def _truncate(product: torch.Tensor, k: int, back: torch.Tensor | None) -> Factors:
+    """Rank-k factors of `product` = W·S, mapped back to W's input space by `back` = S⁻¹.
+
+    The singular values are split evenly between the factors (√σ each), which keeps both on
+    the same scale: better conditioned for storage in low precision and for fine-tuning.
+    """
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    k = max(1, min(k, s.numel()))
+    root_s = s[:k].sqrt()
+    up = u[:, :k] * root_s
+    down = root_s[:, None] * vh[:k]
+    if back is not None:
+        down = down @ back
+    return Factors(down=down, up=up)
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> Factors:
+    """Plain truncated SVD: the best rank-k approximation in Frobenius norm."""
+    weight = weight.to(torch.float64)
+    _check_finite(weight, "the weight")
+    return _truncate(weight, rank, None)
+
+
+def asvd_factors(weight: torch.Tensor, mean_abs: torch.Tensor, rank: int, alpha: float = ASVD_ALPHA) -> Factors:
+    """ASVD: scale input channel j by (mean |x_j|)^α before the SVD, undo it after."""
+    weight = weight.to(torch.float64)
+    _check_finite(weight, "the weight")
+    scale = mean_abs.to(torch.float64).clamp(min=1e-8) ** alpha
+    _check_finite(scale, "the activation scale")
+    product = weight * scale[None, :]
+    return _truncate(product, rank, torch.diag(1.0 / scale))
+
+
+def whiten_factors(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    damping: float = DEFAULT_DAMPING,
+    name: str = "layer",
+    white: Whitening | None = None,
+) -> Factors:
+    """Truncation-aware whitening (SVD-LLM): truncate the SVD of W·S, map back with S⁻¹.
+
+    Pass a precomputed `white` to share one whitening between modules that read the same input.
+    """
+    weight = weight.to(torch.float64)
+    _check_finite(weight, f"the weight of {name}")
+    if white is None:
+        white = whitening(gram, damping, name)
+    return _truncate(weight @ white.root, rank, white.inverse)
+
+
+def whitened_singular_values(weight: torch.Tensor, gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """σᵢ(W·S): σᵢ² is the squared output error of dropping direction i."""
+    white = whitening(gram, damping)
+    return torch.linalg.svdvals(weight.to(torch.float64) @ white.root)
+
+
+def factorize(
+    method: str,
+    weight: torch.Tensor,
+    rank: int,
+    gram: torch.Tensor | None = None,
+    mean_abs: torch.Tensor | None = None,
+    damping: float = DEFAULT_DAMPING,
+    name: str = "layer",
+    white: Whitening | None = None,
+) -> Factors:
+    """Dispatch to one of `METHODS`; `gram` (or `white`) is needed by whiten, `mean_abs` by asvd."""
+    if method == "svd":
+        return svd_factors(weight, rank)
+    if method == "asvd":
+        if mean_abs is None:
+            raise LowrankError("method asvd needs calibration statistics; pass --calib text")
+        return asvd_factors(weight, mean_abs, rank)
+    if method == "whiten":
+        if gram is None and white is None:
+            raise LowrankError("method whiten needs calibration statistics; pass --calib text")
+        return whiten_factors(weight, gram, rank, damping, name, white)
+    raise LowrankError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖(W − W′)X‖²_F computed from the Gram matrix: trace(D G Dᵀ) with D = W − W′."""
+    diff = weight.to(torch.float64) - approx.to(torch.float64)
+    return float(((diff @ gram.to(torch.float64)) * diff).sum())

