@@ -1,0 +1,72 @@
+"""The protocol every SmolLM2 benchmark shares, so their numbers compare.
+
+Calibration: 64 random windows of 512 tokens from Hamlet (seed 0).
+Evaluation: the first 40 windows of 512 tokens of Macbeth (20,440 predicted tokens), a text
+never used for calibration or training. Both texts ship in lowrank/data/texts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowrank.calibration import text_windows
+from lowrank.evaluate import perplexity
+from lowrank.loading import load_model
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+CALIB_SAMPLES = 64
+SEQ_LEN = 512
+EVAL_WINDOWS = 40
+SEED = 0
+
+
+def load_smollm2():
+    """The dense SmolLM2-135M (float32) and its tokenizer."""
+    return load_model("smollm2-135m")
+
+
+def calibration_windows(tokenizer, samples: int = CALIB_SAMPLES) -> torch.Tensor:
+    return text_windows(tokenizer, None, samples, SEQ_LEN, SEED, default="hamlet")
+
+
+def evaluation_windows(tokenizer, windows: int = EVAL_WINDOWS) -> torch.Tensor:
+    return text_windows(tokenizer, None, None, SEQ_LEN, what="evaluation", default="macbeth")[:windows]
+
+
+def eval_ppl(model, eval_windows: torch.Tensor) -> float:
+    return perplexity(model, eval_windows, batch_size=4, progress=False).perplexity
+
+
+def fresh_copy(model):
+    """A deep copy to compress, leaving the dense model untouched."""
+    return copy.deepcopy(model)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_report(name: str, data: dict, markdown: str) -> None:
+    """reports/<name>.json (every number) and reports/<name>.md (a table for people)."""
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (REPORTS / f"{name}.md").write_text(markdown)
