@@ -62,6 +62,16 @@ class LowRankLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.up.bias
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in) equivalent, computed on access and detached.
+
+        Only for code that inspects `.weight` (its dtype, device, or model initialisers such as
+        GPT-2's); the forward pass never builds it.
+        """
+        with torch.no_grad():
+            return self.merged_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 

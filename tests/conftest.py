@@ -52,6 +52,38 @@ def random_windows(n: int = 8, seq_len: int = 24, seed: int = 0) -> torch.Tensor
     return torch.randint(3, VOCAB, (n, seq_len), generator=generator)
 
 
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer (ids < VOCAB), built offline from the bundled Hamlet."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from lowrank.calibration import sample_text_path
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in sorted(set(sample_text_path("hamlet").read_text(encoding="utf-8"))):
+        vocab.setdefault(char, len(vocab))
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def save_tiny_model(folder, arch: str = "llama", seed: int = 0):
+    """Save a tiny model and the character tokenizer as a Hugging Face folder; return the model."""
+    model = make_tiny_model(arch, seed)
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    """A tiny Llama checkpoint folder (safetensors + tokenizer) to run the CLI on."""
+    folder = tmp_path / "tiny-llama"
+    save_tiny_model(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     return make_tiny_model("llama")

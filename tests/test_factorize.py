@@ -1,0 +1,104 @@
+"""The theory of the three truncations, checked on random data in float64."""
+
+import pytest
+import torch
+
+from lowrank.factorize import (asvd_factors, factorize, output_error, svd_factors, whiten_factors,
+                               whitened_singular_values, whitening)
+
+
+def correlated_inputs(n_tokens=400, dim=24, seed=0):
+    """Inputs with very unequal channel scales and correlations, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    scales = torch.logspace(-2, 1, dim, dtype=torch.float64)
+    return (torch.randn(n_tokens, dim, generator=g, dtype=torch.float64) * scales) @ mixing
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    x = correlated_inputs()
+    return weight, x, x.T @ x
+
+
+def all_methods(weight, x, gram, rank):
+    return {
+        "svd": svd_factors(weight, rank),
+        "asvd": asvd_factors(weight, x.abs().mean(0), rank),
+        "whiten": whiten_factors(weight, gram, rank),
+    }
+
+
+def relative_output_error(weight, approx, x):
+    return float(torch.linalg.norm((weight - approx) @ x.T) / torch.linalg.norm(weight @ x.T))
+
+
+def test_full_rank_reproduces_wx(problem):
+    weight, x, gram = problem
+    for method, factors in all_methods(weight, x, gram, 16).items():
+        assert factors.down.shape == (16, 24) and factors.up.shape == (16, 16)
+        assert relative_output_error(weight, factors.matrix(), x) < 1e-6, method
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8, 12, 15])
+def test_whiten_has_least_output_error(problem, rank):
+    weight, x, gram = problem
+    errors = {m: output_error(weight, f.matrix(), gram) for m, f in all_methods(weight, x, gram, rank).items()}
+    assert errors["whiten"] <= errors["svd"] * (1 + 1e-9)
+    assert errors["whiten"] <= errors["asvd"] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 10, 15])
+def test_whiten_error_is_sum_of_dropped_whitened_sigma_squared(problem, rank):
+    weight, x, gram = problem
+    # Exact without the ridge; with the default ridge (1e-6 of the mean eigenvalue) nearly so.
+    sigma = whitened_singular_values(weight, gram, damping=0.0)
+    measured = float(torch.linalg.norm((weight - whiten_factors(weight, gram, rank, damping=0.0).matrix()) @ x.T) ** 2)
+    assert measured == pytest.approx(float((sigma[rank:] ** 2).sum()), rel=1e-9)
+    damped = float(torch.linalg.norm((weight - whiten_factors(weight, gram, rank).matrix()) @ x.T) ** 2)
+    assert damped == pytest.approx(measured, rel=0.05)
+
+
+def test_whiten_gap_is_large_on_skewed_inputs(problem):
+    """Not just ≤: on inputs with skewed scales, whitening is far better than plain SVD."""
+    weight, x, gram = problem
+    factors = all_methods(weight, x, gram, 6)
+    assert output_error(weight, factors["whiten"].matrix(), gram) < 0.5 * output_error(weight, factors["svd"].matrix(), gram)
+
+
+def test_svd_is_the_frobenius_optimum(problem):
+    weight, _, _ = problem
+    s = torch.linalg.svdvals(weight)
+    approx = svd_factors(weight, 5).matrix()
+    assert float(torch.linalg.norm(weight - approx) ** 2) == pytest.approx(float((s[5:] ** 2).sum()), rel=1e-9)
+
+
+def test_whitening_of_singular_gram_is_finite():
+    x = correlated_inputs(n_tokens=10, dim=24)  # 10 tokens: Gram of rank 10 in 24 dims
+    gram = x.T @ x
+    white = whitening(gram)
+    assert torch.isfinite(white.root).all() and torch.isfinite(white.inverse).all()
+    weight = torch.randn(8, 24, dtype=torch.float64)
+    factors = whiten_factors(weight, gram, 8)
+    assert torch.isfinite(factors.matrix()).all()
+    # Full rank still reproduces W on every input, seen or not.
+    assert torch.allclose(factors.matrix(), weight, atol=1e-6)
+
+
+def test_factors_are_balanced(problem):
+    weight, _, gram = problem
+    f = whiten_factors(weight, gram, 6)
+    up_norms = torch.linalg.norm(f.up, dim=0)
+    # √σ split: each column of up has norm √σᵢ
+    sigma = whitened_singular_values(weight, gram)[:6]
+    assert torch.allclose(up_norms, sigma.sqrt(), rtol=1e-6)
+
+
+def test_dispatch_errors():
+    weight = torch.randn(4, 4)
+    with pytest.raises(Exception, match="needs calibration"):
+        factorize("whiten", weight, 2)
+    with pytest.raises(Exception, match="unknown method"):
+        factorize("qr", weight, 2)
