@@ -41,7 +41,28 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
         raise LowrankError(f"the folder {parent} for output {out.name} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise LowrankError(f"cannot write in {parent}; choose an -o path in a writable folder")
+    check_output_spares_inputs(out)
     return out
+
+
+def check_output_spares_input(out_dir: str | Path, source: str | Path) -> None:
+    """Refuse an output folder that is, contains or sits inside the input checkpoint (its only copy, maybe)."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return
+    src, out = src.resolve(), Path(out_dir).expanduser().resolve()
+    clash = out == src or out in src.parents or (src.is_dir() and src in out.parents)
+    if clash:
+        raise LowrankError(f"output {out_dir} would overwrite or write into the input {source}; "
+                           "choose an -o path outside the input")
+
+
+def check_output_spares_inputs(out_dir: str | Path) -> None:
+    """Refuse an output that would replace or write into any checkpoint this process has loaded."""
+    from .loading import LOADED_INPUTS
+
+    for source in sorted(LOADED_INPUTS):
+        check_output_spares_input(out_dir, source)
 
 
 @contextlib.contextmanager
@@ -64,14 +85,31 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise LowrankError(f"writing {out} failed ({write_failure_reason(exc)}); free disk space or choose "
+                               "another -o path; nothing was written") from exc
         raise
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An error from the file system (disk full, file too large, read-only), from Python or safetensors."""
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "os error" in str(exc))
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """The operating system's words for a write failure, e.g. 'No space left on device'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text.rsplit("I/O error:", 1)[-1].split("(os error")[0].strip() or text.splitlines()[0]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so it is never half-written."""
     path = Path(path)
+    check_output_spares_inputs(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -139,6 +177,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None, device
 
     from . import hf_integration
     from .loading import model_class_for
+    from .verify import check_weights_match_plan
 
     hf_integration.register()
     folder = Path(folder)
@@ -150,6 +189,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None, device
         raise LowrankError(
             f"{folder}: the ranks in config.json and {PLAN_FILE} disagree; the folder was edited or mixed up, recompress it"
         )
+    check_weights_match_plan(folder, plan)  # a clear message instead of transformers' size-mismatch report
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = model_class_for(config).from_pretrained(folder, **kwargs)
     if device is not None:

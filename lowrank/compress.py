@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, hf_integration
+from .budget import RankLimits
 from .calibration import ActivationStats, collect_stats
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS, Whitening, factorize, whitening
 from .layers import LowRankLinear, replace_module
 from .plan import Plan
-from .planner import plan_uniform
+from .planner import check_ratio, default_strategy, plan_model, plan_uniform
 from .targets import Target, find_targets, weight_matrix
+from .verify import check_finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +119,41 @@ def compress_model(
     damping: float = DEFAULT_DAMPING,
     progress: bool = True,
     source: str | None = None,
+    sequential: bool = True,
+    update: bool | None = None,
+    device: torch.device | str | None = None,
+    strategy: str | None = None,
+    budget: "str | float | None" = None,
+    limits: "RankLimits | None" = None,
+    overrides: "dict | list[str] | None" = None,
 ) -> Plan:
     """Compress `model` in place and return the Plan it followed.
 
+    `sequential` (the default) takes each block's statistics from the already-compressed blocks
+    before it (lowrank.sequential); `update` (default: on when sequential) then refits each factor
+    `up` by least squares. There,
+    `device` (default: the model's) receives one block at a time, so the model may stay on CPU.
+
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd.
-    Without a `plan`, ranks follow the uniform rule at `ratio`.
+    Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method)`) under `budget`
+    (lowrank.budget; default: `ratio` of the target parameters), within `limits` and `overrides`.
     """
     if method not in METHODS:
         raise LowrankError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_finite_weights(model)  # NaN/Inf would otherwise surface later, far from its source
+    for flag, pattern in (("--include", include), ("--exclude", exclude)):
+        try:
+            re.compile(pattern or "")
+        except re.error as exc:
+            raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
     targets = find_targets(model, include, exclude)
+    planning_stats = None  # statistics the planner collected, reused for factoring
     if plan is None:
-        plan = uniform_plan(model, targets, ratio, method, round_to, source)
+        plan, planning_stats = plan_model(
+            model, targets, check_ratio(ratio) if budget is None else budget, strategy or default_strategy(method),
+            windows=windows, method=method,
+            limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
+            damping=damping, source=source, progress=progress)
     else:
         check_plan_matches(plan, targets)
         plan.method = method
@@ -136,7 +163,18 @@ def compress_model(
     if needs_statistics(method):
         if windows is None:
             raise LowrankError(f"method {method} needs calibration text; pass --calib or use --method svd")
+        if sequential:
+            from .sequential import compress_sequential
+
+            return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
+                                       batch_size=batch_size, damping=damping, progress=progress)
+        if update:
+            raise LowrankError("--update refits factors on the compressed blocks' inputs, which one-shot compression "
+                               "does not produce; add --sequential")
         wanted = [t for t in targets if t.name in plan.factored]
-        stats = collect_stats(model, wanted, windows, batch_size=batch_size, progress=progress)
+        stats = planning_stats or collect_stats(model, wanted, windows, batch_size=batch_size, progress=progress)
+    elif update:
+        raise LowrankError(f"--update refits factors on calibration statistics, which method {method} does not "
+                           "use; pass --method whiten or --no-update")
     apply_plan(model, plan, stats, damping=damping, progress=progress)
     return plan

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ BUILTIN_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+#: Local checkpoints (folders or .gguf files) loaded by this process: no output may replace them or
+#: land inside them (lowrank.checkpoint checks every output against this set).
+LOADED_INPUTS: set[Path] = set()
 
 
 @dataclass
@@ -132,6 +138,8 @@ def load_model(
 
     hf_integration.register()
     location = locate(source, allow_pickle=allow_pickle)
+    if location.local:
+        LOADED_INPUTS.add(Path(location.path, location.gguf_file or "").resolve())
     compressed = location.local and is_compressed_folder(location.path)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if location.gguf_file:
@@ -147,6 +155,18 @@ def load_model(
     except LowrankError:
         raise
     except Exception as exc:
+        if "Weights only load failed" in str(exc):
+            raise ModelLoadError(
+                f"{source}: the pickle weights hold objects other than tensors, which torch's weights_only mode "
+                "refuses because they could run code; convert the checkpoint to safetensors where you trust it"
+            ) from None
+        if "does not recognize this architecture" in str(exc):
+            found = re.search(r"model type `([^`]+)`", str(exc))
+            kind = found.group(1) if found else "of this checkpoint"
+            raise ModelLoadError(
+                f"{source}: transformers {transformers.__version__} does not know the model type {kind!r}; upgrade "
+                "transformers, or pass --trust-remote-code if the checkpoint ships its own model code"
+            ) from None
         where = "" if location.local else " (not a local path; downloading from the Hugging Face Hub failed — offline?)"
         raise ModelLoadError(f"cannot load model {source!r}{where}: {_first_line(exc)}") from None
     if device is not None:
@@ -159,6 +179,11 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, compressed=compressed)
 
 
+#: Files of which a tokenizer folder holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.*", "merges.txt",
+                   "*.model", "*.tiktoken")
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The tokenizer stored with a model, or a clear error naming --tokenizer."""
     import transformers
@@ -166,6 +191,14 @@ def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: b
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    folder = Path(path).expanduser()
+    if not folder.exists() and _looks_like_path(path):
+        raise ModelLoadError(f"tokenizer path {path} does not exist; pass --tokenizer with an existing folder or a hub id")
+    if folder.is_dir() and not gguf_file and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            "pass --tokenizer with a folder or hub id that has one"
+        )
     try:
         return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:

@@ -82,6 +82,7 @@ def silence_transformers(func):
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no "Retrying in 8s" lines when offline
         if kwargs.get("quiet"):
             transformers.utils.logging.disable_progress_bar()
         return func(*args, **kwargs)

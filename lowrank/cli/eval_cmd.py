@@ -10,6 +10,7 @@ from ..calibration import text_windows
 from ..checkpoint import atomic_write_text
 from ..evaluate import perplexity
 from ..loading import load_model
+from ..verify import check_finite_weights
 from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
 
 
@@ -34,6 +35,7 @@ def command(model, texts, seq_len, max_windows, batch_size, json_out, dtype, dev
     loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                         tokenizer_source=tokenizer_source)
+    check_finite_weights(loaded.model)
     windows = text_windows(loaded.tokenizer, list(texts), None, seq_len, what="evaluation", default="macbeth")
     if max_windows is not None:
         windows = windows[:max_windows]

@@ -1,0 +1,90 @@
+"""`lowrank analyze`: the spectra of a model's matrices, written as a report folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from ..calibration import collect_stats, text_windows
+from ..checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder
+from ..loading import DEFAULT_MODEL, load_model
+from ..report import write_analysis_report
+from ..spectrum import Analysis, analyze_folder, analyze_model, has_safetensors, targets_of
+from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+
+
+def default_output(model: str, whitened: bool) -> str:
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    return f"{stem}-analysis" + ("-whitened" if whitened else "")
+
+
+def describe(analysis: Analysis) -> str:
+    """A short per-type table for the terminal."""
+    whitened = analysis.whitened
+    lines = [f"{len(analysis.matrices)} matrices, {analysis.target_params:,} parameters; "
+             f"mean rank fraction for 90/95/99% energy ({'whitened' if whitened else 'weights'}):"]
+    for kind in analysis.kinds:
+        group = [m for m in analysis.matrices if m.kind == kind]
+        fractions = []
+        for level in ("0.9", "0.95", "0.99"):
+            fractions.append(sum(m.stats(whitened).rank_for_energy[level] / m.max_rank for m in group) / len(group))
+        lines.append(f"  {kind:<28} ×{len(group):<4} " + "  ".join(f"{100 * f:5.1f}%" for f in fractions))
+    return "\n".join(lines)
+
+
+@click.command("analyze")
+@click.argument("model", default=DEFAULT_MODEL)
+@text_options("Default: none, and the analysis uses the weights alone (data-free).", flag="--calib")
+@click.option("--samples", type=int, default=64, show_default=True,
+              help="Calibration windows to draw at random (only with --calib).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option("--include", default=None, help="Regex: analyze only modules whose name matches (default: every "
+              "linear layer in the transformer blocks).")
+@click.option("--exclude", default=None, help="Regex: skip modules whose name matches.")
+@click.option("-o", "--output", default=None,
+              help="Report folder (report.md, report.json, PNG plots). Default: ./<model>-analysis[-whitened].")
+@click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
+@model_options
+@quiet_option
+@silence_transformers
+def command(model, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, dtype, device,
+            tokenizer_source, trust_remote_code, allow_pickle, quiet):
+    """Analyze the singular-value spectra of MODEL's matrices (default: smollm2-135m) and write a report.
+
+    MODEL is a built-in name, a model folder, a .gguf file, a compressed lowrank folder or a hub id.
+    Without --calib the analysis is data-free: σ(W) only, and a folder with safetensors weights is
+    read one tensor at a time without building the model. With --calib it also computes the
+    whitened spectra σ(W·S), whose squares are the output error each dropped direction costs.
+    """
+    whitened = bool(texts)
+    output = output or default_output(model, whitened)
+    check_output_dir(output, overwrite)
+    check_output_spares_input(output, model)
+    started = time.perf_counter()
+    if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
+        analysis = analyze_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
+                                  source=model)
+    else:
+        loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            tokenizer_source=tokenizer_source, need_tokenizer=whitened)
+        targets = targets_of(loaded.model, include, exclude)
+        stats = None
+        if whitened:
+            windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
+            stats = collect_stats(loaded.model, targets, windows, batch_size=batch_size, progress=not quiet)
+        analysis = analyze_model(loaded.model, targets, stats, progress=not quiet, source=model)
+        if whitened:
+            analysis.options.update({"calibration": list(map(str, texts)), "samples": samples, "seq_len": seq_len,
+                                     "seed": seed})
+    write_analysis_report(analysis, output, overwrite=overwrite)
+    if quiet:
+        click.echo(json.dumps({"output": output, "matrices": len(analysis.matrices), "whitened": whitened}))
+    else:
+        click.echo(describe(analysis))
+        click.echo(f"wrote {output}/report.md in {time.perf_counter() - started:.1f} s")

@@ -1,0 +1,95 @@
+"""`lowrank plan`: choose every matrix's rank under a parameter budget and write the plan as JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from ..budget import RankLimits
+from ..calibration import text_windows
+from ..compress import needs_statistics
+from ..errors import LowrankError
+from ..factorize import METHODS
+from ..loading import DEFAULT_MODEL, load_model
+from ..planner import (DEFAULT_SENSITIVITY_SAMPLES, DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra,
+                       plan_model)
+from ..targets import find_targets
+from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+from .compress_cmd import describe
+
+
+@click.command("plan")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--budget", default="0.8", show_default=True, metavar="BUDGET",
+              help="Parameters to keep: 0.6 or target:0.6 (fraction of the target layers), model:0.7 (fraction of "
+                   "the whole model), 90M or 1.2B (the whole compressed model's size), target:40M (the target "
+                   "layers' size). The plan never exceeds it.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="uniform: SVD-LLM's same kept fraction everywhere. energy: the same kept whitened energy in every "
+                   "matrix. global: greedy over all matrices on each one's relative whitened error, dense where a "
+                   "useful rank saves nothing. sensitivity: like global, with each direction priced by its effect "
+                   "on the loss (output Fisher from a few backward passes). "
+                   f"[default: {DEFAULT_STRATEGY} with --method whiten, uniform otherwise]")
+@click.option("--method", type=click.Choice(METHODS), default="whiten", show_default=True,
+              help="Factorization the plan is for; whiten and asvd plan on whitened spectra (need --calib text), "
+                   "svd on plain singular values.")
+@text_options("Default: Hamlet, bundled with lowrank.", flag="--calib")
+@click.option("--samples", type=int, default=64, show_default=True, help="Calibration windows to draw at random.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES, show_default=True,
+              help="Calibration windows backpropagated to measure sensitivity (strategy sensitivity only).")
+@click.option("--override", "overrides", multiple=True, metavar="REGEX=RANK",
+              help="Fix the rank of modules whose name matches REGEX (first match wins): an integer rank, a kept "
+                   "fraction such as 0.5, or 'dense'. Repeat for several, e.g. --override 'mlp\\.down=0.5'.")
+@click.option("--min-rank", type=int, default=1, show_default=True, help="Smallest rank any factored matrix gets.")
+@click.option("--max-rank", type=int, default=None,
+              help="Largest rank any matrix gets; with it every matrix is factored (none kept dense). Default: none.")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Every rank a multiple of this (e.g. 8 for tensor cores).")
+@click.option("--include", default=None, help="Regex: plan only modules whose name matches (default: every "
+              "linear layer in the transformer blocks).")
+@click.option("--exclude", default=None, help="Regex: leave out modules whose name matches.")
+@click.option("-o", "--output", default="plan.json", show_default=True, help="Plan file to write (JSON).")
+@click.option("--overwrite", is_flag=True, help="Replace the plan file if it exists.")
+@model_options
+@quiet_option
+@silence_transformers
+def command(model, budget, strategy, method, texts, samples, seq_len, seed, batch_size, sensitivity_samples,
+            overrides, min_rank, max_rank, round_to, include, exclude, output, overwrite, dtype, device,
+            tokenizer_source, trust_remote_code, allow_pickle, quiet):
+    """Write a plan for MODEL (default: smollm2-135m): the rank of every matrix under --budget.
+
+    The plan is JSON that people may edit; `lowrank compress MODEL --plan plan.json` follows it.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise LowrankError(f"{output} already exists; pass --overwrite to replace it or choose another -o")
+    if output.is_dir():
+        raise LowrankError(f"{output} is a folder; -o names the plan file to write")
+    limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=round_to)
+    strategy = strategy or default_strategy(method)
+    started = time.perf_counter()
+    loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device), trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle, tokenizer_source=tokenizer_source)
+    targets = find_targets(loaded.model, include, exclude)
+    needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
+    windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if needs_text else None
+    plan, _ = plan_model(loaded.model, targets, budget, strategy, windows=windows, method=method, limits=limits,
+                         overrides=list(overrides), batch_size=batch_size, sensitivity_samples=sensitivity_samples,
+                         source=model, progress=not quiet)
+    if windows is not None:
+        plan.options.update({"samples": samples, "seq_len": seq_len, "seed": seed,
+                             "calibration": list(map(str, texts)) or ["bundled:hamlet"]})
+    plan.save(output)
+    if quiet:
+        click.echo(json.dumps({"output": str(output), "strategy": strategy, **plan.summary()}))
+    else:
+        click.echo(describe(plan))
+        click.echo(f"budget {plan.budget['spec']} ({plan.budget['target_allowance']:,} target parameters allowed); "
+                   f"strategy {strategy}; planned in {plan.options['planning_seconds']:.1f} s")
+        click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")

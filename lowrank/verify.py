@@ -1,0 +1,195 @@
+"""Integrity checks: is a compressed folder what its plan says, and are a model's weights finite?
+
+`verify_folder` reads a compressed folder without building the model: the sha256 recorded in
+`lowrank_plan.json` for every weight file against the file on disk, then the tensors' names and
+shapes (read from the safetensors headers) against the plan: every factored module holds
+`down.weight` (k × in) and `up.weight` (out × k) of its planned rank and no dense weight, every
+dense module its full weight and no factors, and no factors exist for modules the plan lacks.
+Every tensor is also checked for NaN and Inf. `check_finite_weights` refuses a model holding NaN or
+Inf before any work starts on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LowrankError
+
+#: Suffixes of the tensors a LowRankLinear stores (its bias lives on `up`).
+FACTOR_SUFFIXES = (".down.weight", ".up.weight", ".up.bias")
+
+
+@dataclass
+class Verification:
+    """What `verify_folder` checked, and every problem it found (empty when the folder is sound)."""
+
+    folder: Path
+    problems: list[str] = field(default_factory=list)
+    files: int = 0
+    factored: int = 0
+    dense: int = 0
+    tensors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line describing what was checked."""
+        return (f"{self.folder}: {self.files} weight file(s) match their recorded sha256; "
+                f"{self.tensors} tensors agree with the plan ({self.factored} factored, {self.dense} dense modules)")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise a LowrankError naming the first module whose parameters hold NaN or Inf."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            module, _, kind = name.rpartition(".")
+            bad = int((~torch.isfinite(param.detach())).sum())
+            raise LowrankError(
+                f"the {kind} of module {module or name} holds {bad} NaN/Inf value(s); the checkpoint is damaged "
+                "or was saved after a diverged training run: fix or replace it"
+            )
+
+
+def _tensor_shapes(path: Path, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in one safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for damaged headers
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        problems.append(f"{path.name} is not a readable safetensors file ({first})")
+        return {}
+
+
+def _check_finite_tensors(path: Path, problems: list[str]) -> None:
+    """Every tensor of a readable safetensors file holds only finite numbers."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            tensor = handle.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                problems.append(f"{name} in {path.name} holds {bad} NaN/Inf value(s)")
+
+
+def _check_hashes(folder: Path, recorded: dict, problems: list[str]) -> list[Path]:
+    """Compare recorded sha256 with the files; return the weight files that exist."""
+    from .checkpoint import PLAN_FILE, sha256_file, weight_files
+
+    present = weight_files(folder)
+    if not isinstance(recorded, dict) or not recorded:
+        problems.append(f"{PLAN_FILE} records no sha256 for the weight files; recompress to get a checkable folder")
+        return present
+    for name, digest in sorted(recorded.items()):
+        path = folder / str(name)
+        if not path.is_file():
+            problems.append(f"weight file {name} is missing (recorded in {PLAN_FILE})")
+        elif sha256_file(path) != digest:
+            problems.append(f"weight file {name} does not match its recorded sha256; it was modified or damaged")
+    for path in present:
+        if path.name not in recorded:
+            problems.append(f"weight file {path.name} is not recorded in {PLAN_FILE}; it does not belong to this folder")
+    return present
+
+
+def _check_config_ranks(folder: Path, plan, problems: list[str]) -> None:
+    from .checkpoint import PLAN_FILE
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"config.json cannot be read ({type(exc).__name__}); copy the original config back")
+        return
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    ranks = quant.get("ranks") if isinstance(quant, dict) else None
+    if ranks != plan.factored:
+        problems.append(f"the ranks in config.json's quantization_config disagree with {PLAN_FILE}")
+
+
+def _check_tensors(shapes: dict[str, tuple[int, ...]], plan, problems: list[str]) -> None:
+    """Plan and weights agree: factors of the planned rank for factored modules, full weights for dense ones."""
+    for name, module in plan.modules.items():
+        out_features, in_features = module.shape
+        if module.rank is not None:
+            expected = {f"{name}.down.weight": (module.rank, in_features), f"{name}.up.weight": (out_features, module.rank)}
+            for key, shape in expected.items():
+                if key not in shapes:
+                    problems.append(f"{name} is factored in the plan but the weights lack {key}")
+                elif shapes[key] != shape:
+                    problems.append(f"{key} has shape {list(shapes[key])}, the plan (rank {module.rank}) needs {list(shape)}")
+            if f"{name}.weight" in shapes:
+                problems.append(f"{name} is factored in the plan but the weights still hold its dense {name}.weight")
+        else:
+            key = f"{name}.weight"
+            if key not in shapes:
+                problems.append(f"{name} is dense in the plan but the weights lack {key}")
+            elif sorted(shapes[key]) != sorted(module.shape):  # Conv1D stores (in, out)
+                problems.append(f"{key} has shape {list(shapes[key])}, the plan says {list(module.shape)}")
+            if f"{name}.down.weight" in shapes or f"{name}.up.weight" in shapes:
+                problems.append(f"{name} is dense in the plan but the weights hold low-rank factors for it")
+    factored = set(plan.factored)
+    for key in sorted(shapes):
+        for suffix in FACTOR_SUFFIXES:
+            if key.endswith(suffix) and key[: -len(suffix)] not in factored:
+                problems.append(f"unexpected tensor {key}: module {key[: -len(suffix)]} is not factored in the plan")
+
+
+def check_weights_match_plan(folder: str | Path, plan) -> None:
+    """Before loading: raise a LowrankError when the tensors (read from the headers) disagree with `plan`."""
+    from .checkpoint import PLAN_FILE, weight_files
+
+    problems: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(Path(folder)):
+        shapes.update(_tensor_shapes(path, problems))
+    named_as_planned = any(f"{name}.down.weight" in shapes for name in plan.factored)
+    if named_as_planned and not problems:  # another naming scheme: leave the judgement to transformers
+        _check_tensors(shapes, plan, problems)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LowrankError(f"{folder}: the weights do not match {PLAN_FILE}: {problems[0]}{more}; "
+                           f"run `lowrank verify {folder}` and recompress")
+
+
+def verify_folder(folder: str | Path) -> Verification:
+    """Check a compressed folder's weight hashes and that its weights match its plan."""
+    from .checkpoint import PLAN_FILE, read_plan
+
+    folder = Path(folder)
+    result = Verification(folder)
+    if not folder.is_dir():
+        raise LowrankError(f"{folder} is not a folder; pass a compressed lowrank folder")
+    if not (folder / PLAN_FILE).is_file():
+        raise LowrankError(f"{folder} has no {PLAN_FILE}, so it is not a compressed lowrank folder")
+    try:
+        plan, recorded = read_plan(folder)
+    except LowrankError as exc:
+        result.problems.append(str(exc))
+        return result
+    present = _check_hashes(folder, recorded, result.problems)
+    _check_config_ranks(folder, plan, result.problems)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in present:
+        found = _tensor_shapes(path, result.problems)
+        if found:
+            _check_finite_tensors(path, result.problems)
+        shapes.update(found)
+    if not present:
+        result.problems.append(f"{folder} holds no *.safetensors weight files; copy them back or recompress")
+    elif shapes:
+        _check_tensors(shapes, plan, result.problems)
+    result.files = len(present)
+    result.tensors = len(shapes)
+    result.factored = len(plan.factored)
+    result.dense = len(plan.modules) - result.factored
+    return result

@@ -1,0 +1,800 @@
+"""Every bad input we know of, run through the `lowrank` CLI by one test.
+
+Each row of `ROWS` is a bad model, text, budget, plan, output or environment given to a real
+command. For every row the test asserts the promise of issue 7: a non-zero exit code, one line
+on stderr (`error: ...`, no traceback), nothing left behind in the output's folder (no output,
+no `.*.tmp-*` temporary folder), and every input file byte-for-byte unchanged.
+
+The inputs are tiny random models from tests/conftest.py saved with `save_pretrained`, with an
+offline character-level tokenizer, so the whole table runs in seconds. Ctrl-C is a real SIGINT:
+in-process rows send it to the test process itself at the named stage; `test_ctrl_c_from_outside`
+sends it from a parent process to a `lowrank` subprocess.
+
+Set LOWRANK_ROBUSTNESS_TABLE=FILE to write the observed messages as the README's markdown table.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_ARCHITECTURES, VOCAB, make_tiny_model
+from lowrank.checkpoint import PLAN_FILE, save_compressed
+from lowrank.cli import main
+from lowrank.compress import compress_model
+
+SAMPLES = ["--samples", "2", "--seq-len", "16"]
+NAN_MODULE = "model.layers.1.mlp.up_proj"
+INF_MODULE = "model.layers.0.self_attn.k_proj"
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def char_tokenizer():
+    """An offline tokenizer: one token per printable ASCII character, <unk> for the rest (VOCAB ids)."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 127))}}
+    assert len(vocab) == VOCAB
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace("\n", " ")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def save_tiny_model(folder: Path, tokenizer=True, seed: int = 0) -> Path:
+    """A tiny Llama (vocab matching `char_tokenizer`) saved with save_pretrained, plus its tokenizer."""
+    model = make_tiny_model("llama", seed=seed)
+    model.save_pretrained(folder)
+    if tokenizer:
+        char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def copy_model(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop) if drop else None)
+    return dst
+
+
+def poison(folder: Path, module: str, value: float) -> None:
+    """Write `value` (NaN or Inf) into one entry of `module`'s weight."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors[f"{module}.weight"][0, 0] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that would create a file if anything ever unpickled it without weights_only."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+def edit_plan(folder: Path, change: Callable[[dict], None], config_too: bool = False) -> None:
+    """Apply `change` to the plan JSON of a compressed folder (and to config.json's ranks)."""
+    path = folder / PLAN_FILE
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2))
+    if config_too:
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"]["ranks"] = {
+            name: m["rank"] for name, m in data["modules"].items() if m.get("rank") is not None
+        }
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+@dataclass
+class Inputs:
+    root: Path
+    sentinel: Path
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> str:
+        return str(self.paths[key])
+
+
+def build_inputs(root: Path) -> Inputs:
+    inputs = Inputs(root=root, sentinel=root.parent / "pickle-ran-code")
+    p = inputs.paths
+    p["model"] = save_tiny_model(root / "model")
+    p["no_tokenizer"] = copy_model(p["model"], root / "no_tokenizer", drop=("tokenizer*", "special_tokens*"))
+    p["not_model"] = root / "not_model"
+    p["not_model"].mkdir()
+    (p["not_model"] / "notes.txt").write_text("my holiday photos\n")
+    p["no_weights"] = copy_model(p["model"], root / "no_weights", drop=("*.safetensors",))
+    p["bad_config"] = copy_model(p["model"], root / "bad_config")
+    (p["bad_config"] / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    p["corrupt"] = copy_model(p["model"], root / "corrupt")
+    (p["corrupt"] / "model.safetensors").write_bytes(os.urandom(4096))
+    p["truncated"] = copy_model(p["model"], root / "truncated")
+    weights = (p["model"] / "model.safetensors").read_bytes()
+    (p["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    p["broken_gguf"] = root / "broken.gguf"
+    p["broken_gguf"].write_bytes(b"GGUF" + os.urandom(2048))
+    p["pickle"] = copy_model(p["model"], root / "pickle", drop=("*.safetensors",))
+    torch.save(load_file(p["model"] / "model.safetensors"), p["pickle"] / "pytorch_model.bin")
+    p["evil_pickle"] = copy_model(p["model"], root / "evil_pickle", drop=("*.safetensors",))
+    with open(p["evil_pickle"] / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _RunsCodeWhenUnpickled(inputs.sentinel)}, handle, protocol=2)
+    p["unsupported"] = copy_model(p["model"], root / "unsupported")
+    config = json.loads((p["unsupported"] / "config.json").read_text())
+    config.update(model_type="no-such-architecture", architectures=["NoSuchArchitectureForCausalLM"])
+    (p["unsupported"] / "config.json").write_text(json.dumps(config))
+    p["nan"] = copy_model(p["model"], root / "nan")
+    poison(p["nan"], NAN_MODULE, float("nan"))
+    p["inf"] = copy_model(p["model"], root / "inf")
+    poison(p["inf"], INF_MODULE, float("inf"))
+    p["overflows_fp16"] = copy_model(p["model"], root / "overflows_fp16")
+    tensors = load_file(p["overflows_fp16"] / "model.safetensors")
+    save_file({k: v * 3000 if ".mlp." in k else v for k, v in tensors.items()},
+              p["overflows_fp16"] / "model.safetensors", metadata={"format": "pt"})
+
+    texts = root / "texts"
+    texts.mkdir()
+    p["empty_text"] = texts / "empty.txt"
+    p["empty_text"].write_text("")
+    p["blank_text"] = texts / "blank.txt"
+    p["blank_text"].write_text(" \n\n\t \n")
+    p["binary_text"] = texts / "weights.txt"
+    p["binary_text"].write_bytes(bytes(range(256)) * 8)
+    p["latin1_text"] = texts / "latin1.txt"
+    p["latin1_text"].write_bytes("Où est la fenêtre? ".encode("latin-1") * 20)
+    p["short_text"] = texts / "short.txt"
+    p["short_text"].write_text("To be, or not to be.\n")
+    p["empty_folder"] = texts / "no_txt_here"
+    p["empty_folder"].mkdir()
+    p["good_text"] = texts / "good.txt"
+    p["good_text"].write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 20)
+
+    p["existing_out"] = root / "existing_out"
+    p["existing_out"].mkdir()
+    (p["existing_out"] / "precious.txt").write_text("results of last week's run\n")
+
+    # A compressed folder, and damaged copies of it: files the tool reads back.
+    model = make_tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(1, VOCAB, (4, 16), generator=generator)
+    plan = compress_model(model, ratio=0.8, windows=windows, progress=False, source="tiny")
+    p["compressed"] = save_compressed(model, char_tokenizer(), plan, root / "compressed")
+    p["tampered_weights"] = copy_model(p["compressed"], root / "tampered_weights")
+    tensors = load_file(p["tampered_weights"] / "model.safetensors")
+    tensors[f"{NAN_MODULE}.down.weight"][0, 0] += 1.0
+    save_file(tensors, p["tampered_weights"] / "model.safetensors", metadata={"format": "pt"})
+    p["plan_rank_edited"] = copy_model(p["compressed"], root / "plan_rank_edited")
+    edit_plan(p["plan_rank_edited"], lambda d: d["modules"][NAN_MODULE].update(rank=7), config_too=True)
+    p["plan_missing_module"] = copy_model(p["compressed"], root / "plan_missing_module")
+    edit_plan(p["plan_missing_module"],
+              lambda d: d["modules"].update({"model.layers.9.mlp.up_proj": {"shape": [96, 48], "rank": 8}}),
+              config_too=True)
+    p["plan_rank_too_big"] = copy_model(p["compressed"], root / "plan_rank_too_big")
+    edit_plan(p["plan_rank_too_big"], lambda d: d["modules"][NAN_MODULE].update(rank=49))
+    p["plan_unknown_key"] = copy_model(p["compressed"], root / "plan_unknown_key")
+    edit_plan(p["plan_unknown_key"], lambda d: d.update(ranks_per_layer={"0": 8}))
+    p["plan_wrong_type"] = copy_model(p["compressed"], root / "plan_wrong_type")
+    edit_plan(p["plan_wrong_type"], lambda d: d["modules"][NAN_MODULE].update(rank="12"))
+    p["plan_not_json"] = copy_model(p["compressed"], root / "plan_not_json")
+    (p["plan_not_json"] / PLAN_FILE).write_text("{ this is not json")
+    p["weights_missing"] = copy_model(p["compressed"], root / "weights_missing", drop=("*.safetensors",))
+
+    # Plan files for `compress --plan`, edited from the plan of the compressed folder.
+    plans = root / "plans"
+    plans.mkdir()
+    valid = json.loads((p["compressed"] / PLAN_FILE).read_text())
+    valid.pop("files")
+    edits = {
+        "missing_module": lambda d: d["modules"].update({"model.layers.9.mlp.up_proj": {"shape": [96, 48], "rank": 8}}),
+        "rank_too_big": lambda d: d["modules"][NAN_MODULE].update(rank=49),
+        "wrong_shape": lambda d: d["modules"][NAN_MODULE].update(shape=[48, 96]),
+        "unknown_key": lambda d: d.update(layers={"0": 8}),
+        "wrong_type": lambda d: d["modules"][NAN_MODULE].update(rank=12.5),
+        "modules_not_object": lambda d: d.update(modules=[NAN_MODULE, 12]),
+    }
+    for name, edit in edits.items():
+        data = copy.deepcopy(valid)
+        edit(data)
+        p[f"planfile_{name}"] = plans / f"{name}.json"
+        p[f"planfile_{name}"].write_text(json.dumps(data, indent=2))
+    p["planfile_not_json"] = plans / "not_json.json"
+    p["planfile_not_json"].write_text('{"modules": {"model.layers.0.mlp.up_proj": ')
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    return build_inputs(tmp_path_factory.mktemp("robustness") / "inputs")
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (and the set of paths, so added files show too)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- environment faults -------------------------------------------------------------------------
+
+def interrupt_at(monkeypatch, owner, attr: str, on_call: int = 1) -> None:
+    """Deliver a real SIGINT to this process on the `on_call`-th call of `owner.attr` (function or method)."""
+    original = getattr(owner, attr)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt arrives here, inside the stage
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+
+
+def interrupt_loading(monkeypatch, work):
+    import lowrank.loading
+
+    interrupt_at(monkeypatch, lowrank.loading, "model_class_for")  # config read, weights not yet
+
+
+def interrupt_calibrating(monkeypatch, work):
+    from lowrank.calibration import StatsCollector
+
+    interrupt_at(monkeypatch, StatsCollector, "end_batch")  # after the first calibration batch
+
+
+def interrupt_factoring(monkeypatch, work):
+    import lowrank.compress
+
+    interrupt_at(monkeypatch, lowrank.compress, "replace_module", on_call=3)  # 2 layers already swapped
+
+
+def interrupt_saving(monkeypatch, work):
+    import lowrank.checkpoint
+
+    interrupt_at(monkeypatch, lowrank.checkpoint, "sha256_file")  # weights written to the temporary folder
+
+
+def file_size_limit(monkeypatch, work):
+    """RLIMIT_FSIZE: the kernel refuses to grow any file past 64 KiB (EFBIG), as a full disk would.
+
+    Returns the function that lifts the limit again.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+
+    def restore():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+    return restore
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB tmpfs: the tiny compressed model does not fit on it."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root; the file-size-limit row covers the same fault")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    os.chdir(tmp_path)  # leave the mount before unmounting it (monkeypatch restores the cwd later)
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    id: str
+    group: str
+    tried: str
+    argv: Callable[[Inputs, Path], list[str]]
+    expect: str  # a fragment of the one-line message (regex)
+    setup: Callable | None = None
+    on_small_disk: bool = False
+    exit_code: int = 1
+
+
+def compress(*args: str) -> Callable[[Inputs, Path], list[str]]:
+    """argv of `lowrank compress` on a tiny model; {key} in args names an input, OUT the output."""
+
+    def build(inputs: Inputs, work: Path) -> list[str]:
+        resolved = [str(work / "out") if a == "OUT" else a.format(**{k: str(v) for k, v in inputs.paths.items()})
+                    for a in args]
+        return ["compress", *resolved, "-q"]
+
+    return build
+
+
+def command(*args: str) -> Callable[[Inputs, Path], list[str]]:
+    def build(inputs: Inputs, work: Path) -> list[str]:
+        return [str(work / "out") if a == "OUT" else a.format(**{k: str(v) for k, v in inputs.paths.items()})
+                for a in args]
+
+    return build
+
+
+ROWS = [
+    # Model input
+    Row("nonexistent-path", "model", "a model path that does not exist",
+        compress("{model}-missing", "-o", "OUT", *SAMPLES), r"does not exist"),
+    Row("not-a-model-folder", "model", "a folder that is not a model (no config.json)",
+        compress("{not_model}", "-o", "OUT", *SAMPLES), r"is not a model folder"),
+    Row("config-without-weights", "model", "a model folder whose weight files are missing",
+        compress("{no_weights}", "-o", "OUT", *SAMPLES), r"no weights"),
+    Row("config-not-json", "model", "a config.json that is not valid JSON",
+        compress("{bad_config}", "-o", "OUT", *SAMPLES), r"cannot load model"),
+    Row("corrupt-safetensors", "model", "model.safetensors replaced by random bytes",
+        compress("{corrupt}", "-o", "OUT", *SAMPLES), r"cannot load model"),
+    Row("truncated-safetensors", "model", "model.safetensors cut to half its length",
+        compress("{truncated}", "-o", "OUT", *SAMPLES), r"cannot load model"),
+    Row("broken-gguf", "model", "a .gguf file that is not GGUF",
+        compress("{broken_gguf}", "-o", "OUT", *SAMPLES), r"cannot load model"),
+    Row("pickle-refused", "model", "a checkpoint with only pickle weights (pytorch_model.bin), no --allow-pickle",
+        compress("{pickle}", "-o", "OUT", *SAMPLES), r"pickle weights .* --allow-pickle"),
+    Row("pickle-that-runs-code", "model",
+        "pickle weights that would run code when unpickled, even with --allow-pickle (weights_only)",
+        compress("{evil_pickle}", "-o", "OUT", "--allow-pickle", *SAMPLES), r"weights_only mode refuses"),
+    Row("unsupported-architecture", "model", "a config.json naming an architecture transformers does not know",
+        compress("{unsupported}", "-o", "OUT", *SAMPLES), r"does not know the model type 'no-such-architecture'"),
+    Row("no-targets", "model", "--include matching no linear layer",
+        compress("{model}", "-o", "OUT", "--include", "no_such_layer", *SAMPLES), r"no linear layers to factor"),
+    Row("all-targets-excluded", "model", "--exclude removing every linear layer",
+        compress("{model}", "-o", "OUT", "--exclude", ".", *SAMPLES), r"no linear layers to factor"),
+    Row("invalid-regex", "model", "--include that is not a valid regular expression",
+        compress("{model}", "-o", "OUT", "--include", "(q_proj", *SAMPLES), r"not a valid regular expression"),
+    Row("nan-in-weights", "model", "a NaN in one weight matrix",
+        compress("{nan}", "-o", "OUT", *SAMPLES), re.escape(NAN_MODULE) + r" holds 1 NaN/Inf"),
+    Row("inf-in-weights", "model", "an Inf in one weight matrix (method svd: no calibration)",
+        compress("{inf}", "-o", "OUT", "--method", "svd"), re.escape(INF_MODULE) + r" holds 1 NaN/Inf"),
+    Row("eval-nan-in-weights", "model", "`lowrank eval` on a model with a NaN in one weight matrix",
+        command("eval", "{nan}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        re.escape(NAN_MODULE) + r" holds 1 NaN/Inf"),
+    Row("eval-fp16-overflow", "model", "`lowrank eval --dtype float16` on a model whose activations overflow fp16",
+        command("eval", "{overflows_fp16}", "--dtype", "float16", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"NaN or Inf"),
+    # Budgets and plans
+    Row("ratio-zero", "budget", "--ratio 0", compress("{model}", "-o", "OUT", "--ratio", "0", *SAMPLES),
+        r"ratio 0.0 is outside \(0, 1\]"),
+    Row("ratio-above-one", "budget", "--ratio 1.5", compress("{model}", "-o", "OUT", "--ratio", "1.5", *SAMPLES),
+        r"ratio 1.5 is outside \(0, 1\]"),
+    Row("ratio-negative", "budget", "--ratio -0.2", compress("{model}", "-o", "OUT", "--ratio=-0.2", *SAMPLES),
+        r"outside \(0, 1\]"),
+    Row("ratio-nan", "budget", "--ratio nan", compress("{model}", "-o", "OUT", "--ratio", "nan", *SAMPLES),
+        r"ratio nan is outside"),
+    Row("ratio-not-a-number", "budget", "--ratio half", compress("{model}", "-o", "OUT", "--ratio", "half"),
+        r"'half' is not a valid float", exit_code=2),
+    Row("round-to-zero", "budget", "--round-to 0", compress("{model}", "-o", "OUT", "--round-to", "0", *SAMPLES),
+        r"--round-to must be a positive integer"),
+    Row("budget-infeasible", "budget", "--budget 1K, below the smallest plan that can exist",
+        compress("{model}", "-o", "OUT", "--budget", "1K", *SAMPLES), r"the budget cannot be met"),
+    Row("budget-zero", "budget", "--budget 0", compress("{model}", "-o", "OUT", "--budget", "0", *SAMPLES),
+        r"budget '0' must be positive"),
+    Row("budget-not-a-count", "budget", "--budget banana", compress("{model}", "-o", "OUT", "--budget", "banana", *SAMPLES),
+        r"'banana' is not a parameter count"),
+    Row("plan-names-missing-module", "plan", "--plan naming a module the model lacks",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_missing_module}", *SAMPLES),
+        r"names module 'model.layers.9.mlp.up_proj', which is not a linear layer of this model"),
+    Row("plan-rank-above-min-dim", "plan", "--plan giving a rank above min(out, in)",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_rank_too_big}", *SAMPLES),
+        r"rank 49 exceeds min\(out, in\) = 48"),
+    Row("plan-wrong-shape", "plan", "--plan giving a module the wrong shape (a plan for another model)",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_wrong_shape}", *SAMPLES),
+        r"shape \[48, 96\] but the model has \[96, 48\]"),
+    Row("plan-unknown-key", "plan", "--plan with an unknown key",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_unknown_key}", *SAMPLES), r"unknown key 'layers'"),
+    Row("plan-wrong-type", "plan", "--plan with a rank of the wrong type (12.5)",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_wrong_type}", *SAMPLES),
+        r"\.rank must be a positive integer or null \(dense\), got 12.5"),
+    Row("plan-modules-not-object", "plan", "--plan whose modules are a list, not an object",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_modules_not_object}", *SAMPLES),
+        r"'modules' must be a non-empty object"),
+    Row("plan-not-json", "plan", "--plan that is not valid JSON",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_not_json}", *SAMPLES), r"is not valid JSON"),
+    Row("plan-missing", "plan", "--plan naming a file that does not exist",
+        compress("{model}", "-o", "OUT", "--plan", "{planfile_not_json}.missing", *SAMPLES), r"does not exist"),
+    # Calibration text
+    Row("calib-missing", "text", "--calib naming a file that does not exist",
+        compress("{model}", "-o", "OUT", "--calib", "{good_text}.missing", *SAMPLES), r"is not a file, a folder"),
+    Row("calib-empty", "text", "an empty calibration file",
+        compress("{model}", "-o", "OUT", "--calib", "{empty_text}", *SAMPLES), r"text given is empty"),
+    Row("calib-whitespace", "text", "a calibration file of only blank lines",
+        compress("{model}", "-o", "OUT", "--calib", "{blank_text}", *SAMPLES), r"text given is empty"),
+    Row("calib-binary", "text", "a binary file passed as calibration text",
+        compress("{model}", "-o", "OUT", "--calib", "{binary_text}", *SAMPLES), r"looks like a binary file"),
+    Row("calib-not-utf8", "text", "calibration text in Latin-1, not UTF-8",
+        compress("{model}", "-o", "OUT", "--calib", "{latin1_text}", *SAMPLES), r"is not UTF-8 text"),
+    Row("calib-too-short", "text", "calibration text too short for the windows asked for",
+        compress("{model}", "-o", "OUT", "--calib", "{short_text}", *SAMPLES), r"enough for 1 windows of 16"),
+    Row("calib-folder-without-txt", "text", "a calibration folder holding no .txt files",
+        compress("{model}", "-o", "OUT", "--calib", "{empty_folder}", *SAMPLES), r"holds no .txt files"),
+    Row("samples-zero", "text", "--samples 0",
+        compress("{model}", "-o", "OUT", "--samples", "0", "--seq-len", "16"), r"--samples must be at least 1"),
+    Row("seq-len-one", "text", "--seq-len 1",
+        compress("{model}", "-o", "OUT", "--samples", "2", "--seq-len", "1"), r"--seq-len must be at least 2"),
+    # Environment
+    Row("missing-tokenizer", "environment", "a model folder without tokenizer files",
+        compress("{no_tokenizer}", "-o", "OUT", *SAMPLES), r"holds no tokenizer files .* pass --tokenizer"),
+    Row("tokenizer-path-missing", "environment", "--tokenizer naming a folder that does not exist",
+        compress("{no_tokenizer}", "-o", "OUT", "--tokenizer", "{model}-nope/tok", *SAMPLES),
+        r"tokenizer path .*model-nope/tok does not exist"),
+    Row("output-exists", "environment", "-o naming a folder that already exists",
+        compress("{model}", "-o", "{existing_out}", *SAMPLES), r"already exists; choose another -o path or pass --overwrite"),
+    Row("output-is-input", "environment", "-o naming the input model itself, with --overwrite",
+        compress("{model}", "-o", "{model}", "--overwrite", *SAMPLES), r"would overwrite or write into the input"),
+    Row("output-inside-input", "environment", "-o naming a folder inside the input model",
+        compress("{model}", "-o", "{model}/compressed", *SAMPLES), r"would overwrite or write into the input"),
+    Row("output-parent-missing", "environment", "-o inside a folder that does not exist",
+        compress("{model}", "-o", "{model}-nope/sub/out", *SAMPLES), r"does not exist; create it first"),
+    Row("disk-full", "environment", "output on a full disk (a 160 KiB tmpfs)",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"failed \(No space left on device\); free disk space",
+        on_small_disk=True),
+    Row("file-size-limit", "environment", "output files capped at 64 KiB by RLIMIT_FSIZE (a disk-full fault without root)",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"failed \(File too large\); free disk space",
+        setup=file_size_limit),
+    Row("ctrl-c-loading", "environment", "Ctrl-C (SIGINT) while loading the model",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_loading, exit_code=130),
+    Row("ctrl-c-calibrating", "environment", "Ctrl-C (SIGINT) while calibrating",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_calibrating, exit_code=130),
+    Row("ctrl-c-factoring", "environment", "Ctrl-C (SIGINT) while factoring",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_factoring, exit_code=130),
+    Row("ctrl-c-sequential", "environment", "Ctrl-C (SIGINT) while compressing block by block (--sequential)",
+        compress("{model}", "-o", "OUT", "--sequential", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_factoring, exit_code=130),
+    Row("ctrl-c-saving", "environment", "Ctrl-C (SIGINT) while saving (weights already in the temporary folder)",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_saving, exit_code=130),
+    Row("ctrl-c-saving-overwrite", "environment", "Ctrl-C while saving over an existing output with --overwrite",
+        compress("{model}", "-o", "{existing_out}", "--overwrite", *SAMPLES), r"interrupted; nothing was written",
+        setup=interrupt_saving, exit_code=130),
+    # Files the tool reads back
+    Row("verify-weights-modified", "read-back", "`lowrank verify` on a folder whose weight file was modified",
+        command("verify", "{tampered_weights}"), r"failed verification: weight file model.safetensors does not match its recorded sha256"),
+    Row("verify-plan-rank-edited", "read-back", "`lowrank verify` on a folder whose plan rank no longer matches the weights",
+        command("verify", "{plan_rank_edited}"), r"needs \[7, 48\] \(and 1 more, listed above\)"),
+    Row("verify-weights-missing", "read-back", "`lowrank verify` on a folder whose weight file is gone",
+        command("verify", "{weights_missing}"), r"failed verification: weight file model.safetensors is missing"),
+    Row("load-plan-rank-edited", "read-back", "loading (`lowrank eval`) a folder whose plan ranks do not match the weights",
+        command("eval", "{plan_rank_edited}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"the weights do not match lowrank_plan.json: .*the plan \(rank 7\) needs"),
+    Row("folder-plan-rank-above-min-dim", "read-back", "a compressed folder whose plan gives a rank above min(out, in)",
+        command("eval", "{plan_rank_too_big}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"rank 49 exceeds min\(out, in\) = 48"),
+    Row("folder-plan-names-missing-module", "read-back",
+        "a compressed folder whose plan (and config) name a module the model lacks",
+        command("eval", "{plan_missing_module}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"model.layers.9.mlp.up_proj is factored in the plan but the weights lack"),
+    Row("folder-plan-unknown-key", "read-back", "a compressed folder whose plan has an unknown key",
+        command("eval", "{plan_unknown_key}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"unknown key 'ranks_per_layer'"),
+    Row("folder-plan-wrong-type", "read-back", "a compressed folder whose plan has a rank of the wrong type (\"12\")",
+        command("eval", "{plan_wrong_type}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"\.rank must be a positive integer or null"),
+    Row("folder-plan-not-json", "read-back", "a compressed folder whose plan file is not JSON",
+        command("verify", "{plan_not_json}"), r"failed verification: cannot read .*lowrank_plan.json"),
+    Row("verify-not-compressed", "read-back", "`lowrank verify` on a dense model folder",
+        command("verify", "{model}"), r"no lowrank_plan.json"),
+    Row("verify-folder-missing", "read-back", "`lowrank verify` on a folder that does not exist",
+        command("verify", "{compressed}-missing"), r"is not a folder; pass a compressed lowrank folder"),
+    # The other commands' obvious bad inputs
+    Row("plan-model-missing", "commands", "`lowrank plan` on a model path that does not exist",
+        command("plan", "{model}-missing", "-o", "OUT", *SAMPLES, "-q"), r"does not exist"),
+    Row("plan-output-exists", "commands", "`lowrank plan -o` naming a file that exists",
+        command("plan", "{model}", "-o", "{existing_out}/precious.txt", *SAMPLES, "-q"), r"already exists"),
+    Row("analyze-model-missing", "commands", "`lowrank analyze` on a model path that does not exist",
+        command("analyze", "{model}-missing", "-o", "OUT", *SAMPLES, "-q"), r"does not exist"),
+    Row("analyze-output-exists", "commands", "`lowrank analyze -o` naming a folder that exists",
+        command("analyze", "{model}", "-o", "{existing_out}", *SAMPLES, "-q"), r"already exists"),
+    Row("report-folder-missing", "commands", "`lowrank report` on a folder that does not exist",
+        command("report", "{compressed}-missing", "-o", "OUT", "-q"), r"not a compressed lowrank folder"),
+    Row("report-dense-folder", "commands", "`lowrank report` on a dense (not compressed) model folder",
+        command("report", "{model}", "-o", "OUT", "-q"), r"not a compressed lowrank folder"),
+    Row("report-output-exists", "commands", "`lowrank report -o` naming a folder that exists",
+        command("report", "{compressed}", "-o", "{existing_out}", "-q"), r"already exists"),
+    Row("recover-folder-missing", "commands", "`lowrank recover` on a folder that does not exist",
+        command("recover", "{compressed}-missing", "--data", "{good_text}", "-o", "OUT", "--steps", "1", "-q"),
+        r"does not exist", exit_code=2),
+    Row("recover-dense-folder", "commands", "`lowrank recover` on a dense (not compressed) model folder",
+        command("recover", "{model}", "--data", "{good_text}", "-o", "OUT", "--steps", "1", "-q"),
+        r"not a compressed lowrank folder"),
+    Row("plan-output-into-input", "commands", "`lowrank plan -o MODEL/config.json --overwrite`: a plan over the input's file",
+        command("plan", "{model}", "-o", "{model}/config.json", "--overwrite", *SAMPLES, "-q"),
+        r"would overwrite or write into the input"),
+    Row("recover-output-exists", "commands", "`lowrank recover -o` naming a folder that exists",
+        command("recover", "{compressed}", "--data", "{good_text}", "-o", "{existing_out}", "--steps", "1", "-q"),
+        r"already exists"),
+]
+
+#: What each row printed, collected for the README table (see LOWRANK_ROBUSTNESS_TABLE).
+OBSERVED: dict[str, str] = {}
+
+
+GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
+          "environment": "environment", "read-back": "files read back", "commands": "other commands"}
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
+
+
+def markdown_table(observed: dict[str, str]) -> str:
+    """The README table: one row per bad input, what the user saw, and the test row that checks it."""
+    lines = [f"**{len(ROWS)} bad inputs tried**, each run through the CLI by "
+             "`tests/test_robustness_cli.py::test_bad_input_is_refused_cleanly[ROW]`, which asserts a non-zero "
+             "exit code, one line on stderr and no traceback, nothing left in the output's folder (no output, no "
+             "`.*.tmp-*`), and every input file unchanged (sha256 before and after). Paths are shown relative.",
+             "", "| | bad input | what the user sees | test row |", "|---|---|---|---|"]
+    for row in ROWS:
+        message = observed.get(row.id, "(not run)").replace("|", "\\|").replace("`", "'")
+        lines.append(f"| {GROUPS[row.group]} | {row.tried} | `{message}` | `[{row.id}]` |")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_table():
+    yield
+    target = os.environ.get("LOWRANK_ROBUSTNESS_TABLE")
+    if target:
+        Path(target).write_text(markdown_table(OBSERVED))
+
+
+def test_readme_table_lists_every_row():
+    """The README's table and this file's rows stay in step (regenerate with LOWRANK_ROBUSTNESS_TABLE)."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index(TABLE_MARKERS[0]):text.index(TABLE_MARKERS[1])]
+    assert f"**{len(ROWS)} bad inputs tried**" in table
+    rows = re.findall(r"^\|.*`\[([a-z0-9-]+)\]` \|$", table, flags=re.M)
+    assert rows == [row.id for row in ROWS]
+
+
+def _sanitize(message: str, inputs: Inputs, work: Path) -> str:
+    for path, name in ((work, ""), (inputs.root, "")):
+        message = message.replace(f"{path}/", name).replace(str(path), ".")
+    return message
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
+def test_bad_input_is_refused_cleanly(row: Row, inputs: Inputs, tmp_path, request, monkeypatch, capsys):
+    work = request.getfixturevalue("small_disk") if row.on_small_disk else tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    before_inputs = tree_hashes(inputs.root)
+    before_work = sorted(os.listdir(work))
+    argv = row.argv(inputs, work)
+    capsys.readouterr()
+    undo = row.setup(monkeypatch, work) if row.setup else None
+    try:
+        code = main(argv)
+    finally:
+        if undo:
+            undo()
+    out, err = capsys.readouterr()
+
+    lines = [line for line in err.splitlines() if line.strip()]
+    OBSERVED[row.id] = _sanitize(lines[-1] if lines else "", inputs, work)
+    assert code == row.exit_code != 0, err
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err + out
+    assert "unexpected" not in lines[0], lines[0]  # an unexpected error is a bug, even in one line
+    assert re.search(row.expect, lines[0]), lines[0]
+    assert sorted(os.listdir(work)) == before_work, "output or temporary files left behind"
+    assert not list(inputs.root.parent.rglob(".*.tmp-*")), "temporary files left behind"
+    assert tree_hashes(inputs.root) == before_inputs, "an input file changed"
+    assert not inputs.sentinel.exists(), "unpickling ran code"
+
+
+def test_pickle_checkpoint_loads_with_allow_pickle(inputs, tmp_path, capsys):
+    """The other side of the pickle rows: a plain tensors-only pickle loads once allowed, read weights_only."""
+    out = tmp_path / "out"
+    code = main(["compress", inputs["pickle"], "-o", str(out), "--allow-pickle", *SAMPLES, "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ok: ")
+
+
+def test_transformers_reads_pickles_weights_only(inputs):
+    """transformers' .bin loader refuses pickled objects that are not tensors (what --allow-pickle relies on)."""
+    from transformers.modeling_utils import load_state_dict
+
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_state_dict(str(inputs.paths["evil_pickle"] / "pytorch_model.bin"))
+    assert not inputs.sentinel.exists()
+    state = load_state_dict(str(inputs.paths["pickle"] / "pytorch_model.bin"))
+    assert torch.equal(state["model.embed_tokens.weight"],
+                       load_file(inputs.paths["model"] / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_the_intact_folders_pass(inputs, tmp_path, capsys):
+    """The rows fail for the reason given: the untouched model compresses and its output verifies."""
+    out = tmp_path / "out"
+    assert main(["compress", inputs["model"], "-o", str(out), *SAMPLES, "-q"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert main(["verify", inputs["compressed"]]) == 0
+    assert capsys.readouterr().out.count("ok: ") == 2
+
+
+def _rewrite_weights(folder: Path, change: Callable[[dict], None]) -> None:
+    """Change the tensors of a compressed folder and record the new sha256, as a careless tool would."""
+    from lowrank.checkpoint import sha256_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    edit_plan(folder, lambda d: d["files"].update({path.name: sha256_file(path)}))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda t: t.update({"model.layers.0.mlp.extra.down.weight": torch.zeros(4, 48)}),
+     "unexpected tensor model.layers.0.mlp.extra.down.weight: module model.layers.0.mlp.extra is not factored in the plan"),
+    (lambda t: t.update({f"{NAN_MODULE}.weight": torch.zeros(96, 48)}),
+     f"{NAN_MODULE} is factored in the plan but the weights still hold its dense {NAN_MODULE}.weight"),
+    (lambda t: t.pop(f"{NAN_MODULE}.up.weight"),
+     f"{NAN_MODULE} is factored in the plan but the weights lack {NAN_MODULE}.up.weight"),
+    (lambda t: t[f"{NAN_MODULE}.up.weight"].__setitem__((0, 0), float("inf")),
+     f"{NAN_MODULE}.up.weight in model.safetensors holds 1 NaN/Inf value(s)"),
+], ids=["unexpected-factor", "dense-weight-left", "factor-missing", "inf-in-factor"])
+def test_verify_names_each_mismatch(damage, problem, inputs, tmp_path):
+    """Damage that keeps the recorded sha256 consistent is still caught, by shape, name or value."""
+    from lowrank.verify import verify_folder
+
+    folder = copy_model(inputs.paths["compressed"], tmp_path / "folder")
+    _rewrite_weights(folder, damage)
+    assert verify_folder(folder).problems == [problem]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_verify_accepts_every_tiny_architecture(arch, tmp_path):
+    """Sound folders of every architecture verify and load (GPT-2's Conv1D stores dense weights transposed)."""
+    from lowrank.checkpoint import load_compressed
+    from lowrank.verify import verify_folder
+
+    from lowrank.plan import ModulePlan, Plan
+    from lowrank.targets import find_targets
+
+    model = make_tiny_model(arch)
+    targets = find_targets(model)
+    plan = Plan({t.name: ModulePlan(t.shape, min(t.shape) // 4 if i % 2 == 0 else None)  # every other one dense
+                 for i, t in enumerate(targets)}, method="svd")
+    compress_model(model, method="svd", plan=plan, progress=False)
+    folder = save_compressed(model, None, plan, tmp_path / arch)
+    result = verify_folder(folder)
+    assert result.ok, result.problems
+    assert result.factored == len(plan.factored) == (len(targets) + 1) // 2
+    assert result.dense == len(targets) // 2
+    assert isinstance(load_compressed(folder).get_submodule(next(iter(plan.factored))), type(
+        model.get_submodule(next(iter(plan.factored)))))
+
+
+def test_verify_sharded_folder(inputs, tmp_path):
+    """A folder saved in several shards verifies; a missing shard is named."""
+    from lowrank.verify import verify_folder
+
+    model = make_tiny_model("llama")
+    plan = compress_model(model, ratio=0.5, method="svd", progress=False)
+    folder = save_compressed(model, char_tokenizer(), plan, tmp_path / "sharded", max_shard_size="60KB")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1
+    result = verify_folder(folder)
+    assert result.ok and result.files == len(shards) and result.factored == len(plan.factored)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    lost = index[f"{NAN_MODULE}.down.weight"]
+    (folder / lost).unlink()
+    problems = verify_folder(folder).problems
+    assert problems[0] == f"weight file {lost} is missing (recorded in {PLAN_FILE})"
+    assert f"{NAN_MODULE} is factored in the plan but the weights lack {NAN_MODULE}.down.weight" in problems
+
+
+# ---- Ctrl-C from another process ----------------------------------------------------------------
+
+STAGES = ("loading", "calibrating", "factoring", "saving")
+
+#: A `lowrank compress` process that runs once per stage and, inside that stage, tells the parent
+#: (by creating a marker file) and waits for it to send SIGINT. One process keeps imports to one.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+import lowrank.calibration, lowrank.checkpoint, lowrank.compress, lowrank.loading
+from lowrank.cli import main
+
+folder, stages, argv = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+places = {"loading": (lowrank.loading, "model_class_for", 1),
+          "calibrating": (lowrank.calibration.StatsCollector, "end_batch", 1),
+          "factoring": (lowrank.compress, "replace_module", 3),
+          "saving": (lowrank.checkpoint, "sha256_file", 1)}
+for stage in stages:
+    owner, attr, on_call = places[stage]
+    original, calls = getattr(owner, attr), [0]
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == on_call:
+            (folder / f"in-{stage}").touch()
+            time.sleep(60)  # the parent's SIGINT ends this sleep with KeyboardInterrupt
+        return original(*args, **kwargs)
+    setattr(owner, attr, wrapper)
+    code = main([a.replace("OUT", str(folder / f"out-{stage}")) for a in argv])
+    setattr(owner, attr, original)
+    print(stage, code, flush=True)
+"""
+
+
+def test_ctrl_c_from_outside(inputs, tmp_path):
+    """A parent sends SIGINT to a `lowrank compress` process inside each stage: exit 130, nothing written."""
+    before = tree_hashes(inputs.root)
+    argv = ["compress", inputs["model"], "-o", "OUT", *SAMPLES, "-q"]
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), ",".join(STAGES), *argv], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for stage in STAGES:
+            marker = tmp_path / f"in-{stage}"
+            deadline = time.monotonic() + 120
+            while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), f"the child never reached the {stage} stage: {child.communicate()}"
+            child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert out.split() == [word for stage in STAGES for word in (stage, "130")], out
+    lines = [line for line in err.splitlines() if line.strip()]  # click writes a newline on Ctrl-C
+    assert lines == ["error: interrupted; nothing was written and the input is untouched"] * len(STAGES), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"in-{stage}" for stage in STAGES), \
+        "output or temporary files left behind"
+    assert tree_hashes(inputs.root) == before
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2, tmp_path):
+    """SmolLM2-135M: a fresh compressed folder verifies; a changed byte and a NaN are caught and named."""
+    from lowrank.errors import LowrankError
+    from lowrank.verify import check_finite_weights, verify_folder
+
+    model = copy.deepcopy(smollm2.model)
+    plan = compress_model(model, ratio=0.8, method="svd", strategy="uniform", progress=False, source="smollm2-135m")
+    folder = save_compressed(model, smollm2.tokenizer, plan, tmp_path / "compressed")
+    result = verify_folder(folder)
+    assert result.ok, result.problems
+    assert result.factored == len(plan.factored) == 210 and result.dense == len(plan.modules) - 210
+
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # tensor data follows the 8-byte length and the JSON header
+    data[start + 4 * ((len(data) - start) // 8)] ^= 0xFF  # lowest mantissa byte of a float32 mid-file: still finite
+    weights.write_bytes(bytes(data))
+    assert verify_folder(folder).problems == [
+        "weight file model.safetensors does not match its recorded sha256; it was modified or damaged"]
+
+    name = "model.layers.7.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(name).up.weight[3, 5] = float("nan")
+    with pytest.raises(LowrankError, match=f"module {re.escape(name)}.up holds 1 NaN/Inf"):
+        check_finite_weights(model)
