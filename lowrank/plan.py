@@ -131,7 +131,7 @@ class Plan:
         if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise LowrankError(f"{where}: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
         version = data.get("version", PLAN_VERSION)
-        if not isinstance(version, int) or version > PLAN_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > PLAN_VERSION:
             raise LowrankError(f"{where}: plan version {version!r} is newer than this lowrank understands; upgrade lowrank")
         modules_raw = data.get("modules")
         if not isinstance(modules_raw, dict) or not modules_raw:
@@ -155,6 +155,9 @@ class Plan:
         for text_key in ("method", "strategy"):
             if text_key in data and not isinstance(data[text_key], str):
                 raise LowrankError(f"{where}: {text_key!r} must be a string")
+        for text_key in ("source", "tool_version"):
+            if data.get(text_key) is not None and not isinstance(data[text_key], str):
+                raise LowrankError(f"{where}: {text_key!r} must be a string or null")
         for dict_key in ("budget", "options"):
             if dict_key in data and not isinstance(data[dict_key], dict):
                 raise LowrankError(f"{where}: {dict_key!r} must be an object")

@@ -569,7 +569,7 @@ def recover_folder(
     output is saved.
     """
     from .calibration import text_windows
-    from .checkpoint import check_output_dir, is_compressed_folder, read_plan, save_compressed
+    from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
     from .loading import load_model
 
     config = config or RecoveryConfig()
@@ -578,6 +578,7 @@ def recover_folder(
         raise LowrankError(f"{folder} is not a compressed lowrank folder; make one with `lowrank compress`")
     paths = RecoveryPaths.beside(output)
     check_output_dir(output, overwrite)
+    check_output_spares_input(output, folder)  # before training, not after it
     if resume and not paths.checkpoint.is_dir():
         raise LowrankError(f"no checkpoint at {paths.checkpoint} to resume from; run without --resume")
     if not resume and paths.checkpoint.is_dir():

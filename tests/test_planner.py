@@ -275,8 +275,9 @@ def test_compress_with_a_strategy_calibrates_once_and_follows_the_plan():
     calls = []
     model.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     windows = random_windows(4, 16)
-    plan = compress_model(model, ratio=0.5, strategy="global", windows=windows, batch_size=2, progress=False)
-    assert len(calls) == 2  # two calibration batches, shared by planning and factoring
+    plan = compress_model(model, ratio=0.5, strategy="global", windows=windows, batch_size=2, progress=False,
+                          sequential=False)
+    assert len(calls) == 2  # one-shot: two calibration batches, shared by planning and factoring
     assert plan.strategy == "global" and plan.target_ratio <= 0.5
     for name, rank in plan.factored.items():
         layer = model.get_submodule(name)

@@ -23,7 +23,8 @@ def test_compress_save_reload_evaluate(smollm2, tmp_path):
 
     dense_ppl = perplexity(smollm2.model, evaluation, progress=False).perplexity
     model = copy.deepcopy(smollm2.model)
-    plan = compress_model(model, ratio=0.8, method="whiten", windows=calib, progress=False, source="smollm2-135m")
+    plan = compress_model(model, ratio=0.8, method="whiten", windows=calib, progress=False, source="smollm2-135m",
+                          sequential=False, strategy="uniform")
     assert len(plan.factored) == 210  # 30 blocks × 7 projections, all below break-even at 0.8
     assert 0.79 < plan.target_ratio <= 0.8
     assert plan.model_params_after == count_parameters(model)

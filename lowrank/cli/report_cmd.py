@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..calibration import text_windows
-from ..checkpoint import check_output_dir, is_compressed_folder, read_plan
+from ..checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan
 from ..errors import LowrankError
 from ..evaluate import perplexity
 from ..loading import load_model
@@ -65,6 +65,7 @@ def command(folder, texts, source, no_before, seq_len, max_windows, batch_size, 
                            "make one with `lowrank compress`, or use `lowrank analyze` on a dense model")
     output = output or f"{Path(folder.rstrip('/')).name}-report"
     check_output_dir(output, overwrite)
+    check_output_spares_input(output, folder)
     plan, _ = read_plan(folder)
     ppl = None
     if texts:
