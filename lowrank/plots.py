@@ -171,7 +171,7 @@ def plot_loss_vs_params(analysis: Analysis, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("mean relative truncation loss (0 = exact)")
     axes[0, -1].legend(fontsize=8, title="layer type (uniform ranks)", title_fontsize=8)
-    fig.suptitle("Truncation loss against parameters kept (SVD-LLM uniform ranks; dense where factoring saves nothing)",
+    fig.suptitle("Truncation loss against parameters kept\n(SVD-LLM uniform ranks; dense where factoring saves nothing)",
                  fontsize=11)
     return _save(fig, path)
 

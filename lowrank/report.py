@@ -233,7 +233,7 @@ def write_analysis_report(analysis: Analysis, out_dir: str | Path, overwrite: bo
         files["Truncation loss against parameters kept"] = "loss-vs-params.png"
         plots.plot_loss_vs_params(analysis, tmp / "loss-vs-params.png")
         data["plots"] = list(files.values())
-        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(analysis_markdown(analysis, data, files), encoding="utf-8")
     return Path(out_dir)
 
@@ -330,6 +330,6 @@ def write_compressed_report(plan: Plan, folder: str, out_dir: str | Path, overwr
                               title=f"Ranks per module: {plan.method}, {plan.strategy}, "
                                     f"{_pct(plan.target_ratio)} of target parameters kept")
         data["plots"] = list(files.values())
-        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(compressed_markdown(data, files), encoding="utf-8")
     return Path(out_dir)
