@@ -101,6 +101,14 @@ def locate(source: str, allow_pickle: bool = False) -> ModelLocation:
     return ModelLocation(source, local=False)
 
 
+def forget_gguf_origin(model) -> None:
+    """A GGUF checkpoint arrives dequantized to plain floats; drop transformers' GGUF marker so
+    the model saves (save_pretrained) and compresses like any float model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
+        quantizer.remove_quantization_config(model)
+
+
 def model_class_for(config):
     """The transformers class named in config.architectures (e.g. LlamaForCausalLM)."""
     import transformers
@@ -152,6 +160,8 @@ def load_model(
         else:
             config = transformers.AutoConfig.from_pretrained(location.path, **kwargs)
             model = model_class_for(config).from_pretrained(location.path, dtype=dtype, **kwargs)
+            if location.gguf_file:
+                forget_gguf_origin(model)
     except LowrankError:
         raise
     except Exception as exc:
