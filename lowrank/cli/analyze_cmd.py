@@ -13,7 +13,7 @@ from ..checkpoint import check_output_dir, check_output_spares_input, is_compres
 from ..loading import DEFAULT_MODEL, load_model
 from ..report import write_analysis_report
 from ..spectrum import Analysis, analyze_folder, analyze_model, has_safetensors, targets_of
-from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 
 
 def default_output(model: str, whitened: bool) -> str:
@@ -37,12 +37,7 @@ def describe(analysis: Analysis) -> str:
 
 @click.command("analyze")
 @click.argument("model", default=DEFAULT_MODEL)
-@text_options("Default: none, and the analysis uses the weights alone (data-free).", flag="--calib")
-@click.option("--samples", type=int, default=64, show_default=True,
-              help="Calibration windows to draw at random (only with --calib).")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@calibration_options("Default: none, and the analysis uses the weights alone (data-free).")
 @click.option("--include", default=None, help="Regex: analyze only modules whose name matches (default: every "
               "linear layer in the transformer blocks).")
 @click.option("--exclude", default=None, help="Regex: skip modules whose name matches.")

@@ -65,6 +65,24 @@ def text_options(default_help: str, flag: str = "--text"):
     return wrap
 
 
+def calibration_options(default_help: str = "Default: Hamlet, bundled with lowrank."):
+    """--calib, --samples, --seq-len, --seed, --batch-size: the calibration windows and how they run."""
+    decorators = [
+        text_options(default_help, flag="--calib"),
+        click.option("--samples", type=int, default=64, show_default=True, help="Calibration windows to draw at random."),
+        click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass."),
+    ]
+
+    def wrap(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return wrap
+
+
 def print_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 

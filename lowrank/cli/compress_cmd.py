@@ -16,7 +16,7 @@ from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL, load_model
 from ..plan import Plan
 from ..planner import DEFAULT_STRATEGY, STRATEGIES, check_ratio, default_strategy
-from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 
 
 def default_output(model: str, ratio: "float | str", method: str) -> str:
@@ -54,11 +54,7 @@ def describe(plan) -> str:
 @click.option("--method", type=click.Choice(METHODS), default="whiten", show_default=True,
               help="whiten: truncation-aware whitening (SVD-LLM); asvd: activation-scaled SVD; svd: plain SVD "
                    "(needs no calibration text).")
-@text_options("Default: Hamlet, bundled with lowrank.", flag="--calib")
-@click.option("--samples", type=int, default=64, show_default=True, help="Calibration windows to draw at random.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@calibration_options()
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Round every rank down to a multiple of this (e.g. 8 for tensor cores).")
 @click.option("--include", default=None, help="Regex: factor only modules whose name matches (default: every "

@@ -17,7 +17,7 @@ from ..loading import DEFAULT_MODEL, load_model
 from ..planner import (DEFAULT_SENSITIVITY_SAMPLES, DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra,
                        plan_model)
 from ..targets import find_targets
-from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 from .compress_cmd import describe
 
 
@@ -36,11 +36,7 @@ from .compress_cmd import describe
 @click.option("--method", type=click.Choice(METHODS), default="whiten", show_default=True,
               help="Factorization the plan is for; whiten and asvd plan on whitened spectra (need --calib text), "
                    "svd on plain singular values.")
-@text_options("Default: Hamlet, bundled with lowrank.", flag="--calib")
-@click.option("--samples", type=int, default=64, show_default=True, help="Calibration windows to draw at random.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@calibration_options()
 @click.option("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES, show_default=True,
               help="Calibration windows backpropagated to measure sensitivity (strategy sensitivity only).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX=RANK",
