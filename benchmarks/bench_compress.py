@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import time
 
-from common import (CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, calibration_windows, environment, eval_ppl,
-                    evaluation_windows, fresh_copy, load_smollm2, write_report)
+from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, environment, eval_ppl, fresh_copy, write_report)
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan, uniform_plan
-from lowrank.targets import find_targets
 
 RATIOS = (0.8, 0.6)
 METHODS = ("svd", "asvd", "whiten")
 
 
 def main() -> None:
-    loaded = load_smollm2()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    calib = calibration_windows(tokenizer)
-    evaluation = evaluation_windows(tokenizer)
-    targets = find_targets(model)
-
-    started = time.perf_counter()
-    dense_ppl = eval_ppl(model, evaluation)
-    print(f"dense: {dense_ppl:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    model, tokenizer, calib, evaluation, targets, dense_ppl = dense_baseline()
 
     started = time.perf_counter()
     stats = collect_stats(model, targets, calib, progress=False)

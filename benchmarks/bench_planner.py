@@ -19,8 +19,7 @@ import time
 
 import numpy as np
 import torch
-from common import (CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, calibration_windows, environment, eval_ppl,
-                    evaluation_windows, fresh_copy, load_smollm2, peak_rss_mib, write_report)
+from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, environment, eval_ppl, fresh_copy, peak_rss_mib, write_report)
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan
@@ -29,7 +28,7 @@ from lowrank.layers import LowRankLinear, replace_module
 from lowrank.plan import Plan
 from lowrank.planner import DEFAULT_SENSITIVITY_SAMPLES, STRATEGIES, Spectrum, build_plan
 from lowrank.sensitivity import direction_costs, measure_output_fisher
-from lowrank.targets import find_targets, weight_matrix
+from lowrank.targets import weight_matrix
 
 RATIOS = (0.8, 0.6)
 #: The best strategy must beat uniform by this much at the lower ratio (and not lose at the higher).
@@ -161,15 +160,7 @@ def main() -> None:
                         help="strategies to run (default: all; uniform is always run as the baseline)")
     args = parser.parse_args()
     begun = time.perf_counter()
-    loaded = load_smollm2()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    calib = calibration_windows(tokenizer)
-    evaluation = evaluation_windows(tokenizer)
-    targets = find_targets(model)
-
-    started = time.perf_counter()
-    dense_ppl = eval_ppl(model, evaluation)
-    print(f"dense: {dense_ppl:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    model, tokenizer, calib, evaluation, targets, dense_ppl = dense_baseline()
 
     shared = {}
     started = time.perf_counter()

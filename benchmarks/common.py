@@ -65,6 +65,20 @@ def environment() -> dict:
     }
 
 
+def dense_baseline():
+    """The dense model, its tokenizer, both window sets, its targets and its perplexity (printed)."""
+    from lowrank.targets import find_targets
+
+    loaded = load_smollm2()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calib = calibration_windows(tokenizer)
+    evaluation = evaluation_windows(tokenizer)
+    started = time.perf_counter()
+    dense_ppl = eval_ppl(model, evaluation)
+    print(f"dense: {dense_ppl:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return model, tokenizer, calib, evaluation, find_targets(model), dense_ppl
+
+
 def write_report(name: str, data: dict, markdown: str) -> None:
     """reports/<name>.json (every number) and reports/<name>.md (a table for people)."""
     REPORTS.mkdir(exist_ok=True)
