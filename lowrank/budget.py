@@ -82,7 +82,10 @@ class Budget:
             if number <= 0.0:
                 raise BudgetError(f"budget {raw!r} must be positive; e.g. 0.6 keeps 60% of the target parameters")
             return cls(scope or "target", "fraction", number)
-        return cls(scope or "model", "count", parse_count(value_text))
+        count = parse_count(value_text)
+        if count < 1:
+            raise BudgetError(f"budget {raw!r} keeps no parameters; give a positive count such as 90M")
+        return cls(scope or "model", "count", count)
 
     def allowance(self, target_params: int, model_params: int | None) -> int:
         """The most parameters the target layers may hold after compression."""
@@ -108,7 +111,9 @@ class Budget:
     def text(self) -> str:
         """The canonical spelling, which `parse` reads back to the same budget."""
         if self.kind == "fraction":
-            return f"{self.scope}:{self.value:g}"
+            return f"{self.scope}:{self.value!r}"  # repr: the shortest text that reads back exactly
+        if self.value == 1:
+            return f"{self.scope}:0.001K"  # a bare 1 would read as the fraction 1.0
         return f"{self.scope}:{int(self.value)}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def compress_model(
     `device` (default: the model's) receives one block at a time, so the model may stay on CPU.
 
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd.
-    Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method)`) under `budget`
+    Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`) under `budget`
     (lowrank.budget; default: `ratio` of the target parameters), within `limits` and `overrides`.
     """
     if method not in METHODS:
@@ -150,7 +150,7 @@ def compress_model(
     planning_stats = None  # statistics the planner collected, reused for factoring
     if plan is None:
         plan, planning_stats = plan_model(
-            model, targets, check_ratio(ratio) if budget is None else budget, strategy or default_strategy(method),
+            model, targets, check_ratio(ratio) if budget is None else budget, strategy or default_strategy(method, model),
             windows=windows, method=method,
             limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
             damping=damping, source=source, progress=progress)

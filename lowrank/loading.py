@@ -3,10 +3,13 @@ or a compressed lowrank folder) and load it with its tokenizer."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +128,26 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+@contextlib.contextmanager
+def gguf_progress_follows_transformers() -> Iterator[None]:
+    """Make transformers' GGUF reader obey transformers' own progress-bar switch (it calls tqdm directly).
+
+    `--quiet` turns transformers' bars off; without this the GGUF de-quantization bar still shows.
+    """
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or transformers.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(
     source: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -159,7 +182,8 @@ def load_model(
             model = load_compressed(location.path, dtype=dtype)
         else:
             config = transformers.AutoConfig.from_pretrained(location.path, **kwargs)
-            model = model_class_for(config).from_pretrained(location.path, dtype=dtype, **kwargs)
+            with gguf_progress_follows_transformers():
+                model = model_class_for(config).from_pretrained(location.path, dtype=dtype, **kwargs)
             if location.gguf_file:
                 forget_gguf_origin(model)
     except LowrankError:

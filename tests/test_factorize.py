@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowrank.factorize import (asvd_factors, factorize, output_error, svd_factors, whiten_factors,
+from lowrank.factorize import (asvd_factors, factorize, gram_svdvals, output_error, svd_factors, whiten_factors,
                                whitened_singular_values, whitening)
 
 
@@ -114,3 +114,33 @@ def test_asvd_beats_svd_on_skewed_channels():
         svd_error = output_error(weight, svd_factors(weight, rank).matrix(), gram)
         asvd_error = output_error(weight, asvd_factors(weight, x.abs().mean(0), rank).matrix(), gram)
         assert asvd_error < 0.5 * svd_error
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (24, 64), (64, 24), (3, 96)])
+def test_gram_singular_values_match_an_svd(shape):
+    """σ from the smaller Gram's eigenvalues: descending, σ² exact to ~ε·σ₁², tall and wide alike."""
+    generator = torch.Generator().manual_seed(7)
+    stack = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
+    if shape[0] <= shape[1]:
+        stack[0, 0, :] = 0.0  # a rank-deficient member: one zero row of a wide matrix…
+    else:
+        stack[0, :, 0] = 0.0  # …or one zero column of a tall one
+    sigma = gram_svdvals(stack)
+    reference = torch.linalg.svdvals(stack)
+    assert sigma.shape == reference.shape == (5, min(shape))
+    assert torch.all(sigma[:, :-1] >= sigma[:, 1:])
+    top = reference[:, :1]
+    assert ((sigma ** 2 - reference ** 2).abs() / top ** 2).max() < 1e-13
+    assert ((sigma - reference).abs() / top).max() < 1e-7
+    assert sigma[0, -1] == 0  # the zeroed row's or column's singular value
+
+
+def test_gram_singular_values_of_a_constructed_matrix():
+    """U diag(σ) Vᵀ with orthonormal U, V gives back exactly σ (to the Gram route's precision)."""
+    generator = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(50, 6, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(30, 6, generator=generator, dtype=torch.float64))
+    known = torch.tensor([9.0, 5.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    sigma = gram_svdvals(u @ torch.diag(known) @ v.T)
+    assert torch.allclose(sigma[:6], known, rtol=1e-12)
+    assert torch.all(sigma[6:] == 0)  # the 24 zero singular values fall below the rounding floor

@@ -43,3 +43,16 @@ def test_compress_save_reload_evaluate(smollm2, tmp_path):
     prompt = reloaded_tokenizer("To be, or not to be", return_tensors="pt").input_ids
     generated = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == prompt.shape[1] + 8
+
+
+def test_quiet_loading_of_the_gguf_builtin_prints_nothing(capfd):
+    """transformers' GGUF reader calls tqdm directly; with its progress bars off, loading must stay silent."""
+    from lowrank.loading import load_model
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        loaded = load_model("smollm2-135m", need_tokenizer=False)
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    assert count_parameters(loaded.model) > 100_000_000
+    assert capfd.readouterr().err == ""

@@ -303,7 +303,7 @@ def test_sequential_with_update_is_the_default():
     model = make_tiny_model("qwen2")
     windows = random_windows(6, 16)
     reference = copy.deepcopy(model)
-    plan = compress_model(model, ratio=0.5, windows=windows, progress=False)
+    plan = compress_model(model, ratio=0.5, windows=windows, strategy="uniform", progress=False)
     assert plan.options["sequential"] is True and plan.options["update"] is True
     compress_sequential(reference, uniform_plan(reference, find_targets(reference), 0.5), windows, update=True,
                         progress=False)

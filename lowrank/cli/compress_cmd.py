@@ -85,7 +85,6 @@ def command(model, ratio, budget, strategy, plan_file, method, texts, samples, s
     if plan_file and budget:
         raise LowrankError("--plan already fixes every rank; drop --budget (or drop --plan to plan inline)")
     plan = Plan.load(plan_file) if plan_file else None
-    strategy = strategy or default_strategy(method)
     output = output or default_output(model, "planned" if plan or budget else ratio, method)
     check_output_dir(output, overwrite)
     check_output_spares_input(output, model)
@@ -97,6 +96,7 @@ def command(model, ratio, budget, strategy, plan_file, method, texts, samples, s
         device = "cpu"  # the model waits on CPU; blocks visit compute_device one at a time
     loaded = load_model(model, dtype=DTYPES[dtype], device=device, trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle, tokenizer_source=tokenizer_source)
+    strategy = strategy or default_strategy(method, loaded.model)
     windows = None
     if needs_statistics(method) or (plan is None and strategy == "sensitivity"):
         windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)

@@ -68,10 +68,10 @@ def command(model, budget, strategy, method, texts, samples, seq_len, seed, batc
     if output.is_dir():
         raise LowrankError(f"{output} is a folder; -o names the plan file to write")
     limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=round_to)
-    strategy = strategy or default_strategy(method)
     started = time.perf_counter()
     loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device), trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle, tokenizer_source=tokenizer_source)
+    strategy = strategy or default_strategy(method, loaded.model)
     targets = find_targets(loaded.model, include, exclude)
     needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
     windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if needs_text else None
