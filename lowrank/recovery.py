@@ -566,7 +566,7 @@ def recover_folder(
 
     The teacher defaults to the dense model recorded in the folder's plan. The checkpoint, the
     JSON-lines log and the loss-curve PNG go beside `output`; the checkpoint is removed once the
-    output is saved.
+    output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
     """
     from .calibration import text_windows
     from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
@@ -600,16 +600,21 @@ def recover_folder(
         if teacher_model.config.vocab_size != loaded.model.config.vocab_size:
             raise LowrankError(f"teacher {source} has vocabulary {teacher_model.config.vocab_size} but the model has "
                                f"{loaded.model.config.vocab_size}; pass the dense model it was compressed from")
-    result = recover(loaded.model, train, config, eval_windows=held_out, teacher=teacher_model,
-                     checkpoint_dir=paths.checkpoint if config.checkpoint_every or resume else None, resume=resume,
-                     log_path=paths.log, progress=progress)
-    recovered_plan = copy.deepcopy(plan)
-    recovered_plan.options["recovery"] = {
-        "config": config.to_dict(), "data": list(map(str, data)), "eval": list(map(str, eval_texts or [])),
-        "steps": result.steps, "tokens": result.tokens, "eval_ppl_before": result.before,
-        "eval_ppl_after": result.after, "best_step": result.best_step, "stopped_early": result.stopped_early,
-    }
-    save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite)
+    try:
+        result = recover(loaded.model, train, config, eval_windows=held_out, teacher=teacher_model,
+                         checkpoint_dir=paths.checkpoint if config.checkpoint_every or resume else None, resume=resume,
+                         log_path=paths.log, progress=progress)
+        recovered_plan = copy.deepcopy(plan)
+        recovered_plan.options["recovery"] = {
+            "config": config.to_dict(), "data": list(map(str, data)), "eval": list(map(str, eval_texts or [])),
+            "steps": result.steps, "tokens": result.tokens, "eval_ppl_before": result.before,
+            "eval_ppl_after": result.after, "best_step": result.best_step, "stopped_early": result.stopped_early,
+        }
+        save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite)
+    except BaseException:
+        if not paths.checkpoint.is_dir():  # nothing to resume, so the log describes no output: remove it
+            paths.log.unlink(missing_ok=True)
+        raise
     plot_history(result.history, paths.plot, title=f"recovery of {Path(folder).name} ({config.mode}, {config.loss})")
     shutil.rmtree(paths.checkpoint, ignore_errors=True)
     return result

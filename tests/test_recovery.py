@@ -338,6 +338,27 @@ def test_ctrl_c_leaves_the_last_checkpoint_and_no_output_then_resume_finishes(co
     assert steps == list(range(1, 61))
 
 
+def test_ctrl_c_without_checkpoints_leaves_nothing_beside_the_output(compressed_folder, tmp_path):
+    """With no checkpoint to resume, an interrupted run's log is not kept either: no trace at all."""
+    out = tmp_path / "recovered"
+    paths = RecoveryPaths.beside(out)
+    args = [sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())", "recover",
+            str(compressed_folder), "--data", str(sample_text_path("tempest")), "--seq-len", "32", "--batch-size", "2",
+            "--steps", "100000", "--loss", "ce", "--quiet", "-o", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (paths.log.exists() and paths.log.stat().st_size > 0) and time.time() < deadline \
+            and process.poll() is None:
+        time.sleep(0.05)
+    assert paths.log.exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-compressed", "tiny-llama"]  # the inputs only
+
+
 # ---- the real model ---------------------------------------------------------------------------
 
 @pytest.mark.slow
