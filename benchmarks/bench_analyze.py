@@ -1,4 +1,4 @@
-"""Analysis speed on SmolLM2-135M: lowrank's batched svdvals against a naive loop of torch.linalg.svd.
+"""Analysis speed on SmolLM2-135M: lowrank's batched Gram-eigenvalue spectra against a naive loop of torch.linalg.svd.
 
 Both sides compute, for every target matrix, σ(W) (weights only) and also σ(W·S) (whitened),
 in float64, in the same process on the same statistics. The naive side is what a first script
@@ -105,9 +105,10 @@ def main() -> None:
 
 All {len(targets)} target matrices ({', '.join(shapes)}); {inputs} distinct layer inputs. Same process,
 same weights, same Gram matrices (calibration: {args.samples}×{windows.shape[1]} tokens of Hamlet,
-{calib_s:.1f} s, shared and not counted below). lowrank: `lowrank.spectrum.analyze_model` (batched
-`torch.linalg.svdvals` per shape, float64; one whitening per distinct input). Naive: a loop of
-`torch.linalg.svd` per matrix (and, whitened, one Cholesky whitening per matrix).
+{calib_s:.1f} s, shared and not counted below). lowrank: `lowrank.spectrum.analyze_model` (σ² as the
+eigenvalues of the smaller Gram matrix, `lowrank.factorize.gram_svdvals`, batched per shape, float64;
+one whitening per distinct input). Naive: a loop of `torch.linalg.svd` per matrix (and, whitened, one
+Cholesky whitening per matrix). The σ difference column is relative to each matrix's σ₁.
 
 | analysis | lowrank | naive loop | speed-up | max rel. σ difference |
 |---|---:|---:|---:|---:|

@@ -395,6 +395,8 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--budget", "1K", *SAMPLES), r"the budget cannot be met"),
     Row("budget-zero", "budget", "--budget 0", compress("{model}", "-o", "OUT", "--budget", "0", *SAMPLES),
         r"budget '0' must be positive"),
+    Row("budget-zero-count", "budget", "--budget 0K", compress("{model}", "-o", "OUT", "--budget", "0K", *SAMPLES),
+        r"budget '0K' keeps no parameters"),
     Row("budget-not-a-count", "budget", "--budget banana", compress("{model}", "-o", "OUT", "--budget", "banana", *SAMPLES),
         r"'banana' is not a parameter count"),
     Row("plan-names-missing-module", "plan", "--plan naming a module the model lacks",
