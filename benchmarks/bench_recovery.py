@@ -33,28 +33,38 @@ from lowrank.recovery import RecoveryConfig, ranks_of, recover, training_windows
 TRAIN_TEXTS = ("tempest", "julius_caesar")
 
 MEMORY_PROBE = """
-import json, resource, sys, torch
+import json, sys
+sys.path.insert(0, sys.argv[5])
+import common
 from lowrank.loading import load_model
 from lowrank.recovery import RecoveryConfig, recover, training_windows
 from lowrank.calibration import sample_text_path
 folder, checkpointing, batch, seq = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 loaded = load_model(folder)
 train = training_windows(loaded.tokenizer, [sample_text_path("tempest")], seq)
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-loaded_mib = rss()
+loaded_mib = common.rss_mib()
+common.reset_peak_rss()
 config = RecoveryConfig(loss="ce", steps=2, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing)
 result = recover(loaded.model, train, config, progress=False)
-print(json.dumps({"after_load_mib": loaded_mib, "peak_mib": rss(), "seconds_per_step": result.seconds / 2}))
+print(json.dumps({"after_load_mib": loaded_mib, "peak_mib": common.stage_peak_rss_mib(),
+                  "seconds_per_step": result.seconds / 2}))
 """
 
 
 def measure_memory(folder: str, checkpointing: bool, batch: int, seq_len: int) -> dict:
-    """Peak RSS of a fresh process that loads the compressed model and trains two steps."""
+    """Peak RSS while a fresh process, holding only the compressed model, trains two steps."""
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, folder, "1" if checkpointing else "0", str(batch),
-                          str(seq_len)], capture_output=True, text=True, check=True)
+                          str(seq_len), str(Path(__file__).resolve().parent)],
+                         capture_output=True, text=True, check=True)
     record = json.loads(out.stdout.strip().splitlines()[-1])
     record["training_mib"] = record["peak_mib"] - record["after_load_mib"]
     return record
+
+
+def memory_table(folder: str, batch: int, seq_len: int) -> dict:
+    return {"batch_size": batch, "seq_len": seq_len,
+            "without": measure_memory(folder, False, batch, seq_len),
+            "with": measure_memory(folder, True, batch, seq_len)}
 
 
 def time_steps(student, teacher, train, config: RecoveryConfig, steps: int = 3) -> float:
@@ -128,6 +138,10 @@ def markdown(data: dict) -> str:
         "",
         f"## Peak memory (RSS, fresh process, 2 CE steps of batch {m['batch_size']}×{m['seq_len']})",
         "",
+        "\"After load\" is the resident memory once the compressed model is loaded; \"peak\" is the highest "
+        "resident memory during the two training steps (Linux VmHWM, reset after loading), so \"training adds\" "
+        "is what training itself costs: activations, gradients and AdamW state.",
+        "",
         "| gradient checkpointing | after load | peak | training adds | seconds per step |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -149,8 +163,16 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--finish-by", default=None, metavar="HH:MM",
                         help="shrink the step budget so the benchmark ends by this local time (shared machines)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="rerun only the memory probes and update reports/recovery.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.memory_only:
+        data = json.loads((common.REPORTS / "recovery.json").read_text())
+        data["memory"] = memory_table(args.folder, data["config"]["batch_size"], data["config"]["seq_len"])
+        common.write_report("recovery", data, markdown(data))
+        print(markdown(data))
+        return
 
     plan, _ = read_plan(args.folder)
     dense = common.load_smollm2()
@@ -178,9 +200,7 @@ def main() -> None:
         results[loss] = run(student, dense.model, train, eval_windows, config)
         print(f"{loss}: perplexity {results[loss]['perplexity']:.3f}", flush=True)
     del student, dense
-    memory = {"batch_size": args.batch_size, "seq_len": args.seq_len,
-              "without": measure_memory(args.folder, False, args.batch_size, args.seq_len),
-              "with": measure_memory(args.folder, True, args.batch_size, args.seq_len)}
+    memory = memory_table(args.folder, args.batch_size, args.seq_len)
 
     gap = before - dense_ppl
     closed = {k: (before - results[k]["perplexity"]) / gap for k in ("ce", "distill")}

@@ -55,6 +55,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _proc_status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}; these memory probes need Linux")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now."""
+    return _proc_status_mib("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS watermark (VmHWM) from the current RSS, so a later peak is one stage's own.
+
+    ru_maxrss cannot do this, and a child process even inherits its parent's ru_maxrss across exec.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def stage_peak_rss_mib() -> float:
+    """Peak resident memory since the last `reset_peak_rss`."""
+    return _proc_status_mib("VmHWM")
+
+
 def environment() -> dict:
     return {
         "python": sys.version.split()[0],

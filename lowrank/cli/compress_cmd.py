@@ -48,7 +48,7 @@ def describe(plan) -> str:
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
               help="How the planner spends the budget (see `lowrank plan --help`): uniform (SVD-LLM), energy, "
                    "global (relative whitened error), sensitivity (loss-weighted, a few backward passes). "
-                   f"[default: {DEFAULT_STRATEGY} with --method whiten, uniform otherwise]")
+                   f"[default: {DEFAULT_STRATEGY} with --method whiten on a causal LM, uniform otherwise]")
 @click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False),
               help="A plan file from `lowrank plan` (ranks per module); replaces --ratio, --budget and --strategy.")
 @click.option("--method", type=click.Choice(METHODS), default="whiten", show_default=True,

@@ -32,7 +32,7 @@ from .compress_cmd import describe
                    "matrix. global: greedy over all matrices on each one's relative whitened error, dense where a "
                    "useful rank saves nothing. sensitivity: like global, with each direction priced by its effect "
                    "on the loss (output Fisher from a few backward passes). "
-                   f"[default: {DEFAULT_STRATEGY} with --method whiten, uniform otherwise]")
+                   f"[default: {DEFAULT_STRATEGY} with --method whiten on a causal LM, uniform otherwise]")
 @click.option("--method", type=click.Choice(METHODS), default="whiten", show_default=True,
               help="Factorization the plan is for; whiten and asvd plan on whitened spectra (need --calib text), "
                    "svd on plain singular values.")
