@@ -166,6 +166,7 @@ def compress_model(
         if sequential:
             from .sequential import compress_sequential
 
+            del planning_stats  # the dense model's statistics: sequential compression collects its own
             return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
                                        batch_size=batch_size, damping=damping, progress=progress)
         if update:
