@@ -4,7 +4,9 @@
 #   2. recover by distillation from the dense model on two bundled plays (The Tempest, Julius Caesar),
 #      keeping the best weights by perplexity on Hamlet;
 #   3. report both folders, with perplexity on Macbeth (never calibrated, trained or selected on).
-# About 20 minutes for step 1 and 10 for step 2 on 2 CPU cores.
+# On 2 CPU cores: 12 minutes for step 1, 9 for step 2 and 7 for the reports (27.5 in all, measured).
+# Its output, committed: reports/smollm2-recipe-r0.6 (perplexity on Macbeth 38.49 dense, 87.01
+# compressed, 60.55 recovered).
 # Usage: bash recipes/smollm2-compress-recover.sh [OUTPUT_PREFIX] [RATIO] [STEPS]
 set -euo pipefail
 out=${1:-smollm2-r0.6}
