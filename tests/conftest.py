@@ -76,6 +76,15 @@ def save_tiny_model(folder, arch: str = "llama", seed: int = 0):
     return model
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `lowrank ARGS…` in-process; return the exit code, stdout and stderr."""
+    from lowrank.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture
 def tiny_model_folder(tmp_path):
     """A tiny Llama checkpoint folder (safetensors + tokenizer) to run the CLI on."""

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lowrank.cli import main
+from conftest import run_cli
 
 
 def tree_digest(folder):
@@ -17,16 +17,10 @@ def tree_digest(folder):
     return digest.hexdigest()
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_compress_then_eval(tiny_model_folder, tmp_path, capsys):
     out = tmp_path / "compressed"
     before = tree_digest(tiny_model_folder)
-    code, stdout, _ = run(capsys, "compress", tiny_model_folder, "--ratio", "0.5", "--samples", "4", "--seq-len", "32",
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_folder, "--ratio", "0.5", "--samples", "4", "--seq-len", "32",
                           "-o", out, "--quiet")
     assert code == 0
     summary = json.loads(stdout)
@@ -35,7 +29,7 @@ def test_compress_then_eval(tiny_model_folder, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert tree_digest(tiny_model_folder) == before
 
-    code, stdout, _ = run(capsys, "eval", out, "--seq-len", "32", "--max-windows", "5", "--quiet",
+    code, stdout, _ = run_cli(capsys, "eval", out, "--seq-len", "32", "--max-windows", "5", "--quiet",
                           "--json", tmp_path / "ppl.json")
     assert code == 0 and stdout.startswith("perplexity ")
     record = json.loads((tmp_path / "ppl.json").read_text())
@@ -43,7 +37,7 @@ def test_compress_then_eval(tiny_model_folder, tmp_path, capsys):
 
 
 def test_compress_prints_both_ratios(tiny_model_folder, tmp_path, capsys):
-    code, stdout, _ = run(capsys, "compress", tiny_model_folder, "--method", "svd", "--ratio", "0.6",
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_folder, "--method", "svd", "--ratio", "0.6",
                           "-o", tmp_path / "svd")
     assert code == 0
     assert "target layers:" in stdout and "whole model:" in stdout and "ratio 0." in stdout
@@ -51,7 +45,7 @@ def test_compress_prints_both_ratios(tiny_model_folder, tmp_path, capsys):
 
 def test_help_explains_every_option(capsys):
     for command in ("compress", "eval"):
-        code, stdout, _ = run(capsys, command, "--help")
+        code, stdout, _ = run_cli(capsys, command, "--help")
         assert code == 0
         for option in (["--ratio", "--method", "--calib", "--samples", "--seq-len", "--seed", "--output",
                         "--overwrite", "--quiet", "--round-to"] if command == "compress" else
@@ -76,7 +70,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tiny_model_folder, tmp_p
                        "--seq-len", "16", "-o", out],
     }[case]
     before = tree_digest(tiny_model_folder)
-    code, _, stderr = run(capsys, *args)
+    code, _, stderr = run_cli(capsys, *args)
     assert code != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr

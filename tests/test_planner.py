@@ -10,11 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model, random_windows
+from conftest import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.calibration import collect_stats
 from lowrank.checkpoint import read_plan
-from lowrank.cli import main
 from lowrank.compress import compress_model, count_parameters
 from lowrank.errors import BudgetError, LowrankError
 from lowrank.factorize import whitening
@@ -297,15 +296,9 @@ def test_spectra_share_whitening_between_modules_that_read_one_input():
 
 # ---- CLI ---------------------------------------------------------------------------------------
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_plan_then_compress_with_the_plan(tiny_model_folder, tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
-    code, stdout, _ = run(capsys, "plan", tiny_model_folder, "--budget", "0.5", "--strategy", "global",
+    code, stdout, _ = run_cli(capsys, "plan", tiny_model_folder, "--budget", "0.5", "--strategy", "global",
                           "--samples", "4", "--seq-len", "32", "--override", r"layers\.0\.self_attn\.q_proj=4",
                           "-o", plan_file, "--quiet")
     assert code == 0
@@ -314,10 +307,10 @@ def test_plan_then_compress_with_the_plan(tiny_model_folder, tmp_path, capsys):
     plan = Plan.load(plan_file)
     assert plan.modules["model.layers.0.self_attn.q_proj"].rank == 4
 
-    code, _, stderr = run(capsys, "plan", tiny_model_folder, "-o", plan_file)
+    code, _, stderr = run_cli(capsys, "plan", tiny_model_folder, "-o", plan_file)
     assert code == 1 and "--overwrite" in stderr
 
-    code, stdout, _ = run(capsys, "compress", tiny_model_folder, "--plan", plan_file, "--samples", "4",
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_folder, "--plan", plan_file, "--samples", "4",
                           "--seq-len", "32", "-o", tmp_path / "out", "--quiet")
     assert code == 0
     saved, _ = read_plan(tmp_path / "out")
@@ -325,7 +318,7 @@ def test_plan_then_compress_with_the_plan(tiny_model_folder, tmp_path, capsys):
 
 
 def test_compress_plans_inline_with_a_strategy_and_budget(tiny_model_folder, tmp_path, capsys):
-    code, stdout, _ = run(capsys, "compress", tiny_model_folder, "--strategy", "sensitivity", "--budget", "model:0.8",
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_folder, "--strategy", "sensitivity", "--budget", "model:0.8",
                           "--samples", "4", "--seq-len", "32", "-o", tmp_path / "out", "--quiet")
     assert code == 0
     summary = json.loads(stdout)
@@ -334,7 +327,7 @@ def test_compress_plans_inline_with_a_strategy_and_budget(tiny_model_folder, tmp
 
 
 def test_plan_reports_an_infeasible_budget_in_one_line(tiny_model_folder, tmp_path, capsys):
-    code, stdout, stderr = run(capsys, "plan", tiny_model_folder, "--budget", "0.001", "--strategy", "global",
+    code, stdout, stderr = run_cli(capsys, "plan", tiny_model_folder, "--budget", "0.001", "--strategy", "global",
                                "-o", tmp_path / "p.json")
     assert code == 1 and not (tmp_path / "p.json").exists()
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -342,7 +335,7 @@ def test_plan_reports_an_infeasible_budget_in_one_line(tiny_model_folder, tmp_pa
 
 
 def test_plan_help_explains_every_option(capsys):
-    code, stdout, _ = run(capsys, "plan", "--help")
+    code, stdout, _ = run_cli(capsys, "plan", "--help")
     assert code == 0
     for option in ("--budget", "--strategy", "--calib", "--override", "--min-rank", "--max-rank", "--round-to",
                    "--sensitivity-samples", "--output", "--quiet", "model:0.7", "90M"):

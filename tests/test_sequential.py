@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows
+from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan, compress_model, uniform_plan
@@ -237,14 +237,6 @@ def test_input_windows_and_dense_model_are_not_modified(arch):
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
-
-def run_cli(capsys, *args):
-    from lowrank.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_cli_sequential_with_update(tiny_model_folder, tmp_path, capsys):
     from lowrank.checkpoint import load_compressed, read_plan
