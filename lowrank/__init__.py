@@ -12,7 +12,7 @@ import os
 # to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from . import hf_integration as _hf_integration  # noqa: E402
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BudgetError
-from .layers import break_even_rank
+from .ranks import break_even_rank
 
 SCOPES = ("target", "model")
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}

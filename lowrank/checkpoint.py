@@ -7,130 +7,26 @@ with the sha256 of every weight file. Nothing is ever pickled.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from . import hf_integration
 from .errors import LowrankError
+from .fileio import (  # noqa: F401  (re-exported: the checkpoint's writers)
+    atomic_output_dir, atomic_write_text, check_output_dir, check_output_spares_input, check_output_spares_inputs,
+    is_write_failure, sha256_file, write_failure_reason)
+from .folder_format import PLAN_FILE, is_compressed_folder, read_plan_record, weight_files
+from .model_info import model_class_for
 from .plan import Plan
+from .verify import check_weights_match_plan
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "lowrank_plan.json"
 DEFAULT_SHARD_SIZE = "2GB"
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless `overwrite`; call this before any long work starts."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output {out} already exists; choose another -o path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise LowrankError(f"output {out} exists and is not a folder; remove it or choose another -o path")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise LowrankError(f"the folder {parent} for output {out.name} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise LowrankError(f"cannot write in {parent}; choose an -o path in a writable folder")
-    check_output_spares_inputs(out)
-    return out
-
-
-def check_output_spares_input(out_dir: str | Path, source: str | Path) -> None:
-    """Refuse an output folder that is, contains or sits inside the input checkpoint (its only copy, maybe)."""
-    src = Path(source).expanduser()
-    if not src.exists():
-        return
-    src, out = src.resolve(), Path(out_dir).expanduser().resolve()
-    clash = out == src or out in src.parents or (src.is_dir() and src in out.parents)
-    if clash:
-        raise LowrankError(f"output {out_dir} would overwrite or write into the input {source}; "
-                           "choose an -o path outside the input")
-
-
-def check_output_spares_inputs(out_dir: str | Path) -> None:
-    """Refuse an output that would replace or write into any checkpoint this process has loaded."""
-    from .loading import LOADED_INPUTS
-
-    for source in sorted(LOADED_INPUTS):
-        check_output_spares_input(out_dir, source)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by a rename.
-
-    On any failure, Ctrl-C included, the temporary folder is removed and an existing
-    `out_dir` is left exactly as it was.
-    """
-    out = check_output_dir(out_dir, overwrite)
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
-        yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rmdir(backup)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_failure(exc):
-            raise LowrankError(f"writing {out} failed ({write_failure_reason(exc)}); free disk space or choose "
-                               "another -o path; nothing was written") from exc
-        raise
-
-
-def is_write_failure(exc: BaseException) -> bool:
-    """An error from the file system (disk full, file too large, read-only), from Python or safetensors."""
-    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "os error" in str(exc))
-
-
-def write_failure_reason(exc: BaseException) -> str:
-    """The operating system's words for a write failure, e.g. 'No space left on device'."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc)
-    return text.rsplit("I/O error:", 1)[-1].split("(os error")[0].strip() or text.splitlines()[0]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so it is never half-written."""
-    path = Path(path)
-    check_output_spares_inputs(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
 
 
 def save_compressed(
@@ -142,8 +38,6 @@ def save_compressed(
     max_shard_size: str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Write a compressed model as a folder that `lowrank.load` and `from_pretrained` read."""
-    from . import hf_integration
-
     hf_integration.attach(model, plan.factored, plan.method)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
@@ -156,28 +50,15 @@ def save_compressed(
     return Path(out_dir)
 
 
-def is_compressed_folder(path: str | Path) -> bool:
-    return (Path(path) / PLAN_FILE).is_file()
-
-
 def read_plan(folder: str | Path) -> tuple[Plan, dict[str, str]]:
     """The plan of a compressed folder and the recorded sha256 of its weight files."""
-    path = Path(folder) / PLAN_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LowrankError(f"cannot read {path} ({exc}); the compressed folder is damaged, recompress it") from None
-    files = data.pop("files", {}) if isinstance(data, dict) else {}
-    return Plan.from_dict(data, where=str(path)), files
+    data, files = read_plan_record(folder)
+    return Plan.from_dict(data, where=str(Path(folder) / PLAN_FILE)), files
 
 
 def load_compressed(folder: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
     """Rebuild a compressed model from its folder (config → LowRankLinear skeleton → weights)."""
     import transformers
-
-    from . import hf_integration
-    from .loading import model_class_for
-    from .verify import check_weights_match_plan
 
     hf_integration.register()
     folder = Path(folder)

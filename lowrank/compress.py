@@ -1,31 +1,51 @@
-"""One-shot compression: statistics from the dense model, a plan, then factors swapped in."""
+"""The compression stage: factor the modules a plan names, one group of statistics at a time.
+
+`compress_blocks` is the one factor → replace → (update) loop. It consumes `BlockWork` from a
+producer in `lowrank.sequential`: one-shot compression (statistics from the dense model) and
+sequential compression (statistics block by block on the compressed path) differ only there.
+`compress_model` is the whole pipeline on a model in memory: profile → plan → compress.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import re
+import time
+from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, hf_integration
-from .budget import RankLimits
-from .calibration import ActivationStats, collect_stats
+from . import hf_integration
+from .budget import Budget, Override, RankLimits
+from .calibration import ActivationStats
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, METHODS, Whitening, factorize, whitening
+from .factorize import DEFAULT_DAMPING, METHODS, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
+from .model_info import count_parameters
 from .plan import Plan
-from .planner import check_ratio, default_strategy, plan_model, plan_uniform
+from .planner import (DEFAULT_STRATEGY, STRATEGIES, check_feasible, default_strategy, needs_spectra, plan_targets,
+                      plan_uniform)
+from .profiling import DEFAULT_SENSITIVITY_SAMPLES, measure, profile_model
+from .ranks import check_ratio
+from .sequential import BlockWork, dense_statistics, peak_memory_mib, sequential_statistics
 from .targets import Target, find_targets, weight_matrix
+from .update import update_block
 from .verify import check_finite_weights
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
+__all__ = ["compress_model", "compress_blocks", "compress_sequential", "apply_plan", "plan_model", "uniform_plan",
+           "check_plan_matches", "needs_statistics", "count_parameters"]
 
-def count_parameters(model: nn.Module) -> int:
-    """Every distinct parameter of the model (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+
+def needs_statistics(method: str) -> bool:
+    """whiten and asvd factor with calibration statistics; svd needs none."""
+    return method in ("whiten", "asvd")
 
 
 def uniform_plan(
@@ -62,32 +82,86 @@ def check_plan_matches(plan: Plan, targets: list[Target]) -> None:
                                f"{list(target.shape)}; regenerate the plan for this model")
 
 
-def needs_statistics(method: str) -> bool:
-    return method in ("whiten", "asvd")
+def plan_modules(model: nn.Module, plan: Plan) -> list[Target]:
+    """The plan's modules as Targets, read from the model (a named module that is missing is an error)."""
+    found = []
+    for name in plan.modules:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LowrankError(f"the plan names module {name!r}, which is not in this model; "
+                               "regenerate the plan for this model") from None
+        if isinstance(module, LowRankLinear):
+            raise LowrankError(f"{name} is already factored; load the dense checkpoint to compress it again")
+        out_features, in_features = weight_matrix(module).shape
+        found.append(Target(name, out_features, in_features, module.bias is not None))
+    return found
 
 
-def apply_plan(
+# ---- profile → plan on a model in memory ----------------------------------------------------------
+
+def plan_model(
     model: nn.Module,
-    plan: Plan,
-    stats: dict[str, ActivationStats] | None,
+    targets: list[Target],
+    budget: "Budget | str | float",
+    strategy: str = DEFAULT_STRATEGY,
+    *,
+    windows: torch.Tensor | None = None,
+    method: str = "whiten",
+    limits: RankLimits | None = None,
+    overrides: "list[Override] | dict | list[str] | None" = None,
+    batch_size: int = 8,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
     damping: float = DEFAULT_DAMPING,
+    source: str | None = None,
     progress: bool = True,
-) -> None:
-    """Replace every factored module of the plan by a LowRankLinear holding its factors."""
-    if plan.method not in METHODS:
-        raise LowrankError(f"unknown method {plan.method!r}; choose one of {', '.join(METHODS)}")
-    whitenings: dict[int, Whitening] = {}  # one whitening per shared input
-    factored = [(name, rank) for name, rank in plan.factored.items()]
-    for name, rank in tqdm(factored, desc="Factoring", unit="matrix", disable=not progress):
+) -> tuple[Plan, dict[str, ActivationStats] | None]:
+    """Profile `targets` where the strategy needs it (calibrate, measure sensitivity), then plan.
+
+    Returns the Plan and the calibration statistics it collected (None if it needed none), so
+    that one-shot factoring can reuse them instead of calibrating twice.
+    """
+    if strategy not in STRATEGIES:
+        raise LowrankError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    started = time.perf_counter()
+    model_params = count_parameters(model)
+    check_feasible(targets, budget, model_params, limits, overrides)  # before any slow work
+    statistics = needs_spectra(strategy) and needs_statistics(method)
+    if statistics and windows is None:
+        raise LowrankError(f"strategy {strategy} with method {method} needs calibration text; pass --calib")
+    prices = strategy == "sensitivity"
+    if prices and windows is None:
+        raise LowrankError("the sensitivity strategy needs calibration text; pass --calib")
+    stats = fisher = None
+    if statistics or prices:
+        stats, fisher = measure(model, targets, windows, statistics=statistics, prices=prices, batch_size=batch_size,
+                                sensitivity_samples=sensitivity_samples, progress=progress)
+    spectra = None
+    if needs_spectra(strategy):
+        profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
+        spectra = {m.name: m for m in profile.matrices}
+        del profile, fisher
+    plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=method, limits=limits,
+                        overrides=overrides, source=source)
+    plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
+    if prices:
+        plan.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
+    return plan, stats
+
+
+# ---- the factor → replace → update loop --------------------------------------------------------------
+
+def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: float, progress: bool) -> None:
+    """Replace every module of `work` by a LowRankLinear holding its factors."""
+    whitenings = WhiteningCache(damping)  # one whitening per shared input
+    for name in tqdm(work.names, desc="Factoring", unit="matrix", disable=not progress):
+        rank = plan.factored[name]
         module = model.get_submodule(name)
         weight = weight_matrix(module).detach()
-        layer_stats = stats.get(name) if stats else None
+        layer_stats = work.stats.get(name) if work.stats else None
         white = None
         if plan.method == "whiten" and layer_stats is not None:
-            key = id(layer_stats)
-            if key not in whitenings:
-                whitenings[key] = whitening(layer_stats.gram, damping, name)
-            white = whitenings[key]
+            white = whitenings.get(layer_stats, name)
         factors = factorize(
             plan.method,
             weight,
@@ -102,7 +176,91 @@ def apply_plan(
         if not all(torch.isfinite(p).all() for p in new.parameters()):
             raise LowrankError(f"factoring {name} produced NaN or Inf; check the weights of that module")
         replace_module(model, name, new)
+
+
+def compress_blocks(
+    model: nn.Module,
+    plan: Plan,
+    work: Iterable[BlockWork],
+    *,
+    update: bool = False,
+    update_target: str = "dense",
+    damping: float = DEFAULT_DAMPING,
+    progress: bool = False,
+) -> None:
+    """Factor each group of modules the producer `work` yields, refit `up` where `update`, then mark the model.
+
+    `update` needs the block a group lives in (sequential producers give it): every factor `up` is
+    refitted by ridge least squares against the dense block (see `update.update_block`).
+    """
+    if plan.method not in METHODS:
+        raise LowrankError(f"unknown method {plan.method!r}; choose one of {', '.join(METHODS)}")
+    with contextlib.closing(iter(work)) as producer:
+        for block_work in producer:
+            dense_block = copy.deepcopy(block_work.block) if update and block_work.block is not None else None
+            _factor_modules(model, plan, block_work, damping, progress)
+            block_work.stats = None
+            if dense_block is not None:
+                relative = {n[len(block_work.prefix):]: plan.factored[n] for n in block_work.names}
+                update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
+                             block_work.device, target=update_target)
+                del dense_block
     hf_integration.attach(model, plan.factored, plan.method)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    stats: dict[str, ActivationStats] | None,
+    damping: float = DEFAULT_DAMPING,
+    progress: bool = True,
+) -> None:
+    """One-shot: replace every factored module of the plan by a LowRankLinear, from the given statistics."""
+    compress_blocks(model, plan, [BlockWork(list(plan.factored), stats)], damping=damping, progress=progress)
+
+
+@torch.no_grad()
+def compress_sequential(
+    model: nn.Module,
+    plan: Plan,
+    windows: torch.Tensor,
+    method: str = "whiten",
+    update: bool = False,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    damping: float = DEFAULT_DAMPING,
+    progress: bool = True,
+    update_target: str = "dense",
+) -> Plan:
+    """Compress `model` in place, block by block, following `plan`; return the plan.
+
+    Each block's statistics come from the outputs of the already-compressed blocks before it.
+    `update` refits every factor `up` by ridge least squares against the dense block (SVD-LLM's
+    parameter update; `update_target` says against what, see `update.update_block`). Blocks are
+    moved to `device` (default: where the model is) one at a time and back afterwards;
+    calibration activations stay on CPU.
+    """
+    if not needs_statistics(method):
+        raise LowrankError(f"sequential compression needs calibration statistics, which method {method} does "
+                           "not use; pass --one-shot or --method whiten")
+    if windows is None or windows.numel() == 0:
+        raise LowrankError("sequential compression needs calibration text; pass --calib")
+    plan.method = method
+    targets = {t.name: t for t in plan_modules(model, plan)}
+    check_plan_matches(plan, list(targets.values()))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress)
+    compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping)
+    plan.options.update({"sequential": True, "update": bool(update)})
+    if update:
+        plan.options["update_target"] = update_target
+    peak = peak_memory_mib(device)
+    log.info("sequential compression: peak %s memory %.0f MiB", device.type, peak)
+    if progress:
+        tqdm.write(f"sequential compression: peak {'GPU' if device.type == 'cuda' else 'process'} memory {peak:,.0f} MiB")
+    return plan
 
 
 def compress_model(
@@ -127,16 +285,17 @@ def compress_model(
     limits: "RankLimits | None" = None,
     overrides: "dict | list[str] | None" = None,
 ) -> Plan:
-    """Compress `model` in place and return the Plan it followed.
+    """Compress `model` in place and return the Plan it followed: profile → plan → compress.
 
     `sequential` (the default) takes each block's statistics from the already-compressed blocks
-    before it (lowrank.sequential); `update` (default: on when sequential) then refits each factor
-    `up` by least squares. There,
-    `device` (default: the model's) receives one block at a time, so the model may stay on CPU.
+    before it; `update` (default: on when sequential) then refits each factor `up` by least
+    squares. There, `device` (default: the model's) receives one block at a time, so the model may
+    stay on CPU.
 
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd.
-    Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`) under `budget`
-    (lowrank.budget; default: `ratio` of the target parameters), within `limits` and `overrides`.
+    Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`)
+    under `budget` (lowrank.budget; default: `ratio` of the target parameters), within `limits`
+    and `overrides`.
     """
     if method not in METHODS:
         raise LowrankError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -147,11 +306,11 @@ def compress_model(
         except re.error as exc:
             raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
     targets = find_targets(model, include, exclude)
-    planning_stats = None  # statistics the planner collected, reused for factoring
+    planning_stats = None  # statistics the profile collected, reused by one-shot factoring
     if plan is None:
         plan, planning_stats = plan_model(
-            model, targets, check_ratio(ratio) if budget is None else budget, strategy or default_strategy(method, model),
-            windows=windows, method=method,
+            model, targets, check_ratio(ratio) if budget is None else budget,
+            strategy or default_strategy(method, model), windows=windows, method=method,
             limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
             damping=damping, source=source, progress=progress)
     else:
@@ -159,23 +318,21 @@ def compress_model(
         plan.method = method
         if plan.model_params is None:
             plan.model_params = count_parameters(model)
-    stats = None
     if needs_statistics(method):
         if windows is None:
             raise LowrankError(f"method {method} needs calibration text; pass --calib or use --method svd")
         if sequential:
-            from .sequential import compress_sequential
-
             del planning_stats  # the dense model's statistics: sequential compression collects its own
             return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
                                        batch_size=batch_size, damping=damping, progress=progress)
         if update:
             raise LowrankError("--update refits factors on the compressed blocks' inputs, which one-shot compression "
                                "does not produce; add --sequential")
-        wanted = [t for t in targets if t.name in plan.factored]
-        stats = planning_stats or collect_stats(model, wanted, windows, batch_size=batch_size, progress=progress)
     elif update:
         raise LowrankError(f"--update refits factors on calibration statistics, which method {method} does not "
                            "use; pass --method whiten or --no-update")
-    apply_plan(model, plan, stats, damping=damping, progress=progress)
+    else:
+        windows = None  # method svd factors without statistics
+    work = dense_statistics(model, plan, targets, windows, batch_size, progress, stats=planning_stats)
+    compress_blocks(model, plan, work, damping=damping, progress=progress)
     return plan

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LowrankError
+from .model_info import is_causal_lm  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -24,13 +25,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for models that predict the next token (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 @torch.no_grad()

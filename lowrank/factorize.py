@@ -90,6 +90,23 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     return Whitening(root=root, inverse=inverse)
 
 
+class WhiteningCache:
+    """One whitening per distinct layer input: modules that read the same input (q/k/v, gate/up) share
+    one statistics object (see `calibration.StatsCollector`), so they share one whitening too."""
+
+    def __init__(self, damping: float = DEFAULT_DAMPING):
+        self.damping = damping
+        self._by_input: dict[int, tuple[object, Whitening]] = {}
+
+    def get(self, stats, name: str = "layer") -> Whitening:
+        """The whitening of `stats.gram`, computed on first use (`name` labels its errors)."""
+        entry = self._by_input.get(id(stats))
+        if entry is None or entry[0] is not stats:
+            entry = (stats, whitening(stats.gram, self.damping, name))
+            self._by_input[id(stats)] = entry
+        return entry[1]
+
+
 def _truncate(product: torch.Tensor, k: int, back: torch.Tensor | None) -> Factors:
     """Rank-k factors of `product` = W·S, mapped back to W's input space by `back` = S⁻¹.
 

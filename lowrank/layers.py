@@ -5,18 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import LowrankError
 from .factorize import Factors
-
-
-def saves_parameters(rank: int, out_features: int, in_features: int) -> bool:
-    """A rank-k factorization of an m×n matrix costs k(m+n); it only pays while that is < mn."""
-    return rank * (out_features + in_features) < out_features * in_features
-
-
-def break_even_rank(out_features: int, in_features: int) -> int:
-    """The smallest rank at which factoring no longer saves parameters: ⌈mn/(m+n)⌉."""
-    m, n = out_features, in_features
-    return -(-(m * n) // (m + n))
+from .ranks import break_even_rank, saves_parameters  # noqa: F401  (re-exported)
+from .targets import weight_matrix
 
 
 class LowRankLinear(nn.Module):
@@ -98,9 +90,6 @@ def install_lowrank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
     Used before weights load (the model may be on the meta device): shapes, bias and dtype
     come from the module being replaced.
     """
-    from .errors import LowrankError
-    from .targets import weight_matrix
-
     for name, rank in ranks.items():
         try:
             old = model.get_submodule(name)

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from . import hf_integration
+from .checkpoint import is_compressed_folder, load_compressed
 from .errors import LowrankError, ModelLoadError
+from .fileio import LOADED_INPUTS
+from .model_info import model_class_for  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +32,6 @@ BUILTIN_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-#: Local checkpoints (folders or .gguf files) loaded by this process: no output may replace them or
-#: land inside them (lowrank.checkpoint checks every output against this set).
-LOADED_INPUTS: set[Path] = set()
 
 
 @dataclass
@@ -112,17 +111,6 @@ def forget_gguf_origin(model) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def model_class_for(config):
-    """The transformers class named in config.architectures (e.g. LlamaForCausalLM)."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
@@ -164,9 +152,6 @@ def load_model(
     """
     import transformers
 
-    from . import hf_integration
-    from .checkpoint import is_compressed_folder
-
     hf_integration.register()
     location = locate(source, allow_pickle=allow_pickle)
     if location.local:
@@ -177,8 +162,6 @@ def load_model(
         kwargs["gguf_file"] = location.gguf_file
     try:
         if compressed:
-            from .checkpoint import load_compressed
-
             model = load_compressed(location.path, dtype=dtype)
         else:
             config = transformers.AutoConfig.from_pretrained(location.path, **kwargs)

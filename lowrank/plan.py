@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LowrankError
-from .layers import saves_parameters
+from .fileio import atomic_write_text
+from .ranks import saves_parameters
 
 PLAN_FORMAT = "lowrank-plan"
 PLAN_VERSION = 1
@@ -114,8 +115,6 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         """Write the plan as indented JSON, atomically (temporary file, then rename)."""
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -22,32 +22,25 @@ ever shrinks when the budget grows.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .budget import Budget, Override, RankLimits, parse_overrides
 from .errors import BudgetError, LowrankError
-from .evaluate import is_causal_lm
-from .factorize import DEFAULT_DAMPING, Whitening, gram_svdvals, whitening
+from .model_info import is_causal_lm
 from .plan import ModulePlan, Plan, module_plan
-from .sensitivity import OutputFisher, direction_costs
-from .targets import Target, weight_matrix
-
-log = logging.getLogger(__name__)
+from .profile import MatrixProfile, Profile
+from .ranks import check_ratio, uniform_rank
+from .version import __version__
 
 STRATEGIES = ("uniform", "energy", "global", "sensitivity")
 #: The strategy used with method whiten when none is named. benchmarks/bench_planner.py chose it:
 #: on SmolLM2-135M it beat uniform by 54% in perplexity at ratio 0.8 and by 35% at 0.6.
 DEFAULT_STRATEGY = "sensitivity"
-#: Calibration windows that the sensitivity strategy backpropagates through.
-DEFAULT_SENSITIVITY_SAMPLES = 8
 
 
 def default_strategy(method: str, model: nn.Module | None = None) -> str:
@@ -63,100 +56,33 @@ def default_strategy(method: str, model: nn.Module | None = None) -> str:
     return DEFAULT_STRATEGY
 
 
-# ---- the uniform rule (SVD-LLM) -------------------------------------------------------------
-
-def check_ratio(ratio: float) -> float:
-    """A kept-parameter fraction must lie in (0, 1]."""
-    if not (0.0 < ratio <= 1.0):
-        raise BudgetError(f"ratio {ratio} is outside (0, 1]; pass the fraction of parameters to keep, e.g. --ratio 0.8")
-    return ratio
+def needs_spectra(strategy: str) -> bool:
+    """Every strategy but uniform chooses ranks from the matrices' spectra."""
+    return strategy != "uniform"
 
 
-def round_rank(rank: int, round_to: int) -> int:
-    """Round down to a multiple of `round_to` (hardware-friendly shapes), never below it."""
-    if round_to < 1:
-        raise BudgetError(f"--round-to must be a positive integer, got {round_to}")
-    return max(round_to, (rank // round_to) * round_to)
-
-
-def uniform_rank(out_features: int, in_features: int, ratio: float, round_to: int = 1) -> int:
-    """k = ⌊r·mn/(m+n)⌋, rounded down to a multiple of `round_to`, at least 1."""
-    k = int(ratio * out_features * in_features // (out_features + in_features))
-    k = max(1, min(k, min(out_features, in_features)))
-    return min(round_rank(k, round_to), min(out_features, in_features))
-
-
-def plan_uniform(targets: list[Target], ratio: float, round_to: int = 1) -> dict[str, ModulePlan]:
-    """SVD-LLM's uniform allocation: the same kept fraction for every matrix."""
+def plan_uniform(targets, ratio: float, round_to: int = 1) -> dict[str, ModulePlan]:
+    """SVD-LLM's uniform allocation: the same kept fraction for every matrix (targets: name and shape)."""
     check_ratio(ratio)
     return {
-        t.name: module_plan(t.shape, uniform_rank(t.out_features, t.in_features, ratio, round_to))
+        t.name: module_plan(t.shape, uniform_rank(t.shape[0], t.shape[1], ratio, round_to))
         for t in targets
     }
 
 
-# ---- spectra: what each dropped direction costs -------------------------------------------
+# ---- what each dropped direction costs -----------------------------------------------------
 
-@dataclass
-class Spectrum:
-    """One matrix's whitened spectrum: σⱼ²(W·S) in descending order, and optionally uⱼᵀF uⱼ."""
-
-    shape: tuple[int, int]
-    energy: np.ndarray  # σⱼ², descending
-    fisher: np.ndarray | None = None  # uⱼᵀ F uⱼ / N per direction (sensitivity strategy)
-
-    @property
-    def total(self) -> float:
-        return float(self.energy.sum())
-
-
-def matrix_spectrum(weight: torch.Tensor, white: Whitening | None = None,
-                    fisher: torch.Tensor | None = None) -> Spectrum:
-    """σⱼ²(W·S) (plain σⱼ²(W) without a whitening) and, given an output Fisher F, uⱼᵀ F uⱼ."""
-    product = weight.detach().to(torch.float64)
-    if white is not None:
-        product = product @ white.root
-    if fisher is None:
-        return Spectrum(tuple(weight.shape), (gram_svdvals(product) ** 2).cpu().numpy())
-    left, sigma, _ = torch.linalg.svd(product, full_matrices=False)
-    return Spectrum(tuple(weight.shape), (sigma ** 2).cpu().numpy(), direction_costs(fisher, left).cpu().numpy())
-
-
-def model_spectra(
-    model: nn.Module,
-    targets: list[Target],
-    stats: dict | None,
-    fisher: dict[str, OutputFisher] | None = None,
-    damping: float = DEFAULT_DAMPING,
-    progress: bool = True,
-) -> dict[str, Spectrum]:
-    """The spectrum of every target (whitened with its calibration statistics where given)."""
-    whitenings: dict[int, Whitening] = {}  # one per shared input
-    spectra = {}
-    for target in tqdm(targets, desc="Spectra", unit="matrix", disable=not progress):
-        white = None
-        if stats is not None:
-            layer_stats = stats[target.name]
-            key = id(layer_stats)
-            if key not in whitenings:
-                whitenings[key] = whitening(layer_stats.gram, damping, target.name)
-            white = whitenings[key]
-        output_fisher = fisher[target.name].mean if fisher is not None else None
-        weight = weight_matrix(model.get_submodule(target.name))
-        spectra[target.name] = matrix_spectrum(weight, white, output_fisher)
-    return spectra
-
-
-def direction_loss(spectrum: Spectrum, strategy: str) -> np.ndarray:
+def direction_loss(spectrum: MatrixProfile, strategy: str) -> np.ndarray:
     """What dropping each direction costs under `strategy` (non-negative, in SVD order)."""
+    energy = (spectrum.planning ** 2).cpu().numpy()  # σⱼ², descending
     if strategy in ("energy", "global"):
-        total = spectrum.total
-        return spectrum.energy / total if total > 0 else np.zeros_like(spectrum.energy)
+        total = float(energy.sum())
+        return energy / total if total > 0 else np.zeros_like(energy)
     if strategy == "sensitivity":
-        if spectrum.fisher is None:
+        if spectrum.price is None:
             raise LowrankError("the sensitivity strategy needs output Fisher statistics; "
                                "measure them with lowrank.sensitivity.measure_output_fisher")
-        return spectrum.energy * np.clip(spectrum.fisher, 0.0, None)
+        return energy * np.clip(spectrum.price.cpu().numpy(), 0.0, None)
     raise LowrankError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
@@ -282,7 +208,7 @@ def allocate_uniform(targets: list[Target], allowance: int, limits: RankLimits,
     return plans
 
 
-def allocate_energy(targets: list[Target], options: dict[str, Options], spectra: dict[str, Spectrum],
+def allocate_energy(targets: list[Target], options: dict[str, Options], spectra: dict[str, MatrixProfile],
                     allowance: int) -> dict[str, ModulePlan]:
     """The largest common retained-energy fraction τ whose ranks fit in `allowance`."""
     retained = {}
@@ -353,7 +279,7 @@ def allocate(
     targets: list[Target],
     allowance: int,
     strategy: str = DEFAULT_STRATEGY,
-    spectra: dict[str, Spectrum] | None = None,
+    spectra: dict[str, MatrixProfile] | None = None,
     limits: RankLimits | None = None,
     overrides: "list[Override] | dict | list[str] | None" = None,
     budget: Budget | None = None,
@@ -361,7 +287,7 @@ def allocate(
 ) -> dict[str, ModulePlan]:
     """Ranks for `targets` that keep at most `allowance` target parameters, chosen by `strategy`.
 
-    `spectra` (from `model_spectra`) are needed by every strategy but uniform. Raises a
+    `spectra` (a Profile's matrices by name) are needed by every strategy but uniform. Raises a
     BudgetError naming the smallest feasible budget when `allowance` is too small.
     """
     if strategy not in STRATEGIES:
@@ -382,7 +308,8 @@ def allocate(
         plans = allocate_uniform(free, left, limits, budget.value if exact else None)
     else:
         if spectra is None:
-            raise LowrankError(f"strategy {strategy} needs the matrices' spectra; compute them with model_spectra")
+            raise LowrankError(f"strategy {strategy} needs the matrices' spectra; profile the model first "
+                               "(lowrank.profiling.profile_model, or `lowrank profile`)")
         options = {t.name: matrix_options(t.shape, limits, direction_loss(spectra[t.name], strategy)) for t in free}
         if strategy == "energy":
             plans = allocate_energy(free, options, spectra, left)
@@ -396,47 +323,30 @@ def allocate(
     return ordered
 
 
-def needs_spectra(strategy: str) -> bool:
-    return strategy != "uniform"
-
-
-def build_plan(
-    model: nn.Module,
-    targets: list[Target],
+def plan_targets(
+    targets,
+    model_params: int | None,
     budget: "Budget | str | float",
     strategy: str = DEFAULT_STRATEGY,
     *,
-    stats: dict | None = None,
-    fisher: dict[str, OutputFisher] | None = None,
-    spectra: dict[str, Spectrum] | None = None,
+    spectra: dict[str, MatrixProfile] | None = None,
     method: str = "whiten",
     limits: RankLimits | None = None,
     overrides: "list[Override] | dict | list[str] | None" = None,
-    damping: float = DEFAULT_DAMPING,
     source: str | None = None,
-    progress: bool = True,
 ) -> Plan:
-    """A Plan for `targets` of `model` under `budget`, recording the budget, limits and planning time.
+    """A Plan for `targets` (name and shape each) under `budget`, recording the budget, limits and planning time.
 
-    `stats` (calibration statistics) whiten the spectra; without them plain σ(W) is used.
-    `fisher` (from `sensitivity.measure_output_fisher`) is needed by the sensitivity strategy.
-    Pass precomputed `spectra` to plan many budgets from one analysis.
+    `spectra` (a Profile's matrices by name) are needed by every strategy but uniform, with loss
+    prices for sensitivity.
     """
-    from . import __version__
-    from .compress import count_parameters
-
     started = time.perf_counter()
     budget = Budget.parse(budget)
     limits = limits or RankLimits()
     overrides = parse_overrides(overrides)
-    if strategy == "sensitivity" and fisher is None and (spectra is None or
-                                                         any(s.fisher is None for s in spectra.values())):
+    if strategy == "sensitivity" and (spectra is None or any(s.price is None for s in spectra.values())):
         raise LowrankError("the sensitivity strategy needs output Fisher statistics; "
                            "measure them with lowrank.sensitivity.measure_output_fisher")
-    if needs_spectra(strategy) and spectra is None:
-        spectra = model_spectra(model, targets, stats, fisher if strategy == "sensitivity" else None,
-                                damping, progress)
-    model_params = count_parameters(model)
     target_params = sum(t.params for t in targets)
     allowance = budget.allowance(target_params, model_params)
     modules = allocate(targets, allowance, strategy, spectra, limits, overrides, budget, model_params)
@@ -455,50 +365,27 @@ def build_plan(
     )
 
 
-def plan_model(
-    model: nn.Module,
-    targets: list[Target],
+def plan_profile(
+    profile: Profile,
     budget: "Budget | str | float",
     strategy: str = DEFAULT_STRATEGY,
     *,
-    windows: torch.Tensor | None = None,
     method: str = "whiten",
     limits: RankLimits | None = None,
     overrides: "list[Override] | dict | list[str] | None" = None,
-    batch_size: int = 8,
-    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
-    damping: float = DEFAULT_DAMPING,
-    source: str | None = None,
-    progress: bool = True,
-) -> tuple[Plan, dict | None]:
-    """Calibrate where the strategy needs it, measure sensitivity where asked, and plan.
-
-    Returns the Plan and the calibration statistics it collected (None if it needed none), so
-    that factoring can reuse them instead of calibrating twice.
-    """
-    from .calibration import collect_stats
-    from .compress import count_parameters, needs_statistics
-    from .sensitivity import measure_output_fisher
-
+) -> Plan:
+    """Plan from a saved or fresh Profile: numbers in, ranks out; no model, no calibration."""
     if strategy not in STRATEGIES:
         raise LowrankError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    started = time.perf_counter()
-    check_feasible(targets, budget, count_parameters(model), limits, overrides)  # before any slow work
-    stats = fisher = None
-    if needs_spectra(strategy) and needs_statistics(method):
-        if windows is None:
-            raise LowrankError(f"strategy {strategy} with method {method} needs calibration text; pass --calib")
-        stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
-    if strategy == "sensitivity":
-        if windows is None:
-            raise LowrankError("the sensitivity strategy needs calibration text; pass --calib")
-        if sensitivity_samples < 1:
-            raise LowrankError(f"--sensitivity-samples must be at least 1, got {sensitivity_samples}")
-        fisher = measure_output_fisher(model, targets, windows[:sensitivity_samples],
-                                       batch_size=max(1, min(batch_size, 4)), progress=progress)
-    plan = build_plan(model, targets, budget, strategy, stats=stats, fisher=fisher, method=method, limits=limits,
-                      overrides=overrides, damping=damping, source=source, progress=progress)
-    plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
-    if fisher is not None:
-        plan.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
-    return plan, stats
+    if strategy == "sensitivity" and not profile.priced:
+        raise LowrankError("the sensitivity strategy needs loss prices, which this profile lacks (it was made "
+                           "without calibration text or from a model that is not a causal LM); "
+                           "pass --strategy global or profile with --calib")
+    plan = plan_targets(profile.matrices, profile.model_params, budget, strategy,
+                        spectra={m.name: m for m in profile.matrices}, method=method, limits=limits,
+                        overrides=overrides, source=profile.source)
+    for key in ("samples", "seq_len", "seed", "calibration", "sensitivity_samples"):
+        if key in profile.options:
+            plan.options[key] = profile.options[key]
+    plan.options["profile"] = profile.fingerprint
+    return plan

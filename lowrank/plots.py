@@ -18,9 +18,9 @@ import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from .layers import saves_parameters  # noqa: E402
-from .planner import uniform_rank  # noqa: E402
-from .spectrum import Analysis, kept_params, rank_for_energy, split_name  # noqa: E402
+from .profile import Profile  # noqa: E402
+from .ranks import kept_params, saves_parameters, uniform_rank  # noqa: E402
+from .spectrum import rank_for_energy, split_name  # noqa: E402
 
 DPI = 100
 #: Points per spectrum curve; a longer spectrum is sampled on a log-spaced grid (the shape survives).
@@ -51,7 +51,7 @@ def _thin(values: np.ndarray) -> np.ndarray:
     return np.unique(np.geomspace(1, n, CURVE_POINTS).astype(int) - 1)
 
 
-def plot_spectra(analysis: Analysis, path: Path, whitened: bool, title: str) -> Path:
+def plot_spectra(analysis: Profile, path: Path, whitened: bool, title: str) -> Path:
     """One panel per layer type: σᵢ/σ₁ against i/min(m, n), one curve per depth coloured by depth."""
     kinds = analysis.kinds
     rows, cols = _grid(len(kinds))
@@ -109,7 +109,7 @@ def _heatmap(ax, grid: np.ndarray, kinds: list[str], depths: list[int], norm, cm
     return image
 
 
-def plot_rank_heatmap(analysis: Analysis, path: Path, level: float = 0.95) -> Path:
+def plot_rank_heatmap(analysis: Profile, path: Path, level: float = 0.95) -> Path:
     """Depth × layer type: the rank fraction needed to keep `level` of the energy (weights, and whitened)."""
     kinds, depths = analysis.kinds, analysis.depths or [0]
     panels = [(False, "weights W")] + ([(True, "whitened W·S (output error)")] if analysis.whitened else [])
@@ -149,7 +149,7 @@ def uniform_loss_curve(matrices, whitened: bool, ratios: np.ndarray) -> tuple[np
     return np.array(xs), np.array(ys)
 
 
-def plot_loss_vs_params(analysis: Analysis, path: Path) -> Path:
+def plot_loss_vs_params(analysis: Profile, path: Path) -> Path:
     """Mean relative truncation loss against the fraction of parameters kept, uniform ranks, per layer type."""
     ratios = np.linspace(0.02, 1.0, 50)
     panels = [(False, "weights only: ‖W − W_k‖² / ‖W‖²")]

@@ -13,10 +13,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import atomic_output_dir
+from .fileio import atomic_output_dir
+from .version import __version__
 from .plan import Plan
-from .spectrum import COMMON_RATIOS, ENERGY_LEVELS, Analysis, MatrixSpectrum, SpectrumStats, split_name
+from .profile import MatrixProfile, Profile
+from .spectrum import COMMON_RATIOS, ENERGY_LEVELS, SpectrumStats, split_name
 
 REPORT_FORMAT = "lowrank-report"
 REPORT_VERSION = 1
@@ -42,7 +43,7 @@ def _round(value: float) -> float:
 
 
 # ---- analysis: numbers ------------------------------------------------------------------------------
-def _stats_dict(stats: SpectrumStats, m: MatrixSpectrum) -> dict[str, Any]:
+def _stats_dict(stats: SpectrumStats, m: MatrixProfile) -> dict[str, Any]:
     return {
         "energy": _round(stats.energy),
         "sigma_max": _round(stats.sigma_max),
@@ -53,7 +54,7 @@ def _stats_dict(stats: SpectrumStats, m: MatrixSpectrum) -> dict[str, Any]:
     }
 
 
-def _spectrum_dict(m: MatrixSpectrum, whitened: bool) -> dict[str, Any]:
+def _spectrum_dict(m: MatrixProfile, whitened: bool) -> dict[str, Any]:
     sigma = m.spectrum(whitened)
     return {**_stats_dict(SpectrumStats.of(sigma), m), "sigma": [_round(float(s)) for s in sigma]}
 
@@ -62,7 +63,7 @@ def _mean(values: list[float]) -> float:
     return _round(sum(values) / len(values)) if values else 0.0
 
 
-def _group_summary(matrices: list[MatrixSpectrum], whitened: bool) -> dict[str, Any]:
+def _group_summary(matrices: list[MatrixProfile], whitened: bool) -> dict[str, Any]:
     """Means over a group of matrices of the size-free numbers (fractions of min(m, n))."""
     stats = [(m, m.stats(whitened)) for m in matrices]
     return {
@@ -75,11 +76,11 @@ def _group_summary(matrices: list[MatrixSpectrum], whitened: bool) -> dict[str, 
     }
 
 
-def _spectra_kinds(analysis: Analysis) -> list[tuple[str, bool]]:
+def _spectra_kinds(analysis: Profile) -> list[tuple[str, bool]]:
     return [("weights", False)] + ([("whitened", True)] if analysis.whitened else [])
 
 
-def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
+def analysis_to_dict(analysis: Profile) -> dict[str, Any]:
     """Every number of an analysis, ready for json.dumps (the schema's `analysis` kind)."""
     kinds = _spectra_kinds(analysis)
     by_type = []
@@ -134,13 +135,13 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _ranked(analysis: Analysis, whitened: bool) -> list[tuple[float, MatrixSpectrum]]:
+def _ranked(analysis: Profile, whitened: bool) -> list[tuple[float, MatrixProfile]]:
     """Matrices sorted by the rank fraction they need for 95% energy (most compressible first)."""
     return sorted(((m.stats(whitened).rank_for_energy["0.95"] / m.max_rank, m) for m in analysis.matrices),
                   key=lambda item: item[0])
 
 
-def analysis_markdown(analysis: Analysis, data: dict[str, Any], plots: dict[str, str]) -> str:
+def analysis_markdown(analysis: Profile, data: dict[str, Any], plots: dict[str, str]) -> str:
     """report.md: summary tables per layer type and depth, extremes, common budgets, the plots."""
     main = "whitened" if analysis.whitened else "weights"
     what = ("whitened spectra σ(W·S), S Sᵀ = XᵀX from calibration text (σᵢ² = output error of dropping direction i)"
@@ -215,7 +216,7 @@ def analysis_markdown(analysis: Analysis, data: dict[str, Any], plots: dict[str,
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_analysis_report(analysis: Analysis, out_dir: str | Path, overwrite: bool = False) -> Path:
+def write_analysis_report(analysis: Profile, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write report.md, report.json and the PNG plots of an analysis into `out_dir`, atomically."""
     from . import plots
 

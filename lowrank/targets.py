@@ -73,6 +73,19 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def name_filter(include: str | None = None, exclude: str | None = None):
+    """A test on module names: matches `include` (if given) and not `exclude` (regexes searched in the name)."""
+    include_re = re.compile(include) if include else None
+    exclude_re = re.compile(exclude) if exclude else None
+
+    def wanted(name: str) -> bool:
+        if include_re is not None and not include_re.search(name):
+            return False
+        return exclude_re is None or not exclude_re.search(name)
+
+    return wanted
+
+
 def find_targets(
     model: nn.Module,
     include: str | None = None,
@@ -84,21 +97,13 @@ def find_targets(
     poolers sit outside them). `include` replaces that default with a regex searched in
     each module's full name; `exclude` then removes names matching its regex.
     """
-    include_re = re.compile(include) if include else None
-    exclude_re = re.compile(exclude) if exclude else None
-    block_prefix = None
-    if include_re is None:
-        block_prefix = find_block_list(model)[0] + "."
+    wanted = name_filter(include, exclude)
+    block_prefix = None if include else find_block_list(model)[0] + "."
     targets = []
     for name, module in model.named_modules():
-        if not is_linear(module):
+        if not is_linear(module) or not wanted(name):
             continue
-        if include_re is not None:
-            if not include_re.search(name):
-                continue
-        elif not name.startswith(block_prefix):
-            continue
-        if exclude_re is not None and exclude_re.search(name):
+        if block_prefix is not None and not name.startswith(block_prefix):
             continue
         out_features, in_features = weight_matrix(module).shape
         targets.append(Target(name, out_features, in_features, module.bias is not None))

@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from .errors import LowrankError
+from .fileio import sha256_file
+from .folder_format import PLAN_FILE, read_plan_record, weight_files
+from .plan import Plan
 
 #: Suffixes of the tensors a LowRankLinear stores (its bias lives on `up`).
 FACTOR_SUFFIXES = (".down.weight", ".up.weight", ".up.bias")
@@ -84,8 +87,6 @@ def _check_finite_tensors(path: Path, problems: list[str]) -> None:
 
 def _check_hashes(folder: Path, recorded: dict, problems: list[str]) -> list[Path]:
     """Compare recorded sha256 with the files; return the weight files that exist."""
-    from .checkpoint import PLAN_FILE, sha256_file, weight_files
-
     present = weight_files(folder)
     if not isinstance(recorded, dict) or not recorded:
         problems.append(f"{PLAN_FILE} records no sha256 for the weight files; recompress to get a checkable folder")
@@ -103,8 +104,6 @@ def _check_hashes(folder: Path, recorded: dict, problems: list[str]) -> list[Pat
 
 
 def _check_config_ranks(folder: Path, plan, problems: list[str]) -> None:
-    from .checkpoint import PLAN_FILE
-
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -146,8 +145,6 @@ def _check_tensors(shapes: dict[str, tuple[int, ...]], plan, problems: list[str]
 
 def check_weights_match_plan(folder: str | Path, plan) -> None:
     """Before loading: raise a LowrankError when the tensors (read from the headers) disagree with `plan`."""
-    from .checkpoint import PLAN_FILE, weight_files
-
     problems: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     for path in weight_files(Path(folder)):
@@ -163,8 +160,6 @@ def check_weights_match_plan(folder: str | Path, plan) -> None:
 
 def verify_folder(folder: str | Path) -> Verification:
     """Check a compressed folder's weight hashes and that its weights match its plan."""
-    from .checkpoint import PLAN_FILE, read_plan
-
     folder = Path(folder)
     result = Verification(folder)
     if not folder.is_dir():
@@ -172,7 +167,8 @@ def verify_folder(folder: str | Path) -> Verification:
     if not (folder / PLAN_FILE).is_file():
         raise LowrankError(f"{folder} has no {PLAN_FILE}, so it is not a compressed lowrank folder")
     try:
-        plan, recorded = read_plan(folder)
+        data, recorded = read_plan_record(folder)
+        plan = Plan.from_dict(data, where=str(folder / PLAN_FILE))
     except LowrankError as exc:
         result.problems.append(str(exc))
         return result

@@ -9,10 +9,13 @@ from pathlib import Path
 import click
 
 from ..calibration import collect_stats, text_windows
-from ..checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder
+from ..fileio import check_output_dir, check_output_spares_input
+from ..folder_format import is_compressed_folder
+from ..folder_profile import has_safetensors, profile_folder
 from ..loading import DEFAULT_MODEL, load_model
 from ..report import write_analysis_report
-from ..spectrum import Analysis, analyze_folder, analyze_model, has_safetensors, targets_of
+from ..profile import Profile
+from ..profiling import profile_model, targets_of
 from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 
 
@@ -21,7 +24,7 @@ def default_output(model: str, whitened: bool) -> str:
     return f"{stem}-analysis" + ("-whitened" if whitened else "")
 
 
-def describe(analysis: Analysis) -> str:
+def describe(analysis: Profile) -> str:
     """A short per-type table for the terminal."""
     whitened = analysis.whitened
     lines = [f"{len(analysis.matrices)} matrices, {analysis.target_params:,} parameters; "
@@ -62,7 +65,7 @@ def command(model, texts, samples, seq_len, seed, batch_size, include, exclude, 
     check_output_spares_input(output, model)
     started = time.perf_counter()
     if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
-        analysis = analyze_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
+        analysis = profile_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
                                   source=model)
     else:
         loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
@@ -73,7 +76,7 @@ def command(model, texts, samples, seq_len, seed, batch_size, include, exclude, 
         if whitened:
             windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
             stats = collect_stats(loaded.model, targets, windows, batch_size=batch_size, progress=not quiet)
-        analysis = analyze_model(loaded.model, targets, stats, progress=not quiet, source=model)
+        analysis = profile_model(loaded.model, targets, stats, progress=not quiet, source=model)
         if whitened:
             analysis.options.update({"calibration": list(map(str, texts)), "samples": samples, "seq_len": seq_len,
                                      "seed": seed})

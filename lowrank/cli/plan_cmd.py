@@ -10,12 +10,12 @@ import click
 
 from ..budget import RankLimits
 from ..calibration import text_windows
-from ..compress import needs_statistics
+from ..compress import needs_statistics, plan_model
 from ..errors import LowrankError
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL, load_model
-from ..planner import (DEFAULT_SENSITIVITY_SAMPLES, DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra,
-                       plan_model)
+from ..planner import DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra
+from ..profiling import DEFAULT_SENSITIVITY_SAMPLES
 from ..targets import find_targets
 from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 from .compress_cmd import describe

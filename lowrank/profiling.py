@@ -1,0 +1,166 @@
+"""The profiling stage: measure a model in memory and turn the measurements into a Profile.
+
+Calibration windows give each target's input Gram matrix (`calibration.collect_stats`), a few
+backward passes its output Fisher (`sensitivity.measure_output_fisher`); from them this module
+computes the vectors a `Profile` keeps: σ(W), the whitened σ(W·S) and, with a Fisher, the loss
+price uⱼᵀFuⱼ of each whitened direction uⱼ. Singular values alone come from batched symmetric
+eigensolves (`spectrum.gram_svdvals`); where prices are wanted the directions are needed too, and
+then σ and u come from one SVD, so that each σⱼ is paired with its own uⱼ.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import ActivationStats, collect_stats
+from .errors import LowrankError
+from .factorize import DEFAULT_DAMPING, WhiteningCache
+from .layers import LowRankLinear
+from .model_info import count_parameters
+from .profile import MatrixProfile, Profile
+from .sensitivity import OutputFisher, direction_costs, measure_output_fisher
+from .spectrum import DEFAULT_BATCH_BYTES, ShapeBatcher
+from .targets import Target, find_targets, name_filter, weight_matrix
+
+#: Calibration windows that the sensitivity prices backpropagate through.
+DEFAULT_SENSITIVITY_SAMPLES = 8
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a module applies, merged from its factors when it is a LowRankLinear."""
+    if isinstance(module, LowRankLinear):
+        return module.merged_weight()
+    return weight_matrix(module)
+
+
+def targets_of(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[Target]:
+    """The matrices to profile: find_targets, with a compressed model's LowRankLinear counted as one."""
+    lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not lowrank:
+        return find_targets(model, include, exclude)
+    targets = []
+    for target in find_targets(model, include, exclude):
+        parent, _, leaf = target.name.rpartition(".")
+        if parent in lowrank and leaf in ("down", "up"):
+            continue  # a factor: its LowRankLinear is profiled instead
+        targets.append(target)
+    wanted = name_filter(include, exclude)
+    targets += [Target(name, m.out_features, m.in_features, m.bias is not None)
+                for name, m in lowrank.items() if wanted(name)]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(targets, key=lambda t: order[t.name])
+
+
+def measure(
+    model: nn.Module,
+    targets: list[Target],
+    windows: torch.Tensor,
+    *,
+    statistics: bool = True,
+    prices: bool = False,
+    batch_size: int = 8,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
+    progress: bool = True,
+) -> tuple[dict[str, ActivationStats] | None, dict[str, OutputFisher] | None]:
+    """Input statistics of every target (if `statistics`) and output Fishers (if `prices`) on `windows`."""
+    stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
+    fisher = None
+    if prices:
+        if sensitivity_samples < 1:
+            raise LowrankError(f"--sensitivity-samples must be at least 1, got {sensitivity_samples}")
+        fisher = measure_output_fisher(model, targets, windows[:sensitivity_samples],
+                                       batch_size=max(1, min(batch_size, 4)), progress=progress)
+    return stats, fisher
+
+
+def _priced(weight: torch.Tensor, white, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ."""
+    product = weight.detach().to(torch.float64)
+    if white is not None:
+        product = product @ white.root
+    left, sigma, _ = torch.linalg.svd(product, full_matrices=False)
+    return sigma, direction_costs(fisher, left)
+
+
+@torch.no_grad()
+def profile_model(
+    model: nn.Module,
+    targets: list[Target] | None = None,
+    stats: dict[str, ActivationStats] | None = None,
+    fisher: dict[str, OutputFisher] | None = None,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    progress: bool = False,
+    source: str | None = None,
+) -> Profile:
+    """The Profile of `targets` (default: every target) from a model in memory and its measurements.
+
+    `stats` (from `measure` or `collect_stats`) add the whitened spectra, `fisher` the loss prices.
+    """
+    targets = targets if targets is not None else targets_of(model)
+    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    weights = {name: module_weight(module).detach() for name, module in modules.items()}
+    if stats is not None:
+        missing = [name for name in weights if name not in stats]
+        if missing:
+            raise LowrankError(f"no calibration statistics for {missing[0]}; it never ran during calibration")
+    whitenings = WhiteningCache(damping)
+    plain, white = ShapeBatcher(batch_bytes), ShapeBatcher(batch_bytes)
+    prices: dict[str, torch.Tensor] = {}
+    for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
+        whitening = whitenings.get(stats[name], name) if stats is not None else None
+        if fisher is not None:  # the planning spectrum and its directions, from one SVD
+            sigma, prices[name] = _priced(weight, whitening, fisher[name].mean)
+            (white.done if whitening is not None else plain.done)[name] = sigma
+        if whitening is not None and fisher is None:
+            white.add(name, weight.to(torch.float64) @ whitening.root)
+        if whitening is not None or fisher is None:
+            plain.add(name, weight)
+    sigma, whitened = plain.finish(), white.finish()
+    matrices = [
+        MatrixProfile(name=t.name, shape=t.shape, sigma=sigma[t.name], whitened=whitened.get(t.name),
+                      price=prices.get(t.name),
+                      rank=modules[t.name].rank if isinstance(modules[t.name], LowRankLinear) else None)
+        for t in targets
+    ]
+    options = {"damping": damping} if stats is not None else {}
+    return Profile(matrices, source=source, whitened=stats is not None, model_params=count_parameters(model),
+                   options=options)
+
+
+def profile_with_calibration(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    prices: bool = True,
+    batch_size: int = 8,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
+    damping: float = DEFAULT_DAMPING,
+    progress: bool = True,
+    source: str | None = None,
+) -> Profile:
+    """Measure and profile in one call: whitened spectra from `windows`, loss prices where `prices`.
+
+    Without windows the profile is data-free (σ(W) only).
+    """
+    for flag, pattern in (("--include", include), ("--exclude", exclude)):
+        try:
+            re.compile(pattern or "")
+        except re.error as exc:
+            raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
+    targets = targets_of(model, include, exclude)
+    stats = fisher = None
+    if windows is not None:
+        stats, fisher = measure(model, targets, windows, prices=prices, batch_size=batch_size,
+                                sensitivity_samples=sensitivity_samples, progress=progress)
+    profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
+    if fisher is not None:
+        profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
+    return profile

@@ -1,0 +1,149 @@
+"""The closed-form update (SVD-LLM's "parameter update"): refit each factor `up` by least squares.
+
+With a layer's first factor `down` fixed, its second factor `up` is refitted by ridge least squares
+so that up·down·x_c matches the dense layer's output W·x_d, where x_c is the layer's input inside
+the compressed block and x_d its input inside the dense block, both fed the same block input.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .block_capture import BlockCall, run_block
+from .errors import LowrankError
+from .layers import LowRankLinear
+from .targets import weight_matrix
+
+#: Ridge of the update's least squares, relative to the mean eigenvalue of the rank-k Gram matrix.
+UPDATE_RIDGE = 1e-4
+
+#: What the update fits: the dense layer on the dense block's inputs, or on the compressed block's.
+UPDATE_TARGETS = ("dense", "compressed")
+
+
+# ---- the closed-form update -------------------------------------------------------------------------
+
+def refit_up(
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor | None = None,
+    ridge: float = UPDATE_RIDGE,
+) -> torch.Tensor:
+    """The `up` (out × k) minimizing ‖W·X_d − up·down·X_c‖² + λ‖up‖², with `down` fixed.
+
+    `gram` = Σ x_c x_cᵀ and `cross` = Σ x_d x_cᵀ (in × in, summed over tokens); without `cross`
+    the target is W·X_c, the dense layer on the compressed path's own inputs. Closed form:
+    up = W·C·downᵀ (down·G·downᵀ + λI)⁻¹, with λ = `ridge` × mean eigenvalue of down·G·downᵀ.
+    """
+    w = weight.to(torch.float64)
+    d = down.to(torch.float64)
+    g = gram.to(torch.float64)
+    c = g if cross is None else cross.to(torch.float64)
+    reduced = d @ g @ d.T  # (k, k): Gram matrix of the rank-k codes
+    reduced = (reduced + reduced.T) / 2
+    scale = torch.diagonal(reduced).mean().clamp(min=torch.finfo(torch.float64).tiny)
+    reduced = reduced + ridge * scale * torch.eye(reduced.shape[0], dtype=torch.float64, device=reduced.device)
+    rhs = w @ c @ d.T  # (out, k)
+    # up · reduced = rhs, and reduced is symmetric positive definite.
+    up = torch.linalg.solve(reduced, rhs.T).T
+    if not torch.isfinite(up).all():
+        raise LowrankError("the least-squares update produced NaN or Inf; rerun without --update")
+    return up
+
+
+class _PairedInputs:
+    """Hooks that accumulate, per factored layer of a block, Σ x_c x_cᵀ and Σ x_d x_cᵀ.
+
+    x_d is the layer's input in the dense copy of the block, x_c in the compressed block, for the
+    same batch. Layers reading the very same input tensor (q/k/v, gate/up) share one accumulation.
+    """
+
+    def __init__(self, dense: nn.Module, compressed: nn.Module, names: dict[str, int]):
+        self.names = names  # name relative to the block -> in_features
+        self.dense_inputs: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._linked: set[str] = set()
+        self._handles = []
+        for name in names:
+            self._handles.append(dense.get_submodule(name).register_forward_pre_hook(self._dense_hook(name)))
+            self._handles.append(compressed.get_submodule(name).register_forward_pre_hook(self._compressed_hook(name)))
+
+    def _dense_hook(self, name: str):
+        def hook(module, args):
+            self.dense_inputs[name] = args[0]
+        return hook
+
+    def _compressed_hook(self, name: str):
+        def hook(module, args):
+            if name in self._linked:
+                return  # reads the same input as an earlier layer: accumulated there
+            x_c = args[0]
+            entry = self._seen.get(id(x_c))
+            if entry is not None and entry[0]() is x_c and name not in self.gram:
+                self.gram[name], self.cross[name] = self.gram[entry[1]], self.cross[entry[1]]
+                self._linked.add(name)
+                return
+            dim = self.names[name]
+            work = torch.float64 if x_c.dtype == torch.float64 else torch.float32
+            c = x_c.detach().reshape(-1, dim).to(work)
+            d = self.dense_inputs[name].detach().reshape(-1, dim).to(work)
+            if name not in self.gram:
+                self.gram[name] = torch.zeros(dim, dim, dtype=torch.float64)
+                self.cross[name] = torch.zeros(dim, dim, dtype=torch.float64)
+            self.gram[name] += (c.T @ c).to("cpu", torch.float64)
+            self.cross[name] += (d.T @ c).to("cpu", torch.float64)
+            self._seen[id(x_c)] = (weakref.ref(x_c), name)
+        return hook
+
+    def end_batch(self) -> None:
+        self.dense_inputs.clear()
+        self._seen.clear()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def update_block(
+    dense_block: nn.Module,
+    block: nn.Module,
+    factored: dict[str, int],
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    device: torch.device,
+    target: str = "dense",
+    ridge: float = UPDATE_RIDGE,
+) -> None:
+    """Refit `up` of every factored layer of `block` (names relative to it) against the dense block.
+
+    `target` "dense": match W·x_d, the dense layer on the dense block's own internal inputs (corrects
+    the error of the layers before it in the block too); "compressed": match W·x_c, the dense layer
+    on the compressed block's inputs.
+    """
+    if target not in UPDATE_TARGETS:
+        raise LowrankError(f"unknown update target {target!r}; choose one of {', '.join(UPDATE_TARGETS)}")
+    dims = {name: weight_matrix(dense_block.get_submodule(name)).shape[1] for name in factored}
+    pairs = _PairedInputs(dense_block, block, dims)
+    try:
+        for h, call in zip(hidden, calls):
+            run_block(dense_block, h, call, device)
+            run_block(block, h, call, device)
+            pairs.end_batch()
+    finally:
+        pairs.close()
+    for name in factored:
+        layer = block.get_submodule(name)
+        if not isinstance(layer, LowRankLinear):
+            continue
+        weight = weight_matrix(dense_block.get_submodule(name)).detach().cpu()
+        cross = pairs.cross[name] if target == "dense" else None
+        up = refit_up(weight, layer.down.weight.detach().cpu(), pairs.gram[name], cross, ridge)
+        layer.up.weight.copy_(up.to(layer.up.weight.dtype))
