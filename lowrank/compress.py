@@ -8,7 +8,6 @@ sequential compression (statistics block by block on the compressed path) differ
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -195,7 +194,8 @@ def compress_blocks(
     """
     if plan.method not in METHODS:
         raise LowrankError(f"unknown method {plan.method!r}; choose one of {', '.join(METHODS)}")
-    with contextlib.closing(iter(work)) as producer:
+    producer = iter(work)
+    try:
         for block_work in producer:
             dense_block = copy.deepcopy(block_work.block) if update and block_work.block is not None else None
             _factor_modules(model, plan, block_work, damping, progress)
@@ -205,6 +205,10 @@ def compress_blocks(
                 update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
                              block_work.device, target=update_target)
                 del dense_block
+    finally:
+        close = getattr(producer, "close", None)  # a generator producer: run its clean-up now, even on failure
+        if close is not None:
+            close()
     hf_integration.attach(model, plan.factored, plan.method)
 
 

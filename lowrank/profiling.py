@@ -77,7 +77,7 @@ def measure(
     return stats, fisher
 
 
-def _priced(weight: torch.Tensor, white, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def priced_spectrum(weight: torch.Tensor, white, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ."""
     product = weight.detach().to(torch.float64)
     if white is not None:
@@ -115,7 +115,7 @@ def profile_model(
     for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
         whitening = whitenings.get(stats[name], name) if stats is not None else None
         if fisher is not None:  # the planning spectrum and its directions, from one SVD
-            sigma, prices[name] = _priced(weight, whitening, fisher[name].mean)
+            sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name].mean)
             (white.done if whitening is not None else plain.done)[name] = sigma
         if whitening is not None and fisher is None:
             white.add(name, weight.to(torch.float64) @ whitening.root)

@@ -1,4 +1,8 @@
-"""The planner: strategies, the greedy allocator, sensitivity, plans as files, and the CLI around them."""
+"""The planner: strategies, the greedy allocator, plans as files, and the CLI around them.
+
+The planner is pure (numbers in, ranks out), so most tests feed it hand-made spectra; the model-facing
+half (calibration, Fisher, spectra) is tested in test_profiling.py and test_sensitivity.py.
+"""
 
 import itertools
 import json
@@ -12,19 +16,24 @@ from hypothesis import strategies as st
 
 from conftest import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
-from lowrank.calibration import collect_stats
 from lowrank.checkpoint import read_plan
-from lowrank.compress import compress_model, count_parameters
+from lowrank.compress import compress_model, count_parameters, plan_model
 from lowrank.errors import BudgetError, LowrankError
-from lowrank.factorize import whitening
 from lowrank.layers import LowRankLinear, saves_parameters
 from lowrank.plan import Plan
-from lowrank.planner import (STRATEGIES, Spectrum, allocate, build_plan, direction_loss, lower_hull, matrix_options,
-                             matrix_spectrum, model_spectra, plan_model, plan_uniform, smallest_allowance)
-from lowrank.sensitivity import direction_costs, measure_output_fisher
+from lowrank.planner import (STRATEGIES, allocate, direction_loss, lower_hull, matrix_options, plan_targets,
+                             plan_uniform, smallest_allowance)
+from lowrank.profile import MatrixProfile
+from lowrank.profiling import profile_model
 from lowrank.targets import Target, find_targets
 
 SHAPES = [(8, 12), (12, 8), (16, 16), (6, 20), (10, 10)]
+
+
+def spectrum(shape, sigma, price=None) -> MatrixProfile:
+    """A matrix's planning spectrum σ (and loss prices), as a profile would hold it."""
+    price = None if price is None else torch.as_tensor(np.asarray(price, dtype=np.float64))
+    return MatrixProfile("m", tuple(shape), torch.as_tensor(np.asarray(sigma, dtype=np.float64)), price=price)
 
 
 def problem(seed: int, count: int = 4):
@@ -36,7 +45,7 @@ def problem(seed: int, count: int = 4):
         energy = np.sort(rng.gamma(0.5, 1.0, min(m, n)) * 10 ** rng.uniform(-3, 3))[::-1]
         target = Target(f"layers.{i}.proj", m, n, False)
         targets.append(target)
-        spectra[target.name] = Spectrum((m, n), energy, rng.uniform(0.01, 5.0, min(m, n)))
+        spectra[target.name] = spectrum((m, n), np.sqrt(energy), rng.uniform(0.01, 5.0, min(m, n)))
     return targets, spectra
 
 
@@ -145,7 +154,7 @@ def test_energy_keeps_the_same_whitened_energy_everywhere():
 def test_global_keeps_a_matrix_dense_when_that_removes_the_most_loss():
     """Two identical flat spectra and half the budget: one dense matrix beats two half-rank ones."""
     targets = [Target("a", 16, 16, False), Target("b", 16, 16, False)]
-    spectra = {t.name: Spectrum((16, 16), np.ones(16)) for t in targets}
+    spectra = {t.name: spectrum((16, 16), np.ones(16)) for t in targets}
     allowance = 256 + 32  # one dense matrix and a rank-1 one
     plan = allocate(targets, allowance, "global", spectra)
     assert sorted([p.rank for p in plan.values()], key=str) == [1, None]
@@ -156,10 +165,10 @@ def test_global_keeps_a_matrix_dense_when_that_removes_the_most_loss():
 def test_global_normalizes_scales_but_sensitivity_prices_them():
     """Global ignores a matrix's absolute scale; sensitivity follows the measured price of its errors."""
     targets = [Target("a", 16, 16, False), Target("b", 16, 16, False)]
-    energy = 0.7 ** np.arange(16)
-    scaled = {"a": Spectrum((16, 16), energy, np.full(16, 1.0)),
-              "b": Spectrum((16, 16), 1000 * energy, np.full(16, 1.0))}
-    same = {"a": Spectrum((16, 16), energy), "b": Spectrum((16, 16), energy)}
+    sigma = 0.7 ** (np.arange(16) / 2)
+    scaled = {"a": spectrum((16, 16), sigma, np.full(16, 1.0)),  # b's errors are 32² = 1024 times a's
+              "b": spectrum((16, 16), 32 * sigma, np.full(16, 1.0))}
+    same = {"a": spectrum((16, 16), sigma), "b": spectrum((16, 16), sigma)}
     allowance = 8 * 32
     assert allocate(targets, allowance, "global", scaled) == allocate(targets, allowance, "global", same)
     priced = allocate(targets, allowance, "sensitivity", scaled)
@@ -203,52 +212,7 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
         allocate(targets, smallest - 1, "global", spectra, limits)
 
 
-# ---- spectra and sensitivity on a real (tiny) model ----------------------------------------
-
-def test_whitened_spectrum_is_the_output_energy_and_direction_costs_are_quadratic_forms():
-    torch.manual_seed(0)
-    weight = torch.randn(12, 8, dtype=torch.float64)
-    inputs = torch.randn(200, 8, dtype=torch.float64)
-    gram = inputs.T @ inputs
-    fisher = torch.randn(12, 12, dtype=torch.float64)
-    fisher = fisher @ fisher.T
-    spectrum = matrix_spectrum(weight, whitening(gram, damping=0.0), fisher)
-    assert spectrum.total == pytest.approx(float(((inputs @ weight.T) ** 2).sum()), rel=1e-9)
-    left = torch.linalg.svd(weight @ whitening(gram, damping=0.0).root).U
-    expected = [float(left[:, j] @ fisher @ left[:, j]) for j in range(8)]
-    np.testing.assert_allclose(spectrum.fisher, expected, rtol=1e-9)
-    np.testing.assert_allclose(direction_costs(fisher, left[:, :3]).numpy(), expected[:3], rtol=1e-9)
-
-
-def test_output_fisher_is_the_sum_of_gradient_outer_products():
-    model = make_tiny_model("llama")
-    targets = find_targets(model)
-    windows = random_windows(4, 16)
-    fisher = measure_output_fisher(model, targets, windows, batch_size=2, progress=False)
-    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # model left as it was
-
-    name = "model.layers.1.mlp.down_proj"
-    captured = []
-    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(out))
-    expected = torch.zeros(48, 48, dtype=torch.float64)
-    for batch in windows.split(2):
-        logits = model(input_ids=batch).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        (grad,) = torch.autograd.grad(loss, captured.pop())
-        flat = grad.reshape(-1, 48).double()
-        expected += flat.T @ flat
-    handle.remove()
-    assert fisher[name].tokens == 4 * 16
-    torch.testing.assert_close(fisher[name].matrix, expected, rtol=1e-4, atol=1e-9)
-    assert float(torch.trace(fisher[name].matrix)) > 0
-
-
-def test_sensitivity_needs_a_causal_language_model():
-    model = make_tiny_model("bert")
-    with pytest.raises(LowrankError, match="causal language model"):
-        measure_output_fisher(model, find_targets(model), random_windows(2, 8), progress=False)
-
+# ---- profile → plan on a (tiny) model ----------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_build_plan_records_budget_ratios_and_reloads(strategy, tmp_path):
@@ -283,15 +247,6 @@ def test_compress_with_a_strategy_calibrates_once_and_follows_the_plan():
         assert isinstance(layer, LowRankLinear) and layer.rank == rank
     for name in set(plan.modules) - set(plan.factored):
         assert isinstance(model.get_submodule(name), torch.nn.Linear)
-
-
-def test_spectra_share_whitening_between_modules_that_read_one_input():
-    model = make_tiny_model("llama")
-    targets = find_targets(model)
-    stats = collect_stats(model, targets, random_windows(2, 16), progress=False)
-    spectra = model_spectra(model, targets, stats, progress=False)
-    assert set(spectra) == {t.name for t in targets}
-    assert all(np.all(np.diff(s.energy) <= 1e-9 * s.energy[0]) for s in spectra.values())
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -358,9 +313,10 @@ def test_sensitivity_plan_on_smollm2(smollm2):
     assert 0.59 <= plan.target_ratio <= 0.6 and len(plan.modules) == 210
     ranks = {p.rank for p in plan.modules.values()}
     assert len(ranks) > 20  # ranks differ across matrices, unlike uniform's handful of shapes
-    spectra = model_spectra(model, targets, stats, progress=False)
-    larger = build_plan(model, targets, "0.8", "global", spectra=spectra, progress=False)
-    smaller = build_plan(model, targets, "0.6", "global", spectra=spectra, progress=False)
+    profile = profile_model(model, targets, stats)
+    spectra = {m.name: m for m in profile.matrices}
+    larger = plan_targets(targets, count_parameters(model), "0.8", "global", spectra=spectra)
+    smaller = plan_targets(targets, count_parameters(model), "0.6", "global", spectra=spectra)
     assert smaller.target_ratio <= 0.6 < larger.target_ratio <= 0.8
     for name, p in smaller.modules.items():
         big = larger.modules[name].rank

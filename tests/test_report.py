@@ -24,7 +24,7 @@ from lowrank.report import (
     write_analysis_report,
     write_compressed_report,
 )
-from lowrank.spectrum import analyze_model
+from lowrank.profiling import profile_model
 from lowrank.targets import find_targets, weight_matrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +35,7 @@ def whitened_analysis(arch: str = "llama"):
     model = make_tiny_model(arch)
     targets = find_targets(model)
     stats = collect_stats(model, targets, random_windows(4, 16), progress=False)
-    return analyze_model(model, targets, stats, source=f"tiny-{arch}")
+    return profile_model(model, targets, stats, source=f"tiny-{arch}")
 
 
 def check_pngs(folder, names):
@@ -80,7 +80,7 @@ def test_analysis_report_follows_the_schema_and_holds_every_number(arch, tmp_pat
 
 
 def test_data_free_report_has_no_whitened_parts(tmp_path):
-    analysis = analyze_model(make_tiny_model("llama"), source="tiny")
+    analysis = profile_model(make_tiny_model("llama"), source="tiny")
     out = write_analysis_report(analysis, tmp_path / "report")
     data = json.loads((out / "report.json").read_text())
     validate_report(data)
@@ -90,7 +90,7 @@ def test_data_free_report_has_no_whitened_parts(tmp_path):
 
 
 def test_schema_rejects_broken_reports():
-    data = analysis_to_dict(analyze_model(make_tiny_model("llama")))
+    data = analysis_to_dict(profile_model(make_tiny_model("llama")))
     data["plots"] = []
     validate_report(data)
     for breaking in (
@@ -109,7 +109,7 @@ def test_schema_rejects_broken_reports():
 
 
 def test_existing_output_needs_overwrite(tmp_path):
-    analysis = analyze_model(make_tiny_model("llama"))
+    analysis = profile_model(make_tiny_model("llama"))
     out = tmp_path / "report"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -185,7 +185,7 @@ def test_real_model_analysis_report_and_compressed_report(smollm2, tmp_path, cap
     windows = text_windows(tokenizer, None, 8, 128, seed=0)
     targets = find_targets(model)
     stats = collect_stats(model, targets, windows, progress=False)
-    analysis = analyze_model(model, targets, stats, source="smollm2-135m")
+    analysis = profile_model(model, targets, stats, source="smollm2-135m")
     assert len(analysis.matrices) == 30 * 7
     out = write_analysis_report(analysis, tmp_path / "whitened")
     data = json.loads((out / "report.json").read_text())

@@ -13,7 +13,9 @@ from lowrank.errors import LowrankError
 from lowrank.factorize import whiten_factors
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
-from lowrank.sequential import capture_block_inputs, compress_sequential, refit_up
+from lowrank.block_capture import capture_block_inputs
+from lowrank.compress import compress_sequential
+from lowrank.update import refit_up
 from lowrank.targets import find_block_list, find_targets
 
 
