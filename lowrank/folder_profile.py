@@ -82,6 +82,15 @@ def _meta_targets(folder: Path, include: str | None, exclude: str | None, trust_
     return targets, oriented, prefixes
 
 
+def model_targets_from_config(source: str, include: str | None = None, exclude: str | None = None,
+                              trust_remote_code: bool = False) -> list[Target] | None:
+    """The target matrices of the model in folder `source`, from its config alone; None when it is not such a folder."""
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        return None
+    return _meta_targets(folder, include, exclude, trust_remote_code)[0]
+
+
 def _dense_folder_matrices(folder: Path, include, exclude, trust_remote_code):
     targets, transposed, prefixes = _meta_targets(folder, include, exclude, trust_remote_code)
     files = _TensorFiles(folder)

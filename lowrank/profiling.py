@@ -163,4 +163,5 @@ def profile_with_calibration(
     profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
     if fisher is not None:
         profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
+    profile.options.update({key: value for key, value in (("include", include), ("exclude", exclude)) if value})
     return profile

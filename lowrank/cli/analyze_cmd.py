@@ -12,10 +12,12 @@ from ..calibration import collect_stats, text_windows
 from ..fileio import check_output_dir, check_output_spares_input
 from ..folder_format import is_compressed_folder
 from ..folder_profile import has_safetensors, profile_folder
+from ..errors import LowrankError
 from ..loading import DEFAULT_MODEL, load_model
 from ..report import write_analysis_report
 from ..profile import Profile
 from ..profiling import profile_model, targets_of
+from ..targets import name_filter
 from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 
 
@@ -39,7 +41,9 @@ def describe(analysis: Profile) -> str:
 
 
 @click.command("analyze")
-@click.argument("model", default=DEFAULT_MODEL)
+@click.argument("model", required=False)
+@click.option("--profile", "profile_file", default=None, metavar="FILE",
+              help="Report from this saved profile (`lowrank profile`) instead of measuring MODEL: no model is loaded.")
 @calibration_options("Default: none, and the analysis uses the weights alone (data-free).")
 @click.option("--include", default=None, help="Regex: analyze only modules whose name matches (default: every "
               "linear layer in the transformer blocks).")
@@ -50,20 +54,38 @@ def describe(analysis: Profile) -> str:
 @model_options
 @quiet_option
 @silence_transformers
-def command(model, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, dtype, device,
+def command(model, profile_file, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, dtype, device,
             tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Analyze the singular-value spectra of MODEL's matrices (default: smollm2-135m) and write a report.
+
+    With --profile FILE (from `lowrank profile`) the report comes from that saved profile, without
+    loading any model.
 
     MODEL is a built-in name, a model folder, a .gguf file, a compressed lowrank folder or a hub id.
     Without --calib the analysis is data-free: σ(W) only, and a folder with safetensors weights is
     read one tensor at a time without building the model. With --calib it also computes the
     whitened spectra σ(W·S), whose squares are the output error each dropped direction costs.
     """
+    started = time.perf_counter()
+    if profile_file is not None:
+        if model is not None or texts:
+            raise LowrankError("--profile reports on a saved profile; drop MODEL and --calib, or drop --profile")
+        analysis = Profile.load(profile_file)
+        if include or exclude:
+            wanted = name_filter(include, exclude)
+            analysis = Profile([m for m in analysis.matrices if wanted(m.name)], source=analysis.source,
+                               whitened=analysis.whitened, options=analysis.options, model_params=analysis.model_params)
+        output = output or default_output(Path(profile_file).stem, analysis.whitened)
+        check_output_dir(output, overwrite)
+        check_output_spares_input(output, profile_file)
+        write_analysis_report(analysis, output, overwrite=overwrite)
+        finish(analysis, output, quiet, started)
+        return
+    model = model or DEFAULT_MODEL
     whitened = bool(texts)
     output = output or default_output(model, whitened)
     check_output_dir(output, overwrite)
     check_output_spares_input(output, model)
-    started = time.perf_counter()
     if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
         analysis = profile_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
                                   source=model)
@@ -81,8 +103,13 @@ def command(model, texts, samples, seq_len, seed, batch_size, include, exclude, 
             analysis.options.update({"calibration": list(map(str, texts)), "samples": samples, "seq_len": seq_len,
                                      "seed": seed})
     write_analysis_report(analysis, output, overwrite=overwrite)
+    finish(analysis, output, quiet, started)
+
+
+def finish(analysis: Profile, output: str, quiet: bool, started: float) -> None:
+    """Print what was written: a JSON line with --quiet, else the per-type table."""
     if quiet:
-        click.echo(json.dumps({"output": output, "matrices": len(analysis.matrices), "whitened": whitened}))
+        click.echo(json.dumps({"output": output, "matrices": len(analysis.matrices), "whitened": analysis.whitened}))
     else:
         click.echo(describe(analysis))
         click.echo(f"wrote {output}/report.md in {time.perf_counter() - started:.1f} s")

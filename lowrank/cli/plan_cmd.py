@@ -1,4 +1,8 @@
-"""`lowrank plan`: choose every matrix's rank under a parameter budget and write the plan as JSON."""
+"""`lowrank plan`: choose every matrix's rank under a parameter budget and write the plan as JSON.
+
+From a model (profiled on the spot) or from a saved profile (`--profile FILE`, from `lowrank
+profile`): then no model is loaded and planning takes milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,20 @@ from ..compress import needs_statistics, plan_model
 from ..errors import LowrankError
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL, load_model
-from ..planner import DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra
+from ..folder_profile import model_targets_from_config
+from ..planner import DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra, plan_profile
+from ..profile import Profile
 from ..profiling import DEFAULT_SENSITIVITY_SAMPLES
-from ..targets import find_targets
+from ..targets import find_targets, name_filter
 from .common import DTYPES, calibration_options, model_options, quiet_option, resolve_device, silence_transformers
 from .compress_cmd import describe
 
 
 @click.command("plan")
-@click.argument("model", default=DEFAULT_MODEL)
+@click.argument("model", required=False)
+@click.option("--profile", "profile_file", default=None, metavar="FILE",
+              help="Plan from this saved profile (`lowrank profile`) instead of measuring MODEL: no model is "
+                   "loaded. Given MODEL too, the profile must have been measured on it.")
 @click.option("--budget", default="0.8", show_default=True, metavar="BUDGET",
               help="Parameters to keep: 0.6 or target:0.6 (fraction of the target layers), model:0.7 (fraction of "
                    "the whole model), 90M or 1.2B (the whole compressed model's size), target:40M (the target "
@@ -55,7 +64,7 @@ from .compress_cmd import describe
 @model_options
 @quiet_option
 @silence_transformers
-def command(model, budget, strategy, method, texts, samples, seq_len, seed, batch_size, sensitivity_samples,
+def command(model, profile_file, budget, strategy, method, texts, samples, seq_len, seed, batch_size, sensitivity_samples,
             overrides, min_rank, max_rank, round_to, include, exclude, output, overwrite, dtype, device,
             tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Write a plan for MODEL (default: smollm2-135m): the rank of every matrix under --budget.
@@ -69,6 +78,21 @@ def command(model, budget, strategy, method, texts, samples, seq_len, seed, batc
         raise LowrankError(f"{output} is a folder; -o names the plan file to write")
     limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=round_to)
     started = time.perf_counter()
+    if profile_file is not None:
+        plan = plan_from_profile_file(profile_file, model, budget, strategy, method, limits, list(overrides),
+                                      include, exclude, trust_remote_code)
+        plan.save(output)
+        seconds = time.perf_counter() - started
+        if quiet:
+            click.echo(json.dumps({"output": str(output), "strategy": plan.strategy, **plan.summary(),
+                                   "milliseconds": round(1000 * seconds, 1)}))
+        else:
+            click.echo(describe(plan))
+            click.echo(f"budget {plan.budget['spec']} ({plan.budget['target_allowance']:,} target parameters allowed); "
+                       f"strategy {plan.strategy}; planned from {profile_file} in {1000 * seconds:.0f} ms")
+            click.echo(f"wrote {output}")
+        return
+    model = model or DEFAULT_MODEL
     loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device), trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle, tokenizer_source=tokenizer_source)
     strategy = strategy or default_strategy(method, loaded.model)
@@ -89,3 +113,26 @@ def command(model, budget, strategy, method, texts, samples, seq_len, seed, batc
         click.echo(f"budget {plan.budget['spec']} ({plan.budget['target_allowance']:,} target parameters allowed); "
                    f"strategy {strategy}; planned in {plan.options['planning_seconds']:.1f} s")
         click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
+
+
+def plan_from_profile_file(profile_file, model, budget, strategy, method, limits, overrides, include, exclude,
+                           trust_remote_code):
+    """Load a saved profile (checked against MODEL's architecture when MODEL is given) and plan from it."""
+    profile = Profile.load(profile_file)
+    if model is not None:
+        targets = model_targets_from_config(model, profile.options.get("include"), profile.options.get("exclude"),
+                                            trust_remote_code)
+        if targets is not None:
+            profile.check_model(targets, where=f"profile {profile_file}")
+        elif profile.source != model:  # not a local folder: the recorded source is all there is to compare
+            raise LowrankError(f"profile {profile_file} was measured on {profile.source}, not {model}; "
+                               f"profile {model} with `lowrank profile`")
+    if include or exclude:
+        wanted = name_filter(include, exclude)
+        profile = Profile([m for m in profile.matrices if wanted(m.name)], source=profile.source,
+                          whitened=profile.whitened, options=profile.options, model_params=profile.model_params)
+    if strategy is None:
+        strategy = default_strategy(method)
+        if strategy == "sensitivity" and not profile.priced:
+            strategy = "global" if profile.whitened else "uniform"
+    return plan_profile(profile, budget, strategy, method=method, limits=limits, overrides=overrides)
