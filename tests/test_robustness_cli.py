@@ -38,6 +38,7 @@ from conftest import TINY_ARCHITECTURES, VOCAB, make_tiny_model
 from lowrank.checkpoint import PLAN_FILE, save_compressed
 from lowrank.cli import main
 from lowrank.compress import compress_model
+from lowrank.profiling import profile_with_calibration
 
 SAMPLES = ["--samples", "2", "--seq-len", "16"]
 NAN_MODULE = "model.layers.1.mlp.up_proj"
@@ -216,6 +217,13 @@ def build_inputs(root: Path) -> Inputs:
         edit(data)
         p[f"planfile_{name}"] = plans / f"{name}.json"
         p[f"planfile_{name}"].write_text(json.dumps(data, indent=2))
+    # Profiles for `plan --profile` and `analyze --profile`.
+    p["profile"] = profile_with_calibration(make_tiny_model("llama"), windows, batch_size=2, sensitivity_samples=2,
+                                            progress=False, source=str(p["model"])).save(root / "profile.safetensors")
+    p["profile_plain"] = profile_with_calibration(make_tiny_model("llama"), None, progress=False,
+                                                  source=str(p["model"])).save(root / "plain.safetensors")
+    p["gpt2_model"] = root / "gpt2_model"
+    make_tiny_model("gpt2").save_pretrained(p["gpt2_model"])
     p["planfile_not_json"] = plans / "not_json.json"
     p["planfile_not_json"].write_text('{"modules": {"model.layers.0.mlp.up_proj": ')
     return inputs
@@ -533,6 +541,37 @@ ROWS = [
     Row("recover-output-exists", "commands", "`lowrank recover -o` naming a folder that exists",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "{existing_out}", "--steps", "1", "-q"),
         r"already exists"),
+    # Saved profiles (`lowrank profile`, `plan --profile`, `analyze --profile`)
+    Row("profile-model-missing", "profile", "`lowrank profile` on a model path that does not exist",
+        command("profile", "{model}-missing", "-o", "OUT", *SAMPLES, "-q"), r"does not exist"),
+    Row("profile-output-exists", "profile", "`lowrank profile -o` naming a file that exists",
+        command("profile", "{model}", "-o", "{existing_out}/precious.txt", *SAMPLES, "-q"), r"already exists"),
+    Row("profile-output-is-folder", "profile", "`lowrank profile -o` naming a folder",
+        command("profile", "{model}", "-o", "{existing_out}", "--overwrite", *SAMPLES, "-q"),
+        r"is a folder; -o names the profile file"),
+    Row("profile-data-free-with-calib", "profile", "`lowrank profile --data-free --calib FILE`: a contradiction",
+        command("profile", "{model}", "--data-free", "--calib", "{good_text}", "-o", "OUT", "-q"),
+        r"--data-free and --calib contradict each other"),
+    Row("plan-profile-missing", "profile", "`lowrank plan --profile` naming a file that does not exist",
+        command("plan", "--profile", "{profile}.missing", "-o", "OUT", "-q"),
+        r"profile file .* does not exist; write one with `lowrank profile"),
+    Row("plan-profile-not-safetensors", "profile", "`lowrank plan --profile` naming a text file",
+        command("plan", "--profile", "{good_text}", "-o", "OUT", "-q"), r"is not a lowrank profile"),
+    Row("plan-profile-weights-file", "profile", "`lowrank plan --profile` naming a model's weights (safetensors, no profile)",
+        command("plan", "--profile", "{model}/model.safetensors", "-o", "OUT", "-q"),
+        r"is a safetensors file but not a lowrank profile"),
+    Row("plan-profile-other-model", "profile", "`lowrank plan MODEL --profile FILE` with a profile of another model",
+        command("plan", "{gpt2_model}", "--profile", "{profile}", "-o", "OUT", "-q"),
+        r"was measured on another model .*; profile this model with `lowrank profile`"),
+    Row("plan-profile-without-prices", "profile", "`--strategy sensitivity` from a data-free profile (no loss prices)",
+        command("plan", "--profile", "{profile_plain}", "--strategy", "sensitivity", "-o", "OUT", "-q"),
+        r"needs loss prices, which this profile lacks"),
+    Row("plan-profile-infeasible", "profile", "`lowrank plan --profile` with a budget below the smallest plan",
+        command("plan", "--profile", "{profile}", "--budget", "1K", "-o", "OUT", "-q"), r"the budget cannot be met"),
+    Row("analyze-profile-missing", "profile", "`lowrank analyze --profile` naming a file that does not exist",
+        command("analyze", "--profile", "{profile}.missing", "-o", "OUT", "-q"), r"does not exist"),
+    Row("analyze-profile-and-model", "profile", "`lowrank analyze MODEL --profile FILE`: two sources at once",
+        command("analyze", "{model}", "--profile", "{profile}", "-o", "OUT", "-q"), r"drop MODEL and --calib"),
 ]
 
 #: What each row printed, collected for the README table (see LOWRANK_ROBUSTNESS_TABLE).
