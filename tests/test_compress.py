@@ -113,3 +113,38 @@ def test_saving_over_an_existing_folder_needs_overwrite(tmp_path):
         save_compressed(model, None, plan, out)
     save_compressed(model, None, plan, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folders left
+
+
+# ---- one pipeline: profile → plan → compress ----------------------------------------------------
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_model_is_marked_compressed_once(sequential, monkeypatch):
+    """One factor/replace loop for one-shot and sequential alike: the quantizer config is attached once, at the end."""
+    from lowrank import hf_integration
+
+    calls = []
+    real = hf_integration.attach
+    monkeypatch.setattr(hf_integration, "attach", lambda model, ranks, method=None: calls.append(dict(ranks)) or
+                        real(model, ranks, method))
+    model = make_tiny_model("llama")
+    plan = compress_model(model, ratio=0.6, strategy="global", windows=random_windows(4, 16), batch_size=2,
+                          sequential=sequential, progress=False)
+    assert calls == [plan.factored]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "energy", "global", "sensitivity"])
+def test_a_saved_profile_plans_like_the_model_itself(strategy, tmp_path):
+    """`plan --profile` and planning on the model agree: the same ranks from the same calibration."""
+    from lowrank.compress import plan_model
+    from lowrank.planner import plan_profile
+    from lowrank.profile import Profile
+    from lowrank.profiling import profile_with_calibration
+
+    model = make_tiny_model("llama")
+    windows = random_windows(4, 16)
+    inline, _ = plan_model(model, find_targets(model), "0.6", strategy, windows=windows, batch_size=2,
+                           sensitivity_samples=2, progress=False)
+    profile = profile_with_calibration(model, windows, batch_size=2, sensitivity_samples=2, progress=False)
+    from_file = plan_profile(Profile.load(profile.save(tmp_path / "p.safetensors")), "0.6", strategy)
+    assert from_file.modules == inline.modules
+    assert from_file.model_params == inline.model_params and from_file.budget == inline.budget

@@ -1,10 +1,14 @@
-"""Sequential compression: block-by-block statistics from the compressed path, and the LS update."""
+"""Sequential compression: block-by-block statistics from the compressed path, through the one compress loop.
+
+Capturing block inputs is tested in test_block_capture.py, the least-squares update in test_update.py.
+"""
 
 import copy
 
 import pytest
 import torch
 import transformers
+from test_block_capture import sliding_qwen2  # a Qwen2 whose blocks get different masks
 from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
 
 from lowrank.calibration import collect_stats
@@ -13,9 +17,7 @@ from lowrank.errors import LowrankError
 from lowrank.factorize import whiten_factors
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
-from lowrank.block_capture import capture_block_inputs
 from lowrank.compress import compress_sequential
-from lowrank.update import refit_up
 from lowrank.targets import find_block_list, find_targets
 
 
@@ -32,47 +34,6 @@ def full_rank_plan(model) -> Plan:
 def relative_error(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
-
-# ---- capture --------------------------------------------------------------------------------------
-
-def test_capture_runs_no_block_and_restores_the_model():
-    model = make_tiny_model("llama")
-    _, blocks = find_block_list(model)
-    originals = list(blocks)
-    calls = []
-    handles = [b.register_forward_hook(lambda *a: calls.append(1)) for b in originals]
-    windows = random_windows(5, 16)
-    captured = capture_block_inputs(model, windows, batch_size=2)
-    for h in handles:
-        h.remove()
-    assert calls == []  # recorders stood in for the blocks
-    assert all(a is b for a, b in zip(blocks, originals))
-    assert [h.shape for h in captured.hidden] == [(2, 16, 48), (2, 16, 48), (1, 16, 48)]
-    embedded = model.model.embed_tokens(windows)
-    assert torch.equal(torch.cat(captured.hidden), embedded.detach())
-    assert len(captured.calls) == len(blocks) and all(len(c) == 3 for c in captured.calls)
-    cos, sin = captured.calls[1][0].kwargs["position_embeddings"]
-    assert cos.shape[-2:] == (16, 12) and captured.calls[0][0].kwargs["use_cache"] is False
-
-
-def sliding_qwen2():
-    """Qwen2 whose second layer uses a 4-token sliding window: the blocks get different masks."""
-    config = transformers.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def test_each_block_keeps_its_own_arguments():
-    model = sliding_qwen2()
-    captured = capture_block_inputs(model, random_windows(2, 12), batch_size=2)
-    masks = [captured.calls[i][0].kwargs["attention_mask"] for i in range(2)]
-    assert masks[0] is None or not torch.equal(masks[0], masks[1])
-    assert masks[1] is not None
-
-
-# ---- exactness at full rank, on every architecture ----------------------------------------------
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 @pytest.mark.parametrize("update", [False, True])
@@ -165,32 +126,6 @@ def test_targets_outside_the_blocks_are_factored_last():
     compress_sequential(model, plan, windows, progress=False)
     assert isinstance(model.lm_head, LowRankLinear)
     assert torch.isfinite(logits(model, windows)).all()
-
-
-# ---- the closed-form update -----------------------------------------------------------------------
-
-def test_refit_up_is_the_least_squares_solution():
-    g = torch.Generator().manual_seed(0)
-    x_dense = torch.randn(300, 12, generator=g, dtype=torch.float64)
-    x_comp = x_dense + 0.3 * torch.randn(300, 12, generator=g, dtype=torch.float64)
-    weight = torch.randn(7, 12, generator=g, dtype=torch.float64)
-    down = torch.randn(4, 12, generator=g, dtype=torch.float64)
-    up = refit_up(weight, down, x_comp.T @ x_comp, x_dense.T @ x_comp, ridge=0.0)
-    codes = x_comp @ down.T  # (tokens, k)
-    expected = torch.linalg.lstsq(codes, x_dense @ weight.T).solution.T
-    assert torch.allclose(up, expected, atol=1e-8)
-    # Without `cross`, the target is W applied to the compressed inputs themselves.
-    up_own = refit_up(weight, down, x_comp.T @ x_comp, None, ridge=0.0)
-    assert torch.allclose(up_own, torch.linalg.lstsq(codes, x_comp @ weight.T).solution.T, atol=1e-8)
-
-
-def test_refit_up_leaves_whitened_truncation_unchanged_on_its_own_inputs():
-    """Whitened truncation's `up` is already the least-squares optimum for its `down` and Gram matrix."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(200, 10, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 10, dtype=torch.float64)
-    weight = torch.randn(6, 10, generator=g, dtype=torch.float64)
-    factors = whiten_factors(weight, x.T @ x, 3, damping=0.0)
-    assert torch.allclose(refit_up(weight, factors.down, x.T @ x, ridge=0.0), factors.up, atol=1e-8)
 
 
 # ---- entry points ---------------------------------------------------------------------------------
