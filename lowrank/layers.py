@@ -7,7 +7,6 @@ from torch import nn
 
 from .errors import LowrankError
 from .factorize import Factors
-from .ranks import break_even_rank, saves_parameters  # noqa: F401  (re-exported)
 from .targets import weight_matrix
 
 

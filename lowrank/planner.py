@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
@@ -36,6 +36,16 @@ from .plan import ModulePlan, Plan, module_plan
 from .profile import MatrixProfile, Profile
 from .ranks import check_ratio, uniform_rank
 from .version import __version__
+
+class Matrix(Protocol):
+    """What the planner knows of a target matrix: its name and (out, in) shape (a Target or a MatrixProfile)."""
+
+    name: str
+    shape: tuple[int, int]
+    out_features: int
+    in_features: int
+    params: int
+
 
 STRATEGIES = ("uniform", "energy", "global", "sensitivity")
 #: The strategy used with method whiten when none is named. benchmarks/bench_planner.py chose it:
@@ -61,7 +71,7 @@ def needs_spectra(strategy: str) -> bool:
     return strategy != "uniform"
 
 
-def plan_uniform(targets, ratio: float, round_to: int = 1) -> dict[str, ModulePlan]:
+def plan_uniform(targets: list[Matrix], ratio: float, round_to: int = 1) -> dict[str, ModulePlan]:
     """SVD-LLM's uniform allocation: the same kept fraction for every matrix (targets: name and shape)."""
     check_ratio(ratio)
     return {
@@ -136,8 +146,8 @@ def _fixed_rank(override: Override, shape: tuple[int, int], round_to: int) -> in
     return min(int(override.rank), min(shape))
 
 
-def split_overrides(targets: list[Target], overrides: list[Override], limits: RankLimits
-                    ) -> tuple[dict[str, ModulePlan], list[Target]]:
+def split_overrides(targets: list[Matrix], overrides: list[Override], limits: RankLimits
+                    ) -> tuple[dict[str, ModulePlan], list[Matrix]]:
     """Modules fixed by an override (first matching pattern wins), and the rest left to allocate."""
     fixed: dict[str, ModulePlan] = {}
     free = []
@@ -163,7 +173,7 @@ def _infeasible(smallest: int, budget: Budget | None, target_params: int, model_
                        "or lower --min-rank, --round-to and the overrides")
 
 
-def smallest_allowance(targets: list[Target], limits: RankLimits, overrides: list[Override]) -> int:
+def smallest_allowance(targets: list[Matrix], limits: RankLimits, overrides: list[Override]) -> int:
     """The fewest target parameters any plan within `limits` and `overrides` can keep."""
     fixed, free = split_overrides(targets, overrides, limits)
     for t in free:
@@ -174,7 +184,7 @@ def smallest_allowance(targets: list[Target], limits: RankLimits, overrides: lis
     return sum(p.params for p in fixed.values()) + sum(int(matrix_options(t.shape, limits).costs[0]) for t in free)
 
 
-def check_feasible(targets: list[Target], budget: "Budget | str | float", model_params: int | None,
+def check_feasible(targets: list[Matrix], budget: "Budget | str | float", model_params: int | None,
                    limits: RankLimits | None = None, overrides=None) -> int:
     """The target allowance of `budget`; a BudgetError naming the smallest feasible budget if it is too small."""
     budget = Budget.parse(budget)
@@ -186,7 +196,7 @@ def check_feasible(targets: list[Target], budget: "Budget | str | float", model_
     return allowance
 
 
-def allocate_uniform(targets: list[Target], allowance: int, limits: RankLimits,
+def allocate_uniform(targets: list[Matrix], allowance: int, limits: RankLimits,
                      ratio: float | None = None) -> dict[str, ModulePlan]:
     """The uniform rule at `ratio` (default: the ratio that spends `allowance`), within the limits."""
     if ratio is None:
@@ -208,7 +218,7 @@ def allocate_uniform(targets: list[Target], allowance: int, limits: RankLimits,
     return plans
 
 
-def allocate_energy(targets: list[Target], options: dict[str, Options], spectra: dict[str, MatrixProfile],
+def allocate_energy(targets: list[Matrix], options: dict[str, Options], spectra: dict[str, MatrixProfile],
                     allowance: int) -> dict[str, ModulePlan]:
     """The largest common retained-energy fraction τ whose ranks fit in `allowance`."""
     retained = {}
@@ -243,7 +253,7 @@ def allocate_energy(targets: list[Target], options: dict[str, Options], spectra:
     return {t.name: module_plan(t.shape, options[t.name].ranks[picks[t.name]]) for t in targets}
 
 
-def allocate_greedy(targets: list[Target], options: dict[str, Options], allowance: int) -> dict[str, ModulePlan]:
+def allocate_greedy(targets: list[Matrix], options: dict[str, Options], allowance: int) -> dict[str, ModulePlan]:
     """Buy hull segments in order of loss removed per parameter; stop at the first that does not fit.
 
     The segment where the money runs out is bought in part: its matrix gets the largest allowed
@@ -276,7 +286,7 @@ def allocate_greedy(targets: list[Target], options: dict[str, Options], allowanc
 
 
 def allocate(
-    targets: list[Target],
+    targets: list[Matrix],
     allowance: int,
     strategy: str = DEFAULT_STRATEGY,
     spectra: dict[str, MatrixProfile] | None = None,
@@ -324,7 +334,7 @@ def allocate(
 
 
 def plan_targets(
-    targets,
+    targets: list[Matrix],
     model_params: int | None,
     budget: "Budget | str | float",
     strategy: str = DEFAULT_STRATEGY,

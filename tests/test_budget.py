@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lowrank.budget import Budget, Override, RankLimits, _round_up, format_count, parse_count, parse_overrides
 from lowrank.errors import BudgetError
-from lowrank.layers import saves_parameters
+from lowrank.ranks import saves_parameters
 
 
 @pytest.mark.parametrize("text, scope, kind, value", [

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lowrank.factorize import Factors
-from lowrank.layers import LowRankLinear, break_even_rank, saves_parameters
-from lowrank.planner import plan_uniform, uniform_rank
+from lowrank.layers import LowRankLinear
+from lowrank.ranks import break_even_rank, saves_parameters, uniform_rank
+from lowrank.planner import plan_uniform
 from lowrank.targets import Target
 
 

@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lowrank.errors import BudgetError, LowrankError
-from lowrank.layers import saves_parameters
+from lowrank.ranks import saves_parameters
 from lowrank.plan import PLAN_FORMAT, PLAN_VERSION, Plan
-from lowrank.planner import check_ratio, plan_uniform
+from lowrank.planner import plan_uniform
+from lowrank.ranks import check_ratio
 from lowrank.targets import Target
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

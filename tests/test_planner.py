@@ -18,8 +18,9 @@ from conftest import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
 from lowrank.compress import compress_model, count_parameters, plan_model
-from lowrank.errors import BudgetError, LowrankError
-from lowrank.layers import LowRankLinear, saves_parameters
+from lowrank.errors import BudgetError
+from lowrank.layers import LowRankLinear
+from lowrank.ranks import saves_parameters
 from lowrank.plan import Plan
 from lowrank.planner import (STRATEGIES, allocate, direction_loss, lower_hull, matrix_options, plan_targets,
                              plan_uniform, smallest_allowance)

@@ -84,3 +84,34 @@ def test_bad_files_are_one_clear_error(tmp_path):
     save_file({"w": torch.ones(2)}, str(tmp_path / "bad.safetensors"), metadata={"lowrank_profile": json.dumps(meta)})
     with pytest.raises(LowrankError, match="damaged lowrank profile"):
         Profile.load(tmp_path / "bad.safetensors")
+
+
+# ---- the CLI: profile once, then plan and analyze from the file ----------------------------------------
+
+def test_profile_then_plan_and_analyze_without_the_model(tiny_model_folder, tmp_path, capsys):
+    from conftest import run_cli
+
+    profile_file = tmp_path / "tiny.safetensors"
+    code, stdout, _ = run_cli(capsys, "profile", tiny_model_folder, "--samples", "4", "--seq-len", "32",
+                              "--sensitivity-samples", "2", "-o", profile_file, "--quiet")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["whitened"] and summary["priced"] and summary["matrices"] == 14
+    code, stdout, _ = run_cli(capsys, "plan", "--profile", profile_file, "--budget", "0.6", "-o", tmp_path / "a.json",
+                              "--quiet")
+    assert code == 0
+    from_file = json.loads(stdout)
+    assert from_file["strategy"] == "sensitivity" and from_file["target_ratio"] <= 0.6
+    assert from_file["milliseconds"] < 1000  # no model is loaded: pure arithmetic on the saved vectors
+    code, _, _ = run_cli(capsys, "plan", tiny_model_folder, "--budget", "0.6", "--samples", "4", "--seq-len", "32",
+                         "--sensitivity-samples", "2", "-o", tmp_path / "b.json", "--quiet")
+    assert code == 0
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert a["modules"] == b["modules"]  # the same ranks as planning on the model itself
+    code, _, _ = run_cli(capsys, "plan", tiny_model_folder, "--profile", profile_file, "--budget", "0.6",
+                         "-o", tmp_path / "c.json", "--quiet")
+    assert code == 0  # the profile belongs to this model
+    code, stdout, _ = run_cli(capsys, "analyze", "--profile", profile_file, "-o", tmp_path / "report", "--quiet")
+    assert code == 0 and json.loads(stdout)["whitened"]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["matrices"]) == 14

@@ -7,18 +7,16 @@ import copy
 
 import pytest
 import torch
-import transformers
 from test_block_capture import sliding_qwen2  # a Qwen2 whose blocks get different masks
 from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan, compress_model, uniform_plan
 from lowrank.errors import LowrankError
-from lowrank.factorize import whiten_factors
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
 from lowrank.compress import compress_sequential
-from lowrank.targets import find_block_list, find_targets
+from lowrank.targets import find_targets
 
 
 def logits(model, windows):
