@@ -23,7 +23,7 @@ from common import calibration_windows, environment, load_smollm2, peak_rss_mib,
 
 from lowrank.calibration import collect_stats  # noqa: E402
 from lowrank.factorize import DEFAULT_DAMPING, whitening  # noqa: E402
-from lowrank.spectrum import analyze_model  # noqa: E402
+from lowrank.profiling import profile_model  # noqa: E402
 from lowrank.targets import find_targets, weight_matrix  # noqa: E402
 
 
@@ -66,10 +66,10 @@ def main() -> None:
     stats, calib_s = timed(lambda: collect_stats(model, targets, windows, progress=False))
     torch.linalg.svdvals(torch.randn(64, 64, dtype=torch.float64))  # warm up LAPACK
 
-    fast_plain, fast_plain_s = timed(lambda: analyze_model(model, targets))
+    fast_plain, fast_plain_s = timed(lambda: profile_model(model, targets))
     naive_plain64, naive_plain64_s = timed(lambda: naive_weights(weights, torch.float64))
     naive_plain32, naive_plain32_s = timed(lambda: naive_weights(weights, torch.float32))
-    fast_white, fast_white_s = timed(lambda: analyze_model(model, targets, stats))
+    fast_white, fast_white_s = timed(lambda: profile_model(model, targets, stats))
     naive_white, naive_white_s = timed(lambda: naive_whitened(weights, stats))
 
     plain_error = max(max_relative_difference(m.sigma, naive_plain64[m.name]) for m in fast_plain.matrices)
@@ -105,7 +105,7 @@ def main() -> None:
 
 All {len(targets)} target matrices ({', '.join(shapes)}); {inputs} distinct layer inputs. Same process,
 same weights, same Gram matrices (calibration: {args.samples}×{windows.shape[1]} tokens of Hamlet,
-{calib_s:.1f} s, shared and not counted below). lowrank: `lowrank.spectrum.analyze_model` (σ² as the
+{calib_s:.1f} s, shared and not counted below). lowrank: `lowrank.profiling.profile_model` (σ² as the
 eigenvalues of the smaller Gram matrix, `lowrank.factorize.gram_svdvals`, batched per shape, float64;
 one whitening per distinct input). Naive: a loop of `torch.linalg.svd` per matrix (and, whitened, one
 Cholesky whitening per matrix). The σ difference column is relative to each matrix's σ₁; the Gram route

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, environment, eval_ppl, fresh_copy, peak_rss_mib, write_report)
 
@@ -26,7 +25,10 @@ from lowrank.compress import apply_plan
 from lowrank.factorize import DEFAULT_DAMPING, Factors, whitening
 from lowrank.layers import LowRankLinear, replace_module
 from lowrank.plan import Plan
-from lowrank.planner import DEFAULT_SENSITIVITY_SAMPLES, STRATEGIES, Spectrum, build_plan
+from lowrank.model_info import count_parameters
+from lowrank.planner import STRATEGIES, plan_targets
+from lowrank.profile import MatrixProfile
+from lowrank.profiling import DEFAULT_SENSITIVITY_SAMPLES
 from lowrank.sensitivity import direction_costs, measure_output_fisher
 from lowrank.targets import weight_matrix
 
@@ -35,14 +37,17 @@ RATIOS = (0.8, 0.6)
 REQUIRED_GAIN = 0.15
 
 
-def ablation_spectra(spectra: dict[str, Spectrum]) -> dict[str, dict[str, Spectrum]]:
+def ablation_spectra(spectra: dict[str, MatrixProfile]) -> dict[str, dict[str, MatrixProfile]]:
     """Spectra that make the sensitivity allocator run an ablation: one Fisher weight per matrix.
 
     Each matrix's directions all get the energy-weighted mean price Σσⱼ²·uⱼᵀFuⱼ / Σσⱼ², so the
     loss is that matrix's relative whitened error times the measured price of its whole output.
     """
-    per_matrix = {n: Spectrum(s.shape, s.energy, np.full_like(s.energy, float((s.energy * s.fisher).sum() / s.total)))
-                  for n, s in spectra.items()}
+    per_matrix = {}
+    for n, s in spectra.items():
+        energy = s.planning ** 2
+        price = torch.full_like(energy, float((energy * s.price).sum() / energy.sum()))
+        per_matrix[n] = MatrixProfile(n, s.shape, s.sigma, s.whitened, price)
     return {"sensitivity-per-matrix": per_matrix}
 
 
@@ -64,8 +69,9 @@ class WhitenedSVDs:
             weight = weight_matrix(model.get_submodule(target.name)).detach().to(torch.float64)
             left, sigma, right = torch.linalg.svd(weight @ white.root, full_matrices=False)
             self.svds[target.name] = (left, sigma, right, white.inverse)
-            prices = direction_costs(fisher[target.name].mean, left).numpy() if fisher else None
-            self.spectra[target.name] = Spectrum(target.shape, (sigma ** 2).numpy(), prices)
+            prices = direction_costs(fisher[target.name].mean, left) if fisher else None
+            # σ(W·S) is all the planner reads here; it stands in for plain σ(W), which no strategy uses
+            self.spectra[target.name] = MatrixProfile(target.name, target.shape, sigma, sigma, prices)
 
     def factors(self, name: str, rank: int) -> Factors:
         left, sigma, right, inverse = self.svds[name]
@@ -94,7 +100,7 @@ class WhitenedSVDs:
 def run(model, targets, svds, evaluation, ratio, strategy, spectra, label=None) -> dict:
     """Plan, factor a fresh copy, evaluate: one row of the table."""
     started = time.perf_counter()
-    plan = build_plan(model, targets, ratio, strategy, spectra=spectra, progress=False)
+    plan = plan_targets(targets, count_parameters(model), ratio, strategy, spectra=spectra)
     plan_seconds = time.perf_counter() - started
     compressed = fresh_copy(model)
     started = time.perf_counter()
@@ -178,7 +184,7 @@ def main() -> None:
     spectra = svds.spectra
     shared["spectra"] = time.perf_counter() - started
     print("shared analysis (s):", {k: round(v, 1) for k, v in shared.items()}, flush=True)
-    probe = build_plan(model, targets, min(RATIOS), "uniform", progress=False)
+    probe = plan_targets(targets, count_parameters(model), min(RATIOS), "uniform")
     checked = [t.name for t in targets[:7]]  # every kind of matrix in the first block
     factor_check = svds.check_against_apply_plan(model, probe, stats, checked)
     print(f"stored-SVD factors vs apply_plan: max |ΔW| {factor_check:.2e} on {len(checked)} matrices", flush=True)

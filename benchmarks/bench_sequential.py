@@ -25,8 +25,9 @@ from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_w
 
 from lowrank import planner
 from lowrank.calibration import collect_stats
-from lowrank.compress import apply_plan, uniform_plan
-from lowrank.sequential import compress_sequential
+from lowrank.compress import apply_plan, compress_sequential, uniform_plan
+from lowrank.model_info import count_parameters
+from lowrank.profiling import profile_model
 from lowrank.targets import find_targets
 
 NAME = "sequential"
@@ -38,7 +39,8 @@ def make_plan(model, targets, ratio, stats):
     """The planner's default plan at `ratio` (uniform today), and the strategy's name."""
     if planner.DEFAULT_STRATEGY == "uniform":
         return uniform_plan(model, targets, ratio), "uniform"
-    plan = planner.build_plan(model, targets, ratio, planner.DEFAULT_STRATEGY, stats=stats, progress=False)
+    spectra = {m.name: m for m in profile_model(model, targets, stats).matrices}
+    plan = planner.plan_targets(targets, count_parameters(model), ratio, planner.DEFAULT_STRATEGY, spectra=spectra)
     return plan, planner.DEFAULT_STRATEGY
 
 
