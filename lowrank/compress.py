@@ -38,7 +38,7 @@ from .version import __version__
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compress_model", "compress_blocks", "compress_sequential", "apply_plan", "plan_model", "uniform_plan",
+__all__ = ["compress_model", "compress_with_plan", "compress_blocks", "compress_sequential", "apply_plan", "plan_model", "uniform_plan",
            "check_plan_matches", "needs_statistics", "count_parameters"]
 
 
@@ -322,11 +322,36 @@ def compress_model(
         plan.method = method
         if plan.model_params is None:
             plan.model_params = count_parameters(model)
+    return compress_with_plan(model, plan, targets, windows=windows, method=method, sequential=sequential,
+                              update=update, device=device, batch_size=batch_size, damping=damping, progress=progress,
+                              stats=planning_stats)
+
+
+def compress_with_plan(
+    model: nn.Module,
+    plan: Plan,
+    targets: list[Target],
+    *,
+    windows: torch.Tensor | None = None,
+    method: str = "whiten",
+    sequential: bool = True,
+    update: bool | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    damping: float = DEFAULT_DAMPING,
+    progress: bool = True,
+    stats: dict[str, ActivationStats] | None = None,
+) -> Plan:
+    """The compress stage: follow `plan` on `model` (whose `targets` it was checked against), in place.
+
+    Sequential (block by block on the compressed path, `update` on by default) or one-shot (the
+    dense model's statistics: `stats` if the profile stage already collected them).
+    """
     if needs_statistics(method):
         if windows is None:
             raise LowrankError(f"method {method} needs calibration text; pass --calib or use --method svd")
         if sequential:
-            del planning_stats  # the dense model's statistics: sequential compression collects its own
+            del stats  # the dense model's statistics: sequential compression collects its own
             return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
                                        batch_size=batch_size, damping=damping, progress=progress)
         if update:
@@ -337,6 +362,7 @@ def compress_model(
                            "use; pass --method whiten or --no-update")
     else:
         windows = None  # method svd factors without statistics
-    work = dense_statistics(model, plan, targets, windows, batch_size, progress, stats=planning_stats)
+    plan.method = method
+    work = dense_statistics(model, plan, targets, windows, batch_size, progress, stats=stats)
     compress_blocks(model, plan, work, damping=damping, progress=progress)
     return plan
