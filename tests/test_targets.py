@@ -67,3 +67,12 @@ def test_no_match_is_a_clear_error():
 def test_block_list_found():
     prefix, blocks = find_block_list(make_tiny_model("opt"))
     assert prefix == "model.decoder.layers" and len(blocks) == 2
+
+
+def test_name_filter_is_the_one_include_exclude_rule():
+    from lowrank.targets import name_filter
+
+    wanted = name_filter(r"mlp", r"down")
+    assert wanted("model.layers.0.mlp.up_proj") and not wanted("model.layers.0.mlp.down_proj")
+    assert not wanted("model.layers.0.self_attn.q_proj")
+    assert name_filter()("anything") and not name_filter(None, ".")("anything")
