@@ -1,6 +1,8 @@
-"""Choosing ranks under a parameter budget.
+"""Choosing ranks under a parameter budget: the plan stage, pure arithmetic on a Profile.
 
-Four strategies turn a budget (see `budget`) into one rank per target matrix:
+Numbers in (each matrix's shape and spectrum, with loss prices, from `lowrank.profile`; a
+`budget.Budget`, `RankLimits` and overrides), a `Plan` out: no model, no calibration, no autograd,
+so one profile plans any budget in milliseconds. Four strategies turn a budget (see `budget`) into one rank per target matrix:
 
 - `uniform`: SVD-LLM's rule; every m×n matrix keeps the same fraction r of its parameters,
   k = ⌊r·mn/(m+n)⌋.
@@ -10,7 +12,7 @@ Four strategies turn a budget (see `budget`) into one rank per target matrix:
   scale: dividing by each matrix's whitened energy puts them on one (raw σ² allocates far worse
   than uniform).
 - `sensitivity`: minimize the estimated rise of the model's loss, Σᵢ Σ_{j>kᵢ} σᵢⱼ² · uᵢⱼᵀ Fᵢ uᵢⱼ,
-  with Fᵢ the output Fisher measured by `sensitivity`.
+  with Fᵢ the output Fisher measured by `sensitivity` (the profile's loss prices).
 
 `global` and `sensitivity` share one allocator: each matrix's options (every allowed rank, and
 dense) are points (parameters, loss); the lower convex hull of those points lists the purchases
