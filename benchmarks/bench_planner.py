@@ -22,7 +22,7 @@ from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, enviro
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan
-from lowrank.factorize import DEFAULT_DAMPING, Factors, whitening
+from lowrank.factorize import DEFAULT_DAMPING, Factors, WhiteningCache
 from lowrank.layers import LowRankLinear, replace_module
 from lowrank.plan import Plan
 from lowrank.model_info import count_parameters
@@ -60,12 +60,9 @@ class WhitenedSVDs:
     """
 
     def __init__(self, model, targets, stats, fisher):
-        self.svds, self.spectra, whitenings = {}, {}, {}
+        self.svds, self.spectra, whitenings = {}, {}, WhiteningCache(DEFAULT_DAMPING)
         for target in targets:
-            layer_stats = stats[target.name]
-            if id(layer_stats) not in whitenings:
-                whitenings[id(layer_stats)] = whitening(layer_stats.gram, DEFAULT_DAMPING, target.name)
-            white = whitenings[id(layer_stats)]
+            white = whitenings.get(stats[target.name], target.name)
             weight = weight_matrix(model.get_submodule(target.name)).detach().to(torch.float64)
             left, sigma, right = torch.linalg.svd(weight @ white.root, full_matrices=False)
             self.svds[target.name] = (left, sigma, right, white.inverse)
