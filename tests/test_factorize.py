@@ -144,3 +144,19 @@ def test_gram_singular_values_of_a_constructed_matrix():
     sigma = gram_svdvals(u @ torch.diag(known) @ v.T)
     assert torch.allclose(sigma[:6], known, rtol=1e-12)
     assert torch.all(sigma[6:] == 0)  # the 24 zero singular values fall below the rounding floor
+
+
+def test_whitening_cache_computes_one_whitening_per_shared_input():
+    from lowrank.calibration import ActivationStats
+    from lowrank.factorize import WhiteningCache
+
+    generator = torch.Generator().manual_seed(3)
+    shared, alone = ActivationStats.empty(5), ActivationStats.empty(5)
+    shared.update(torch.randn(40, 5, generator=generator, dtype=torch.float64))
+    alone.update(torch.randn(40, 5, generator=generator, dtype=torch.float64))
+    cache = WhiteningCache(damping=0.0)
+    first = cache.get(shared, "q")
+    assert cache.get(shared, "k") is first  # q and k read one input: one whitening
+    other = cache.get(alone, "o")
+    assert other is not first
+    torch.testing.assert_close(other.root @ other.root.T, alone.gram, rtol=1e-10, atol=1e-10)
