@@ -131,8 +131,8 @@ def plan_from_profile_file(profile_file, model, budget, strategy, method, limits
         wanted = name_filter(include, exclude)
         profile = Profile([m for m in profile.matrices if wanted(m.name)], source=profile.source,
                           whitened=profile.whitened, options=profile.options, model_params=profile.model_params)
-    if strategy is None:
+    if strategy is None:  # as for a model: sensitivity where it was measured (a causal LM), uniform otherwise
         strategy = default_strategy(method)
         if strategy == "sensitivity" and not profile.priced:
-            strategy = "global" if profile.whitened else "uniform"
+            strategy = "uniform"
     return plan_profile(profile, budget, strategy, method=method, limits=limits, overrides=overrides)
