@@ -566,6 +566,8 @@ ROWS = [
     Row("plan-profile-without-prices", "profile", "`--strategy sensitivity` from a data-free profile (no loss prices)",
         command("plan", "--profile", "{profile_plain}", "--strategy", "sensitivity", "-o", "OUT", "-q"),
         r"needs loss prices, which this profile lacks"),
+    Row("plan-profile-with-calib", "profile", "`lowrank plan --profile FILE --calib TEXT`: the profile is already calibrated",
+        command("plan", "--profile", "{profile}", "--calib", "{good_text}", "-o", "OUT", "-q"), r"drop --calib"),
     Row("plan-profile-infeasible", "profile", "`lowrank plan --profile` with a budget below the smallest plan",
         command("plan", "--profile", "{profile}", "--budget", "1K", "-o", "OUT", "-q"), r"the budget cannot be met"),
     Row("analyze-profile-missing", "profile", "`lowrank analyze --profile` naming a file that does not exist",

@@ -79,6 +79,9 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=round_to)
     started = time.perf_counter()
     if profile_file is not None:
+        if texts:
+            raise LowrankError("--profile plans from the calibration the profile was measured with; drop --calib "
+                               "(or profile again with it)")
         plan = plan_from_profile_file(profile_file, model, budget, strategy, method, limits, list(overrides),
                                       include, exclude, trust_remote_code)
         plan.save(output)
