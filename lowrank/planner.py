@@ -389,12 +389,18 @@ def plan_profile(
     """Plan from a saved or fresh Profile: numbers in, ranks out; no model, no calibration."""
     if strategy not in STRATEGIES:
         raise LowrankError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    matrices = profile.matrices
+    if method == "svd" and profile.whitened:  # plain SVD truncates W itself: plan on σ(W), as planning on the model does
+        if strategy == "sensitivity":
+            raise LowrankError("the profile's loss prices belong to whitened directions, which method svd does not "
+                               "truncate; pass --strategy global, or --method whiten")
+        matrices = [MatrixProfile(m.name, m.shape, m.sigma, rank=m.rank) for m in matrices]
     if strategy == "sensitivity" and not profile.priced:
         raise LowrankError("the sensitivity strategy needs loss prices, which this profile lacks (it was made "
                            "without calibration text or from a model that is not a causal LM); "
                            "pass --strategy global or profile with --calib")
-    plan = plan_targets(profile.matrices, profile.model_params, budget, strategy,
-                        spectra={m.name: m for m in profile.matrices}, method=method, limits=limits,
+    plan = plan_targets(matrices, profile.model_params, budget, strategy,
+                        spectra={m.name: m for m in matrices}, method=method, limits=limits,
                         overrides=overrides, source=profile.source)
     for key in ("samples", "seq_len", "seed", "calibration", "sensitivity_samples"):
         if key in profile.options:

@@ -132,8 +132,10 @@ def test_the_model_is_marked_compressed_once(sequential, monkeypatch):
     assert calls == [plan.factored]
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "energy", "global", "sensitivity"])
-def test_a_saved_profile_plans_like_the_model_itself(strategy, tmp_path):
+@pytest.mark.parametrize("method, strategy", [("whiten", "uniform"), ("whiten", "energy"), ("whiten", "global"),
+                                              ("whiten", "sensitivity"), ("asvd", "global"), ("svd", "global"),
+                                              ("svd", "energy")])
+def test_a_saved_profile_plans_like_the_model_itself(method, strategy, tmp_path):
     """`plan --profile` and planning on the model agree: the same ranks from the same calibration."""
     from lowrank.compress import plan_model
     from lowrank.planner import plan_profile
@@ -142,9 +144,9 @@ def test_a_saved_profile_plans_like_the_model_itself(strategy, tmp_path):
 
     model = make_tiny_model("llama")
     windows = random_windows(4, 16)
-    inline, _ = plan_model(model, find_targets(model), "0.6", strategy, windows=windows, batch_size=2,
+    inline, _ = plan_model(model, find_targets(model), "0.6", strategy, windows=windows, method=method, batch_size=2,
                            sensitivity_samples=2, progress=False)
     profile = profile_with_calibration(model, windows, batch_size=2, sensitivity_samples=2, progress=False)
-    from_file = plan_profile(Profile.load(profile.save(tmp_path / "p.safetensors")), "0.6", strategy)
+    from_file = plan_profile(Profile.load(profile.save(tmp_path / "p.safetensors")), "0.6", strategy, method=method)
     assert from_file.modules == inline.modules
     assert from_file.model_params == inline.model_params and from_file.budget == inline.budget

@@ -18,7 +18,7 @@ from conftest import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
 from lowrank.compress import compress_model, count_parameters, plan_model
-from lowrank.errors import BudgetError
+from lowrank.errors import BudgetError, LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.ranks import saves_parameters
 from lowrank.plan import Plan
@@ -331,3 +331,21 @@ def test_default_strategy_is_sensitivity_for_whitened_causal_models_and_uniform_
     assert default_strategy("whiten", make_tiny_model("bert")) == "uniform"  # no next-token loss to backpropagate
     assert default_strategy("svd", make_tiny_model("llama")) == "uniform"
     assert default_strategy("asvd") == "uniform"
+
+
+def test_plan_from_a_profile_for_method_svd_uses_plain_singular_values():
+    from lowrank.planner import plan_profile
+    from lowrank.profile import Profile
+
+    a = MatrixProfile("a", (16, 16), torch.ones(16, dtype=torch.float64), whitened=0.5 ** torch.arange(16.0).double(),
+                      price=torch.ones(16, dtype=torch.float64))
+    b = MatrixProfile("b", (16, 16), 0.5 ** torch.arange(16.0).double(), whitened=torch.ones(16, dtype=torch.float64),
+                      price=torch.ones(16, dtype=torch.float64))
+    profile = Profile([a, b], whitened=True, model_params=1000)
+    whiten = plan_profile(profile, "0.5", "global")
+    svd = plan_profile(profile, "0.5", "global", method="svd")
+    # whitened: a's energy is concentrated (cheap to truncate), b's flat; plain σ: the other way round
+    assert rank_key(whiten.modules)["b"] > rank_key(whiten.modules)["a"]
+    assert rank_key(svd.modules)["a"] > rank_key(svd.modules)["b"]
+    with pytest.raises(LowrankError, match="prices belong to whitened directions"):
+        plan_profile(profile, "0.5", "sensitivity", method="svd")
