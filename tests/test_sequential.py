@@ -239,3 +239,19 @@ def test_sequential_with_update_is_the_default():
     assert "sequential" not in one_shot.options
     svd = compress_model(make_tiny_model("qwen2"), ratio=0.5, method="svd", progress=False)  # no statistics to sequence
     assert "sequential" not in svd.options
+
+
+def test_the_sequential_producer_yields_each_block_then_the_layers_outside():
+    from lowrank.compress import plan_modules
+    from lowrank.sequential import sequential_statistics
+
+    model = make_tiny_model("llama")
+    chosen = find_targets(model, include=r"(mlp\.\w+_proj|lm_head)")
+    plan = Plan(modules={t.name: ModulePlan(t.shape, 4) for t in chosen})
+    targets = {t.name: t for t in plan_modules(model, plan)}
+    seen = [(work.prefix, work.names, set(work.stats), work.block is not None)
+            for work in sequential_statistics(model, plan, targets, random_windows(4, 16), 2, progress=False)]
+    assert [prefix for prefix, *_ in seen] == ["model.layers.0.", "model.layers.1.", ""]
+    assert seen[0][1] == [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert seen[2][1] == ["lm_head"] and not seen[2][3]  # outside the blocks: no block to update against
+    assert all(set(names) == stats for _, names, stats, _ in seen)
