@@ -18,13 +18,16 @@ from . import hf_integration as _hf_integration  # noqa: E402
 
 _hf_integration.register()
 
+from .api import compress, evaluate, recover  # noqa: E402
 from .checkpoint import load_compressed as load  # noqa: E402
 from .checkpoint import save_compressed  # noqa: E402
 from .compress import compress_model  # noqa: E402
+from .config import CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig  # noqa: E402
 from .errors import LowrankError  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .plan import Plan  # noqa: E402
 
-__all__ = ["__version__", "load", "save_compressed", "compress_model", "load_model", "LowrankError",
-           "LowRankLinear", "Plan"]
+__all__ = ["__version__", "compress", "recover", "evaluate", "CompressConfig", "CalibrationConfig", "RecoveryConfig",
+           "EvalConfig", "load", "save_compressed", "compress_model", "load_model", "LowrankError", "LowRankLinear",
+           "Plan"]

@@ -23,8 +23,9 @@ from lowrank.compress import compress_model, count_parameters
 from lowrank.distill import distillation_loss, next_token_loss, recovery_loss
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
-from lowrank.recovery import (RecoveryConfig, RecoveryPaths, batch_indices, factor_layers, learning_rate, ranks_of,
-                              recover)
+from lowrank.config import RecoveryConfig
+from lowrank.recovery import RecoveryPaths
+from lowrank.training import batch_indices, factor_layers, learning_rate, ranks_of, recover
 
 
 @pytest.fixture(autouse=True)

@@ -262,9 +262,10 @@ def interrupt_calibrating(monkeypatch, work):
 
 
 def interrupt_factoring(monkeypatch, work):
-    import lowrank.compress
+    import importlib
 
-    interrupt_at(monkeypatch, lowrank.compress, "replace_module", on_call=3)  # 2 layers already swapped
+    # the module, not lowrank.compress (the entry point function of the same name)
+    interrupt_at(monkeypatch, importlib.import_module("lowrank.compress"), "replace_module", on_call=3)
 
 
 def interrupt_saving(monkeypatch, work):
