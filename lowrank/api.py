@@ -50,6 +50,8 @@ def compress(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    dry_run: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Plan:
     """Compress `source` by `config`, calibrated on `calibration`; save it to `output` when given.
 
@@ -82,6 +84,9 @@ def compress(
                             tokenizer_source=str(tokenizer) if tokenizer is not None else None)
         model, tokenizer_object = loaded.model, loaded.tokenizer
     strategy = config.strategy or default_strategy(config.method, model)
+    if dry_run:
+        return _plan_only(model, tokenizer_object, config, strategy, calibration,
+                          None if in_memory else str(source), progress)
     windows = None
     if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
         windows = _calibration_windows(tokenizer_object, calibration)
@@ -101,7 +106,27 @@ def compress(
     if output is not None:
         record = config_record(config, None if isinstance(calibration, torch.Tensor) else texts_config)
         save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
-                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
+                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+    return plan
+
+
+def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: str,
+               calibration: "CalibrationConfig | torch.Tensor | None", source: str | None, progress: bool) -> Plan:
+    """The plan `compress` would follow, without factoring anything (calibrating only where planning needs it)."""
+    from .compress import check_plan_matches, needs_statistics
+    from .planner import needs_spectra, plan_model
+    from .targets import find_targets
+
+    targets = find_targets(model, config.include, config.exclude)
+    if config.plan:
+        plan = Plan.load(config.plan)
+        check_plan_matches(plan, targets)
+        return plan
+    needs_text = (needs_spectra(strategy) and needs_statistics(config.method)) or strategy == "sensitivity"
+    windows = _calibration_windows(tokenizer, calibration) if needs_text else None
+    plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,
+                         windows=windows, method=config.method, limits=config.limits(), overrides=config.overrides,
+                         batch_size=config.batch_size, damping=config.damping, source=source, progress=progress)
     return plan
 
 
@@ -116,6 +141,7 @@ def recover(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
 ):
     """Fine-tune the factors of a compressed `source` on `data` to win back accuracy.
 
@@ -140,7 +166,8 @@ def recover(
         raise LowrankError("recovery needs training text; pass data=[...] with .txt files or a folder")
     if isinstance(data, (str, Path)):
         data = [data]
-    return recover_folder(source, output, list(data), config, resume=resume, overwrite=overwrite, progress=progress)
+    return recover_folder(source, output, list(data), config, resume=resume, overwrite=overwrite, progress=progress,
+                          extra_files=extra_files)
 
 
 def evaluate(
@@ -182,6 +209,71 @@ def evaluate(
     if config.max_windows is not None:
         windows = windows[:config.max_windows]
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
+
+
+def report(
+    folder: str | Path,
+    config: EvalConfig | None = None,
+    *,
+    output: str | Path,
+    source: str | None = None,
+    before: bool = True,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write a report on the compressed `folder` to `output`: ranks, parameters, the configs it was made with.
+
+    With an EvalConfig, also the perplexity of the source model (`source`, default: the plan's;
+    `before=False` skips it) and of `folder` on the same windows. Returns report.json's content.
+    """
+    from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan
+    from .report import write_compressed_report
+
+    if not is_compressed_folder(folder):
+        raise LowrankError(f"{folder} is not a compressed lowrank folder (no lowrank_plan.json); "
+                           "make one with `lowrank compress`, or use `lowrank analyze` on a dense model")
+    check_output_dir(output, overwrite)
+    check_output_spares_input(output, folder)
+    plan, _ = read_plan(folder)
+    ppl = None
+    if config is not None:
+        load_kwargs = {"dtype": torch_dtype(config.dtype), "device": resolve_device(config.device),
+                       "tokenizer_source": tokenizer, "trust_remote_code": trust_remote_code,
+                       "allow_pickle": allow_pickle}
+        ppl = measure_perplexity(str(folder), (source or plan.source) if before else None, config, load_kwargs,
+                                 progress)
+    write_compressed_report(plan, str(folder), output, overwrite=overwrite, perplexity=ppl,
+                            config=read_config_record(folder))
+    return json.loads((Path(output) / "report.json").read_text(encoding="utf-8"))
+
+
+def measure_perplexity(folder: str, source: str | None, config: EvalConfig, load_kwargs: dict,
+                       progress: bool) -> dict[str, Any]:
+    """Perplexity of the source model (before) and of the compressed folder (after), on the same windows."""
+    from .calibration import text_windows
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    after_model = load_model(folder, **load_kwargs)
+    texts = list(config.texts)
+    windows = text_windows(after_model.tokenizer, texts, None, config.seq_len, what="evaluation", default="macbeth")
+    if config.max_windows is not None:
+        windows = windows[:config.max_windows]
+    after = perplexity(after_model.model, windows, batch_size=config.batch_size, progress=progress)
+    del after_model
+    before = None
+    if source is not None:
+        try:
+            before_model = load_model(source, **load_kwargs)
+        except LowrankError as exc:
+            raise LowrankError(f"cannot load the source model recorded in the plan ({exc}); "
+                               "pass --source with its path or name") from None
+        before = perplexity(before_model.model, windows, batch_size=config.batch_size, progress=progress).perplexity
+    return {"texts": texts or ["bundled:macbeth"], "seq_len": after.seq_len, "windows": after.windows,
+            "tokens": after.tokens, "before": before, "after": after.perplexity}
 
 
 def saved_configs(folder: str | Path) -> dict[str, Any]:

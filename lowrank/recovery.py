@@ -57,6 +57,7 @@ def recover_folder(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> RecoveryResult:
     """Recover the compressed checkpoint in `folder` on `data` text and save it to `output`.
 
@@ -111,7 +112,7 @@ def recover_folder(
         record = read_config_record(folder)
         record["recover"] = {**config.to_dict(), "data": list(map(str, data))}
         save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite,
-                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
+                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     except BaseException:
         if not paths.checkpoint.is_dir():  # nothing to resume, so the log describes no output: remove it
             paths.log.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ import click
 import torch
 
 from ..config import CalibrationConfig, CompressConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
-from ..errors import LowrankError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
