@@ -120,3 +120,11 @@ def test_the_config_used_is_saved_and_reported(tmp_path, capsys):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["config"]["compress"]["ratio"] == 0.6
     assert "- calibration config: texts=[], samples=4, seq_len=32" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_config_rejects_bad_options_with_one_line():
+    for bad in (dict(mode="full"), dict(loss="mse"), dict(steps=0), dict(lr=-1.0), dict(temperature=0.0),
+                dict(seq_len=1), dict(distill_weight=1.5)):
+        with pytest.raises(LowrankError) as err:
+            RecoveryConfig(**bad).validate()
+        assert "\n" not in str(err.value)
