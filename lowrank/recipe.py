@@ -297,6 +297,10 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
                 echo(f"{head}: would run (dry run)")
                 results.append({"stage": stage.kind, "output": stage.output, "dry_run": True})
             continue
+        if Path(stage.output).exists() and not overwrite:
+            why = " but is not a whole, verified output" if resume else ""
+            raise LowrankError(f"stage {number} ({stage.kind}): output {stage.output} already exists{why}; remove it, "
+                               "give the stage another output, or pass --overwrite")
         echo(head)
         if stage.kind == "compress":
             plan = api.compress(stage.input, recipe.compress, calibration, output=stage.output, overwrite=overwrite,
@@ -312,8 +316,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
             results.append({"stage": stage.kind, "output": stage.output, "steps": result.steps,
                             "eval_ppl_before": result.before, "eval_ppl_after": result.after})
         elif stage.kind == "eval":
-            if Path(stage.output).exists() and not overwrite:
-                raise LowrankError(f"output {stage.output} already exists; choose another output or pass --overwrite")
             result = api.evaluate(stage.input, evaluation, progress=progress)
             record = {"model": stage.input, "texts": list(recipe.eval.texts) or ["bundled:macbeth"],
                       **result.to_dict(), "config": evaluation.to_dict(), "recipe": recipe.to_dict()}

@@ -229,6 +229,9 @@ def build_inputs(root: Path) -> Inputs:
     for name, data in bad.items():
         p[f"recipe_{name}"] = recipes / f"{name}.yaml"
         p[f"recipe_{name}"].write_text(json.dumps(data))  # JSON is YAML
+    p["recipe_existing_output"] = recipes / "existing_output.yaml"
+    p["recipe_existing_output"].write_text(json.dumps({**good, "stages": [{"stage": "compress",
+                                                                            "output": str(p["existing_out"])}]}))
     p["recipe_not_yaml"] = recipes / "not_yaml.yaml"
     p["recipe_not_yaml"].write_text("model: [unclosed\nstages: {")
     return inputs
@@ -568,6 +571,10 @@ ROWS = [
     Row("run-set-wrong-type", "recipe", "`--set calibration.samples=many`: a value of the wrong type",
         command("run", "{recipe_good}", "--set", "calibration.samples=many", "-q"),
         r"calibration.samples must be an integer, got 'many'"),
+    Row("run-resume-unverified-output", "recipe", "`lowrank run --resume` where a stage's output exists but is not a "
+        "compressed folder that passes `lowrank verify`",
+        command("run", "{recipe_existing_output}", "--resume", "-q"),
+        r"stage 1 \(compress\): output .*existing_out already exists but is not a whole, verified output; remove it"),
     Row("run-model-missing", "recipe", "`--set model=` naming a model that does not exist",
         command("run", "{recipe_good}", "--set", "model={model}-missing", "-q"), r"does not exist"),
 ]
