@@ -773,7 +773,7 @@ from lowrank.cli import main
 folder, stages, argv = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
 places = {"loading": (lowrank.loading, "model_class_for", 1),
           "calibrating": (lowrank.calibration.StatsCollector, "end_batch", 1),
-          "factoring": (lowrank.compress, "replace_module", 3),
+          "factoring": (sys.modules["lowrank.compress"], "replace_module", 3),
           "saving": (lowrank.checkpoint, "sha256_file", 1)}
 for stage in stages:
     owner, attr, on_call = places[stage]
