@@ -263,11 +263,27 @@ def stage_is_done(stage: Stage) -> bool:
         return False
 
 
+def settings_differ(stage: Stage, wanted: dict[str, dict[str, Any]]) -> str | None:
+    """The first setting in which a finished compress/recover output differs from this run's, e.g.
+    'compress.ratio 0.8, not 0.6'; None when they agree (or for eval and report outputs)."""
+    from .config import read_config_record
+
+    if stage.kind not in ("compress", "recover"):
+        return None
+    record = read_config_record(stage.output)
+    for section, settings in wanted.items():
+        saved = record.get(section, {})
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                return f"{section}.{key} {saved.get(key)!r}, not {value!r}"
+    return None
+
+
 def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, overwrite: bool = False,
                progress: bool = True, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the recipe's stages in order; returns one summary per stage.
 
-    `resume` skips a stage whose output is whole; `dry_run` plans the compress stages (no
+    `resume` skips a stage whose output is whole (and, for folders, made with the same settings); `dry_run` plans the compress stages (no
     factorization, nothing written) and only lists the others.
     """
     from . import api
@@ -282,6 +298,13 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
     for number, stage in enumerate(recipe.stages, 1):
         head = f"[{number}/{len(recipe.stages)}] {stage.kind} {stage.input} → {stage.output}"
         if resume and not dry_run and stage_is_done(stage):
+            wanted = ({"compress": recipe.compress.to_dict(), "calibration": calibration.to_dict()}
+                      if stage.kind == "compress" else
+                      {"recover": {**recovery.to_dict(), "data": resolve_texts(stage.data)}})
+            differs = settings_differ(stage, wanted)
+            if differs:
+                raise LowrankError(f"stage {number} ({stage.kind}): {stage.output} was made with other settings "
+                                   f"({differs}); remove it, give the stage another output, or drop --resume")
             echo(f"{head}: done already (verified), skipped")
             results.append({"stage": stage.kind, "output": stage.output, "skipped": True})
             continue

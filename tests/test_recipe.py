@@ -129,6 +129,9 @@ def test_resume_skips_a_verified_stage_and_reruns_a_missing_one(tmp_path, capsys
     # without --resume the existing outputs are refused, as the plain commands refuse them
     code, _, err = run_cli(capsys, *args)
     assert code == 1 and "already exists" in err
+    # --resume never skips an output made with other settings
+    code, _, err = run_cli(capsys, *args, "--set", "recover.steps=3", "--resume")
+    assert code == 1 and "smollm2-r0.6-recovered was made with other settings (recover.steps 2, not 3)" in err
 
 
 @pytest.mark.parametrize("change, message", [

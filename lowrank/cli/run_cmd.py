@@ -15,7 +15,8 @@ from .common import quiet_option, silence_transformers
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, checked like the file: compress.ratio=0.6, model=FOLDER, "
                    "stages.0.output=FOLDER. Repeat for several.")
-@click.option("--resume", is_flag=True, help="Skip every stage whose output exists and passes `lowrank verify`.")
+@click.option("--resume", is_flag=True, help="Skip every stage whose output exists and passes `lowrank verify` (a compressed or recovered "
+                   "folder must also have been made with the same settings).")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and plan the compress stages: no factorization, "
                                               "nothing written.")
 @click.option("--overwrite", is_flag=True, help="Replace stage outputs that exist.")
