@@ -226,8 +226,12 @@ class CalibrationConfig(ConfigBase):
 class RecoveryConfig(ConfigBase):
     """Every knob of a recovery run; the defaults suit a small model on a CPU.
 
-    `lr=None` means the mode's default (DEFAULT_LR: 1e-4 for factors, 1e-3 for LoRA adapters,
-    which start at zero); it is resolved on construction, so `to_dict()` records the rate used.
+    Two defaults had drifted between the CLI and the API; each now has one value, here:
+    - `lr=None` means the mode's default (DEFAULT_LR: 1e-4 for factors, 1e-3 for LoRA adapters).
+      The CLI already did this; the API gave LoRA 1e-4, too small for adapters that start at zero.
+      It is resolved on construction, so `to_dict()` records the rate used.
+    - `checkpoint_every=50` (the CLI's; the API had 0): a long run survives Ctrl-C by default, for
+      the cost of writing the factors every 50 steps. Only folder-level recovery writes checkpoints.
     """
 
     SECTION: ClassVar[str] = "recover"
