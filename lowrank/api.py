@@ -26,6 +26,22 @@ def config_record(config: CompressConfig, calibration: CalibrationConfig | None)
     return record
 
 
+def _open_source(source: "str | Path | nn.Module", tokenizer, dtype: str, device: str, *, trust_remote_code: bool,
+                 allow_pickle: bool, need_tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """The model and tokenizer of a source: a model in memory as it is, anything else through load_model.
+
+    `tokenizer` is a tokenizer object for a model in memory, or a folder/hub id for one to load.
+    """
+    from .loading import load_model
+
+    if isinstance(source, nn.Module):
+        return source, None if isinstance(tokenizer, (str, Path)) else tokenizer
+    loaded = load_model(str(source), dtype=torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle, tokenizer_source=str(tokenizer) if tokenizer is not None else None,
+                        need_tokenizer=need_tokenizer)
+    return loaded.model, loaded.tokenizer
+
+
 def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tensor | None") -> torch.Tensor:
     from .calibration import text_windows
 
@@ -62,7 +78,6 @@ def compress(
     """
     from .checkpoint import check_output_dir, check_output_spares_input, save_compressed
     from .compress import compress_model, needs_statistics
-    from .loading import load_model
     from .planner import default_strategy
 
     config = config or CompressConfig()
@@ -74,15 +89,9 @@ def compress(
             check_output_spares_input(output, str(source))
     compute_device = resolve_device(config.device)
     sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics: nothing to sequence
-    if in_memory:
-        model = source
-        tokenizer_object = None if isinstance(tokenizer, (str, Path)) else tokenizer
-    else:
-        # sequential: the model waits on CPU and its blocks visit the compute device one at a time
-        loaded = load_model(str(source), dtype=torch_dtype(config.dtype), device="cpu" if sequential else compute_device,
-                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                            tokenizer_source=str(tokenizer) if tokenizer is not None else None)
-        model, tokenizer_object = loaded.model, loaded.tokenizer
+    # sequential: the model waits on CPU and its blocks visit the compute device one at a time
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     strategy = config.strategy or default_strategy(config.method, model)
     if dry_run:
         return _plan_only(model, tokenizer_object, config, strategy, calibration,
@@ -188,18 +197,12 @@ def evaluate(
     """
     from .calibration import text_windows
     from .evaluate import perplexity
-    from .loading import load_model
     from .verify import check_finite_weights
 
     config = config or EvalConfig()
-    if isinstance(source, nn.Module):
-        model, tokenizer_object = source, None if isinstance(tokenizer, (str, Path)) else tokenizer
-    else:
-        loaded = load_model(str(source), dtype=torch_dtype(config.dtype), device=resolve_device(config.device),
-                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                            tokenizer_source=str(tokenizer) if tokenizer is not None else None,
-                            need_tokenizer=windows is None)
-        model, tokenizer_object = loaded.model, loaded.tokenizer
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, resolve_device(config.device),
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                           need_tokenizer=windows is None)
     check_finite_weights(model)
     if windows is None:
         if tokenizer_object is None:
