@@ -577,6 +577,11 @@ ROWS = [
         r"stage 1 \(compress\): output .*existing_out already exists but is not a whole, verified output; remove it"),
     Row("run-model-missing", "recipe", "`--set model=` naming a model that does not exist",
         command("run", "{recipe_good}", "--set", "model={model}-missing", "-q"), r"does not exist"),
+    Row("run-dry-run-model-missing", "recipe", "`lowrank run --dry-run` on a recipe whose model does not exist",
+        command("run", "{recipe_good}", "--dry-run", "--set", "model={model}-missing", "-q"), r"does not exist"),
+    Row("run-output-is-input", "recipe", "`--set stages.0.output=MODEL --overwrite`: a stage writing over the input",
+        command("run", "{recipe_good}", "--set", "stages.0.output={model}", "--overwrite", "-q"),
+        r"would overwrite or write into the input"),
 ]
 
 #: What each row printed, collected for the README table (see LOWRANK_ROBUSTNESS_TABLE).
