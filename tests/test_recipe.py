@@ -30,6 +30,15 @@ TINY = {
 SMALL = ["calibration.samples=4", "calibration.seq_len=32", "eval.seq_len=32", "eval.max_windows=2"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise-repeatable CPU runs and no fight over the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sets(*assignments: str) -> list[str]:
     return [arg for a in assignments for arg in ("--set", a)]
 
@@ -162,3 +171,38 @@ def test_set_overrides_are_typed_and_checked():
                          ("stages.3.output=x", "stages.3 is not a stage")):
         with pytest.raises(LowrankError, match=message):
             apply_overrides(data, [bad])
+
+
+def test_the_recovery_recipe_is_the_commands_of_the_script_it_replaced(tmp_path, capsys, monkeypatch):
+    """recipes/smollm2-0.6-recover.yaml = compress, recover, report ×2 as recipes/smollm2-compress-recover.sh ran them
+    (here on a tiny model with small windows): the same recovered weights bit for bit, the same perplexities."""
+    from lowrank.calibration import sample_text_path
+
+    model = tmp_path / "tiny"
+    save_tiny_model(model)
+    monkeypatch.chdir(tmp_path)
+    small = ["--samples", "4", "--seq-len", "32"]
+    text = {name: str(sample_text_path(name)) for name in ("tempest", "julius_caesar", "hamlet", "macbeth")}
+    commands = [
+        ["compress", str(model), "--ratio", "0.6", *small, "-o", "sh"],
+        ["recover", "sh", "--data", text["tempest"], "--data", text["julius_caesar"], "--eval", text["hamlet"],
+         "--eval-windows", "8", "--eval-every", "10", "--steps", "4", "--lr", "2e-4", "--warmup", "3",
+         "--seq-len", "32", "-o", "sh-recovered"],
+        ["report", "sh", "--text", text["macbeth"], "--max-windows", "40", "--seq-len", "32", "-o", "sh-report"],
+        ["report", "sh-recovered", "--text", text["macbeth"], "--max-windows", "40", "--seq-len", "32",
+         "-o", "sh-recovered-report"],
+    ]
+    for argv in commands:
+        code, _, err = run_cli(capsys, *argv, "-q")
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "run", str(RECIPES[0].parent / "smollm2-0.6-recover.yaml"), "-q",
+                           *sets(f"model={model}", "calibration.samples=4", "calibration.seq_len=32", "eval.seq_len=32",
+                                 "recover.steps=4", "recover.seq_len=32"))
+    assert code == 0, err
+    a = load_file(str(tmp_path / "sh-recovered" / "model.safetensors"))
+    b = load_file(str(tmp_path / "smollm2-r0.6-recovered" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for script, recipe in (("sh-report", "smollm2-r0.6-report"), ("sh-recovered-report", "smollm2-r0.6-recovered-report")):
+        by_script = json.loads((tmp_path / script / "report.json").read_text())["perplexity"]
+        by_recipe = json.loads((tmp_path / recipe / "report.json").read_text())["perplexity"]
+        assert by_script == by_recipe and by_recipe["windows"] > 1
