@@ -106,7 +106,7 @@ def _text_list(value: Any, where: str) -> list[str]:
 
 def _stage(entry: Any, index: int, previous: str | None, model: str) -> Stage:
     where = f"stages[{index}]"
-    _expect(entry, dict, where, f"a mapping such as {{stage: compress, output: FOLDER}}")
+    _expect(entry, dict, where, "a mapping such as {stage: compress, output: FOLDER}")
     kind = entry.get("stage")
     if kind not in STAGES:
         raise LowrankError(f"{where}.stage must be one of {', '.join(STAGES)}, got {kind!r}")
