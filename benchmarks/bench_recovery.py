@@ -28,7 +28,9 @@ from lowrank.calibration import sample_text_path  # noqa: E402
 from lowrank.checkpoint import read_plan  # noqa: E402
 from lowrank.compress import count_parameters  # noqa: E402
 from lowrank.loading import load_model  # noqa: E402
-from lowrank.recovery import RecoveryConfig, ranks_of, recover, training_windows  # noqa: E402
+from lowrank.config import RecoveryConfig  # noqa: E402
+from lowrank.recovery import training_windows  # noqa: E402
+from lowrank.training import ranks_of, recover  # noqa: E402
 
 TRAIN_TEXTS = ("tempest", "julius_caesar")
 
@@ -37,7 +39,9 @@ import json, sys
 sys.path.insert(0, sys.argv[5])
 import common
 from lowrank.loading import load_model
-from lowrank.recovery import RecoveryConfig, recover, training_windows
+from lowrank.config import RecoveryConfig
+from lowrank.recovery import training_windows
+from lowrank.training import recover
 from lowrank.calibration import sample_text_path
 folder, checkpointing, batch, seq = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 loaded = load_model(folder)

@@ -36,8 +36,12 @@ def save_compressed(
     out_dir: str | Path,
     overwrite: bool = False,
     max_shard_size: str = DEFAULT_SHARD_SIZE,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a compressed model as a folder that `lowrank.load` and `from_pretrained` read."""
+    """Write a compressed model as a folder that `lowrank.load` and `from_pretrained` read.
+
+    `extra_files` (file name → text, e.g. the lowrank_config.json) are written in the same atomic step.
+    """
     hf_integration.attach(model, plan.factored, plan.method)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
@@ -46,6 +50,8 @@ def save_compressed(
         record = plan.to_dict()
         record["files"] = {p.name: sha256_file(p) for p in weight_files(tmp)}
         (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     log.info("wrote %s", out_dir)
     return Path(out_dir)
 

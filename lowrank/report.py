@@ -240,7 +240,8 @@ def write_analysis_report(analysis: Profile, out_dir: str | Path, overwrite: boo
 
 
 # ---- compressed checkpoint ---------------------------------------------------------------------------
-def compressed_to_dict(plan: Plan, folder: str, perplexity: dict | None = None) -> dict[str, Any]:
+def compressed_to_dict(plan: Plan, folder: str, perplexity: dict | None = None,
+                       config: dict | None = None) -> dict[str, Any]:
     """Ranks, parameters per type and in total, method and budget of a plan (the schema's `compressed` kind)."""
     by_type: dict[str, dict[str, Any]] = {}
     modules = []
@@ -266,6 +267,7 @@ def compressed_to_dict(plan: Plan, folder: str, perplexity: dict | None = None) 
         "strategy": plan.strategy,
         "budget": plan.budget,
         "options": plan.options,
+        "config": config or None,
         "plan_tool_version": plan.tool_version,
         "summary": plan.summary(),
         "by_type": list(by_type.values()),
@@ -288,6 +290,10 @@ def compressed_markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     if data["options"]:
         lines.append("- options: " + ", ".join(f"{k}={v}" for k, v in data["options"].items()))
+    for section, settings in (data.get("config") or {}).items():
+        if isinstance(settings, dict):
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "version")
+            lines.append(f"- {section} config: {shown}")
     lines += ["", "## Parameters", "", "| layer type | matrices | factored | before | after | kept |",
               "|---|---:|---:|---:|---:|---:|"]
     for row in data["by_type"]:
@@ -320,11 +326,14 @@ def compressed_markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 def write_compressed_report(plan: Plan, folder: str, out_dir: str | Path, overwrite: bool = False,
-                            perplexity: dict | None = None) -> Path:
-    """Write report.md, report.json and ranks.png for a compressed checkpoint into `out_dir`, atomically."""
+                            perplexity: dict | None = None, config: dict | None = None) -> Path:
+    """Write report.md, report.json and ranks.png for a compressed checkpoint into `out_dir`, atomically.
+
+    `config` is the record of the configs the folder was made with (lowrank_config.json), shown as is.
+    """
     from . import plots
 
-    data = compressed_to_dict(plan, folder, perplexity)
+    data = compressed_to_dict(plan, folder, perplexity, config)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         files = {"Ranks per module": "ranks.png"}
         plots.plot_plan_ranks(plan.modules, tmp / "ranks.png",

@@ -226,6 +226,22 @@ def build_inputs(root: Path) -> Inputs:
     make_tiny_model("gpt2").save_pretrained(p["gpt2_model"])
     p["planfile_not_json"] = plans / "not_json.json"
     p["planfile_not_json"].write_text('{"modules": {"model.layers.0.mlp.up_proj": ')
+
+    # Recipes for `lowrank run`: one good (its output, relative, lands in the work folder) and bad ones.
+    recipes = root / "recipes"
+    recipes.mkdir()
+    good = {"model": str(p["model"]), "calibration": {"samples": 2, "seq_len": 16},
+            "stages": [{"stage": "compress", "output": "out"}]}
+    bad = {"good": good, "unknown_key": {**good, "ratio": 0.5}, "wrong_type": {**good, "compress": {"ratio": "most"}},
+           "bad_stage": {**good, "stages": [{"stage": "quantize", "output": "out"}]}}
+    for name, data in bad.items():
+        p[f"recipe_{name}"] = recipes / f"{name}.yaml"
+        p[f"recipe_{name}"].write_text(json.dumps(data))  # JSON is YAML
+    p["recipe_existing_output"] = recipes / "existing_output.yaml"
+    p["recipe_existing_output"].write_text(json.dumps({**good, "stages": [{"stage": "compress",
+                                                                            "output": str(p["existing_out"])}]}))
+    p["recipe_not_yaml"] = recipes / "not_yaml.yaml"
+    p["recipe_not_yaml"].write_text("model: [unclosed\nstages: {")
     return inputs
 
 
@@ -270,9 +286,10 @@ def interrupt_calibrating(monkeypatch, work):
 
 
 def interrupt_factoring(monkeypatch, work):
-    import lowrank.compress
+    import importlib
 
-    interrupt_at(monkeypatch, lowrank.compress, "replace_module", on_call=3)  # 2 layers already swapped
+    # the module, not lowrank.compress (the entry point function of the same name)
+    interrupt_at(monkeypatch, importlib.import_module("lowrank.compress"), "replace_module", on_call=3)
 
 
 def interrupt_saving(monkeypatch, work):
@@ -574,6 +591,38 @@ ROWS = [
         command("analyze", "--profile", "{profile}.missing", "-o", "OUT", "-q"), r"does not exist"),
     Row("analyze-profile-and-model", "profile", "`lowrank analyze MODEL --profile FILE`: two sources at once",
         command("analyze", "{model}", "--profile", "{profile}", "-o", "OUT", "-q"), r"drop MODEL and --calib"),
+    # Recipes (`lowrank run`)
+    Row("run-recipe-missing", "recipe", "`lowrank run` on a recipe file that does not exist",
+        command("run", "{recipe_good}.missing", "-q"), r"recipe .*good.yaml.missing does not exist"),
+    Row("run-recipe-not-yaml", "recipe", "a recipe that is not valid YAML",
+        command("run", "{recipe_not_yaml}", "-q"), r"is not valid YAML at line 2, column 7"),
+    Row("run-unknown-key", "recipe", "a recipe with an unknown top-level key (ratio: outside compress:)",
+        command("run", "{recipe_unknown_key}", "-q"), r"unknown key ratio in the recipe; valid keys: version"),
+    Row("run-wrong-type", "recipe", "a recipe with a value of the wrong type (compress.ratio: most)",
+        command("run", "{recipe_wrong_type}", "-q"), r"compress.ratio must be a number, got 'most'"),
+    Row("run-unknown-stage", "recipe", "a recipe with a stage lowrank does not have (quantize)",
+        command("run", "{recipe_bad_stage}", "-q"), r"stages\[0\].stage must be one of compress, recover, eval, report"),
+    Row("run-set-not-assignment", "recipe", "`--set compress.ratio` without =VALUE",
+        command("run", "{recipe_good}", "--set", "compress.ratio", "-q"), r"is not KEY=VALUE"),
+    Row("run-set-unknown-key", "recipe", "`--set compress.ratoi=0.5`: a misspelt config field",
+        command("run", "{recipe_good}", "--set", "compress.ratoi=0.5", "-q"),
+        r"unknown key compress.ratoi; valid keys: version, method, ratio"),
+    Row("run-set-out-of-range", "recipe", "`--set compress.ratio=1.5`: a value outside its range",
+        command("run", "{recipe_good}", "--set", "compress.ratio=1.5", "-q"), r"ratio 1.5 is outside \(0, 1\]"),
+    Row("run-set-wrong-type", "recipe", "`--set calibration.samples=many`: a value of the wrong type",
+        command("run", "{recipe_good}", "--set", "calibration.samples=many", "-q"),
+        r"calibration.samples must be an integer, got 'many'"),
+    Row("run-resume-unverified-output", "recipe", "`lowrank run --resume` where a stage's output exists but is not a "
+        "compressed folder that passes `lowrank verify`",
+        command("run", "{recipe_existing_output}", "--resume", "-q"),
+        r"stage 1 \(compress\): output .*existing_out already exists but is not a whole, verified output; remove it"),
+    Row("run-model-missing", "recipe", "`--set model=` naming a model that does not exist",
+        command("run", "{recipe_good}", "--set", "model={model}-missing", "-q"), r"does not exist"),
+    Row("run-dry-run-model-missing", "recipe", "`lowrank run --dry-run` on a recipe whose model does not exist",
+        command("run", "{recipe_good}", "--dry-run", "--set", "model={model}-missing", "-q"), r"does not exist"),
+    Row("run-output-is-input", "recipe", "`--set stages.0.output=MODEL --overwrite`: a stage writing over the input",
+        command("run", "{recipe_good}", "--set", "stages.0.output={model}", "--overwrite", "-q"),
+        r"would overwrite or write into the input"),
 ]
 
 #: What each row printed, collected for the README table (see LOWRANK_ROBUSTNESS_TABLE).
@@ -581,7 +630,8 @@ OBSERVED: dict[str, str] = {}
 
 
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
-          "environment": "environment", "read-back": "files read back", "commands": "other commands"}
+          "environment": "environment", "read-back": "files read back", "commands": "other commands",
+          "recipe": "recipes (lowrank run)"}
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 
@@ -769,7 +819,7 @@ from lowrank.cli import main
 folder, stages, argv = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
 places = {"loading": (lowrank.loading, "model_class_for", 1),
           "calibrating": (lowrank.calibration.StatsCollector, "end_batch", 1),
-          "factoring": (lowrank.compress, "replace_module", 3),
+          "factoring": (sys.modules["lowrank.compress"], "replace_module", 3),
           "saving": (lowrank.checkpoint, "sha256_file", 1)}
 for stage in stages:
     owner, attr, on_call = places[stage]

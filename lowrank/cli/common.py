@@ -9,7 +9,7 @@ import logging
 import click
 import torch
 
-from ..errors import LowrankError
+from ..config import CalibrationConfig, CompressConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -17,18 +17,14 @@ EXIT_INTERRUPTED = 130
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: The configs' defaults, which every option shared by several commands takes as its own.
+COMPRESS, CALIBRATION = CompressConfig(), CalibrationConfig()
+
+
 def one_line(text: str) -> str:
     """Collapse a message to its first non-empty line."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else "unknown error"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LowrankError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
-    return device
 
 
 def quiet_option(func):
@@ -38,9 +34,9 @@ def quiet_option(func):
 def model_options(func):
     """Options for loading a model: dtype, device, trust_remote_code, pickle, tokenizer."""
     decorators = [
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=COMPRESS.dtype, show_default=True,
                      help="Precision the model is loaded and saved in (the factor math always runs in float64)."),
-        click.option("--device", default="auto", show_default=True,
+        click.option("--device", default=COMPRESS.device, show_default=True,
                      help="Where to run: auto (CUDA if available), cpu, cuda, cuda:1, ..."),
         click.option("--tokenizer", "tokenizer_source", default=None,
                      help="Folder or hub id of the tokenizer, when the model folder lacks one."),
@@ -69,10 +65,14 @@ def calibration_options(default_help: str = "Default: Hamlet, bundled with lowra
     """--calib, --samples, --seq-len, --seed, --batch-size: the calibration windows and how they run."""
     decorators = [
         text_options(default_help, flag="--calib"),
-        click.option("--samples", type=int, default=64, show_default=True, help="Calibration windows to draw at random."),
-        click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the calibration windows."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass."),
+        click.option("--samples", type=int, default=CALIBRATION.samples, show_default=True,
+                     help="Calibration windows to draw at random."),
+        click.option("--seq-len", type=int, default=CALIBRATION.seq_len, show_default=True,
+                     help="Tokens per calibration window."),
+        click.option("--seed", type=int, default=CALIBRATION.seed, show_default=True,
+                     help="Seed for choosing the calibration windows."),
+        click.option("--batch-size", type=int, default=COMPRESS.batch_size, show_default=True,
+                     help="Calibration windows per forward pass."),
     ]
 
     def wrap(func):

@@ -1,4 +1,7 @@
-"""`lowrank eval`: perplexity of a dense or compressed model on text."""
+"""`lowrank eval`: perplexity of a dense or compressed model on text.
+
+The options' defaults are the EvalConfig's; the command builds it and calls lowrank.api.evaluate.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,25 @@ import json
 
 import click
 
-from ..calibration import text_windows
+from ..api import evaluate
 from ..checkpoint import atomic_write_text
-from ..evaluate import perplexity
-from ..loading import load_model
-from ..verify import check_finite_weights
-from .common import DTYPES, model_options, quiet_option, resolve_device, silence_transformers, text_options
+from ..config import EvalConfig
+from .common import model_options, quiet_option, silence_transformers, text_options
+
+#: The config this command builds; every option is one of its fields, except the CLI_ONLY ones.
+CONFIGS = (EvalConfig,)
+#: Options that are not config fields: the model, the JSON copy of the result, loading switches, how loudly.
+CLI_ONLY = ("model", "json_out", "quiet", "tokenizer_source", "trust_remote_code", "allow_pickle")
+DEFAULTS = EvalConfig()
 
 
 @click.command("eval")
 @click.argument("model")
 @text_options("Default: Macbeth, bundled with lowrank (never used for calibration).")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
-@click.option("--max-windows", type=int, default=None,
+@click.option("--seq-len", type=int, default=DEFAULTS.seq_len, show_default=True, help="Tokens per evaluation window.")
+@click.option("--max-windows", type=int, default=DEFAULTS.max_windows,
               help="Evaluate only the first N windows (default: all of the text).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Windows per forward pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the result as JSON to this file.")
 @model_options
@@ -32,15 +39,12 @@ def command(model, texts, seq_len, max_windows, batch_size, json_out, dtype, dev
 
     The text is cut into non-overlapping windows of --seq-len tokens, each scored on its own.
     """
-    loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        tokenizer_source=tokenizer_source)
-    check_finite_weights(loaded.model)
-    windows = text_windows(loaded.tokenizer, list(texts), None, seq_len, what="evaluation", default="macbeth")
-    if max_windows is not None:
-        windows = windows[:max_windows]
-    result = perplexity(loaded.model, windows, batch_size=batch_size, progress=not quiet)
-    record = {"model": model, "texts": list(map(str, texts)) or ["bundled:macbeth"], **result.to_dict()}
+    config = EvalConfig(texts=list(texts), seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
+                        dtype=dtype, device=device)
+    result = evaluate(model, config, tokenizer=tokenizer_source, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, progress=not quiet)
+    record = {"model": model, "texts": list(map(str, texts)) or ["bundled:macbeth"], **result.to_dict(),
+              "config": config.to_dict()}
     if json_out:
         atomic_write_text(json_out, json.dumps(record, indent=2) + "\n")
     click.echo(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens "

@@ -1,4 +1,7 @@
-"""`lowrank recover`: fine-tune a compressed checkpoint's factors to win back its accuracy."""
+"""`lowrank recover`: fine-tune a compressed checkpoint's factors to win back its accuracy.
+
+The options' defaults are the RecoveryConfig's; the command builds it and calls lowrank.api.recover.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,17 @@ import time
 
 import click
 
+from ..api import recover
+from ..config import DEFAULT_LR, DTYPE_NAMES, MODES, PRECISIONS, RecoveryConfig
 from ..distill import LOSSES
-from ..recovery import DEFAULT_LR, MODES, PRECISIONS, RecoveryConfig, RecoveryPaths, read_checkpoint_state, recover_folder
-from .common import DTYPES, EXIT_INTERRUPTED, quiet_option, resolve_device, silence_transformers
+from ..recovery import RecoveryPaths
+from ..training_checkpoint import read_checkpoint_state
+from .common import EXIT_INTERRUPTED, quiet_option, silence_transformers
 
+#: The config this command builds; every option is one of its fields, except the CLI_ONLY ones.
+CONFIGS = (RecoveryConfig,)
+#: Options that are not config fields: the input, the training text, where to write, resuming, how loudly.
+CLI_ONLY = ("folder", "data", "output", "resume", "overwrite", "quiet")
 DEFAULTS = RecoveryConfig()
 
 
@@ -30,10 +40,10 @@ def interrupted_message(paths: RecoveryPaths) -> str:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", "data", multiple=True, required=True, metavar="PATH|DATASET",
               help="Training text: .txt files, folders of them, hf:PATH[:CONFIG[:SPLIT]] or wikitext2. Repeat for several.")
-@click.option("--eval", "eval_texts", multiple=True, metavar="PATH|DATASET",
+@click.option("--eval", "eval_texts", multiple=True, default=DEFAULTS.eval_texts, metavar="PATH|DATASET",
               help="Held-out text for perplexity before, during and after training; picks the best weights. "
                    "Default: none (the final weights are kept).")
-@click.option("--eval-windows", type=int, default=16, show_default=True,
+@click.option("--eval-windows", type=int, default=DEFAULTS.eval_windows, show_default=True,
               help="Use only the first N windows of the --eval text (0: all of it).")
 @click.option("-o", "--output", required=True, help="Output folder for the recovered checkpoint.")
 @click.option("--mode", type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,
@@ -41,7 +51,7 @@ def interrupted_message(paths: RecoveryPaths) -> str:
                    "back into plain factors before saving. Ranks and parameter counts never change.")
 @click.option("--loss", type=click.Choice(LOSSES), default=DEFAULTS.loss, show_default=True,
               help="ce: next-token cross-entropy; distill: KL to the dense teacher's logits; both: their mix.")
-@click.option("--teacher", default=None,
+@click.option("--teacher", default=DEFAULTS.teacher,
               help="Dense model to distil from. Default: the source model recorded in FOLDER's plan.")
 @click.option("--temperature", type=float, default=DEFAULTS.temperature, show_default=True,
               help="Distillation temperature (the KL is scaled by T²).")
@@ -50,7 +60,7 @@ def interrupted_message(paths: RecoveryPaths) -> str:
 @click.option("--lora-rank", type=int, default=DEFAULTS.lora_rank, show_default=True, help="LoRA adapter rank (--mode lora).")
 @click.option("--lora-alpha", type=float, default=DEFAULTS.lora_alpha, show_default=True, help="LoRA scaling alpha (--mode lora).")
 @click.option("--steps", type=int, default=DEFAULTS.steps, show_default=True, help="Optimizer steps.")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=float, default=RecoveryConfig.lr,
               help=f"Peak learning rate. Default: {DEFAULT_LR['factors']:g} for factors, {DEFAULT_LR['lora']:g} for lora.")
 @click.option("--warmup", type=int, default=DEFAULTS.warmup, show_default=True,
               help="Linear warmup steps; a cosine decay to 10% of --lr follows.")
@@ -64,18 +74,18 @@ def interrupted_message(paths: RecoveryPaths) -> str:
               help="Evaluate on --eval every N steps (0: only before and after).")
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True,
               help="Stop after N evaluations without improvement (0: never stop early).")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+@click.option("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, show_default=True,
               help="Save a resumable checkpoint to OUTPUT.checkpoint every N steps (0: never). It is removed "
                    "once OUTPUT is saved.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.checkpoint (same options and data).")
-@click.option("--gradient-checkpointing", is_flag=True,
+@click.option("--gradient-checkpointing", is_flag=True, default=DEFAULTS.gradient_checkpointing,
               help="Recompute activations in the backward pass: less memory, about a third more time.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision, show_default=True,
               help="Autocast of the training forward pass: auto = bfloat16 (or float16) on CUDA, float32 on CPU.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed for the data order and LoRA init.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=DEFAULTS.dtype, show_default=True,
               help="Precision the model is loaded, trained and saved in.")
-@click.option("--device", default="auto", show_default=True, help="Where to run: auto (CUDA if available), cpu, cuda, ...")
+@click.option("--device", default=DEFAULTS.device, show_default=True, help="Where to run: auto (CUDA if available), cpu, cuda, ...")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @quiet_option
 @silence_transformers
@@ -89,18 +99,17 @@ def command(folder, data, eval_texts, eval_windows, output, mode, loss, teacher,
     are written beside the output. Ctrl-C leaves the last checkpoint; --resume continues it.
     """
     config = RecoveryConfig(
-        mode=mode, loss=loss, steps=steps, lr=lr if lr is not None else DEFAULT_LR[mode], warmup=warmup,
-        weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, clip=clip,
-        temperature=temperature, distill_weight=distill_weight, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        eval_every=eval_every, patience=patience, checkpoint_every=checkpoint_every,
-        gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed,
+        mode=mode, loss=loss, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+        grad_accum=grad_accum, seq_len=seq_len, clip=clip, temperature=temperature, distill_weight=distill_weight,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, teacher=teacher, eval_texts=list(eval_texts),
+        eval_windows=eval_windows, eval_every=eval_every, patience=patience, checkpoint_every=checkpoint_every,
+        gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed, dtype=dtype, device=device,
     )
     paths = RecoveryPaths.beside(output)
     started = time.perf_counter()
     try:
-        result = recover_folder(folder, output, list(data), config, eval_texts=list(eval_texts),
-                                eval_windows=eval_windows or None, teacher=teacher, resume=resume, overwrite=overwrite,
-                                device=resolve_device(device), dtype=DTYPES[dtype], progress=not quiet)
+        result = recover(folder, config, list(data), output=output, resume=resume, overwrite=overwrite,
+                         progress=not quiet)
     except KeyboardInterrupt:
         click.echo(f"error: {interrupted_message(paths)}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None

@@ -1,0 +1,284 @@
+"""One entry point per stage: `compress`, `recover`, `evaluate`, each taking a source and a config.
+
+A source is a model name, folder, .gguf file or hub id (loaded with lowrank.loading), or a model
+already in memory. The CLI and recipes call exactly these functions with the configs they build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
+                     resolve_device, torch_dtype)
+from .errors import LowrankError
+from .plan import Plan
+
+def config_record(config: CompressConfig, calibration: CalibrationConfig | None) -> dict[str, Any]:
+    """The JSON record of the configs a compressed folder was made with (its lowrank_config.json)."""
+    record: dict[str, Any] = {"compress": config.to_dict()}
+    if calibration is not None:
+        record["calibration"] = calibration.to_dict()
+    return record
+
+
+def _open_source(source: "str | Path | nn.Module", tokenizer, dtype: str, device: str, *, trust_remote_code: bool,
+                 allow_pickle: bool, need_tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """The model and tokenizer of a source: a model in memory as it is, anything else through load_model.
+
+    `tokenizer` is a tokenizer object for a model in memory, or a folder/hub id for one to load.
+    """
+    from .loading import load_model
+
+    if isinstance(source, nn.Module):
+        return source, None if isinstance(tokenizer, (str, Path)) else tokenizer
+    loaded = load_model(str(source), dtype=torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle, tokenizer_source=str(tokenizer) if tokenizer is not None else None,
+                        need_tokenizer=need_tokenizer)
+    return loaded.model, loaded.tokenizer
+
+
+def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tensor | None") -> torch.Tensor:
+    from .calibration import text_windows
+
+    if isinstance(calibration, torch.Tensor):
+        if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
+            raise LowrankError("calibration windows must be a 2-D tensor of token ids (n_windows, seq_len)")
+        return calibration
+    calibration = calibration or CalibrationConfig()
+    if tokenizer is None:
+        raise LowrankError("calibration text needs a tokenizer; pass tokenizer=, or token windows as calibration")
+    return text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len, calibration.seed)
+
+
+def compress(
+    source: "str | Path | nn.Module",
+    config: CompressConfig | None = None,
+    calibration: "CalibrationConfig | torch.Tensor | None" = None,
+    *,
+    output: str | Path | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    dry_run: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Plan:
+    """Compress `source` by `config`, calibrated on `calibration`; save it to `output` when given.
+
+    A model in memory is compressed in place, and `calibration` may then be a tensor of token
+    windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
+    when the model's lacks one). The output folder, written atomically, holds the weights, the
+    plan and lowrank_config.json (these configs). Returns the Plan that was followed.
+    """
+    from .checkpoint import check_output_dir, check_output_spares_input, save_compressed
+    from .compress import compress_model, needs_statistics
+    from .planner import default_strategy
+
+    config = config or CompressConfig()
+    plan = Plan.load(config.plan) if config.plan else None
+    in_memory = isinstance(source, nn.Module)
+    if output is not None:
+        check_output_dir(output, overwrite)
+        if not in_memory:
+            check_output_spares_input(output, str(source))
+    compute_device = resolve_device(config.device)
+    sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics: nothing to sequence
+    # sequential: the model waits on CPU and its blocks visit the compute device one at a time
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    strategy = config.strategy or default_strategy(config.method, model)
+    if dry_run:
+        return _plan_only(model, tokenizer_object, config, strategy, calibration,
+                          None if in_memory else str(source), progress)
+    windows = None
+    if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
+        windows = _calibration_windows(tokenizer_object, calibration)
+    plan = compress_model(model, ratio=config.ratio, budget=config.budget, strategy=strategy, plan=plan,
+                          method=config.method, windows=windows, include=config.include, exclude=config.exclude,
+                          round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
+                          batch_size=config.batch_size, damping=config.damping, progress=progress,
+                          source=None if in_memory else str(source), sequential=sequential, update=config.update,
+                          device=compute_device)
+    texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
+    if isinstance(calibration, torch.Tensor):
+        plan.options.update({"samples": calibration.shape[0], "seq_len": calibration.shape[1]})
+    else:
+        plan.options.update({"samples": texts_config.samples if windows is not None else 0,
+                             "seq_len": texts_config.seq_len, "seed": texts_config.seed,
+                             "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
+    if output is not None:
+        record = config_record(config, None if isinstance(calibration, torch.Tensor) else texts_config)
+        save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
+                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+    return plan
+
+
+def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: str,
+               calibration: "CalibrationConfig | torch.Tensor | None", source: str | None, progress: bool) -> Plan:
+    """The plan `compress` would follow, without factoring anything (calibrating only where planning needs it)."""
+    from .compress import check_plan_matches, needs_statistics, plan_model
+    from .planner import needs_spectra
+    from .targets import find_targets
+
+    targets = find_targets(model, config.include, config.exclude)
+    if config.plan:
+        plan = Plan.load(config.plan)
+        check_plan_matches(plan, targets)
+        return plan
+    needs_text = (needs_spectra(strategy) and needs_statistics(config.method)) or strategy == "sensitivity"
+    windows = _calibration_windows(tokenizer, calibration) if needs_text else None
+    plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,
+                         windows=windows, method=config.method, limits=config.limits(), overrides=config.overrides,
+                         batch_size=config.batch_size, damping=config.damping, source=source, progress=progress)
+    return plan
+
+
+def recover(
+    source: "str | Path | nn.Module",
+    config: RecoveryConfig | None = None,
+    data: "list[str | Path] | torch.Tensor | None" = None,
+    *,
+    output: str | Path | None = None,
+    eval_windows: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: dict[str, str] | None = None,
+):
+    """Fine-tune the factors of a compressed `source` on `data` to win back accuracy.
+
+    A saved folder is recovered into `output` (required then; lowrank.recovery.recover_folder):
+    `data` is training text, `config.eval_texts` picks the best weights. A model in memory is
+    trained in place (lowrank.training.recover): `data` is then a tensor of token windows, with
+    optional `eval_windows` and `teacher` models. Returns the RecoveryResult.
+    """
+    from .recovery import recover_folder
+    from .training import recover as train_in_memory
+
+    config = config or RecoveryConfig()
+    if isinstance(source, nn.Module):
+        if not isinstance(data, torch.Tensor):
+            raise LowrankError("recovering a model in memory needs data as a tensor of token windows (n, seq_len)")
+        if output is not None:
+            raise LowrankError("output= saves a recovered folder; pass a folder as source, or save the model yourself")
+        return train_in_memory(source, data, config, eval_windows=eval_windows, teacher=teacher, progress=progress)
+    if output is None:
+        raise LowrankError(f"recovering {source} needs output=, the folder to write the recovered model to")
+    if not data or isinstance(data, torch.Tensor):
+        raise LowrankError("recovery needs training text; pass data=[...] with .txt files or a folder")
+    if isinstance(data, (str, Path)):
+        data = [data]
+    return recover_folder(source, output, list(data), config, resume=resume, overwrite=overwrite, progress=progress,
+                          extra_files=extra_files)
+
+
+def evaluate(
+    source: "str | Path | nn.Module",
+    config: EvalConfig | None = None,
+    *,
+    tokenizer=None,
+    windows: torch.Tensor | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+):
+    """Perplexity of `source` (a name, folder, .gguf, hub id or a model in memory) on `config.texts`.
+
+    The text is cut into non-overlapping windows of `config.seq_len` tokens (the first
+    `config.max_windows` of them); pass `windows` to score token windows you made yourself.
+    Returns the PerplexityResult.
+    """
+    from .calibration import text_windows
+    from .evaluate import perplexity
+    from .verify import check_finite_weights
+
+    config = config or EvalConfig()
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, resolve_device(config.device),
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                           need_tokenizer=windows is None)
+    check_finite_weights(model)
+    if windows is None:
+        if tokenizer_object is None:
+            raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
+        windows = text_windows(tokenizer_object, list(config.texts), None, config.seq_len, what="evaluation",
+                               default="macbeth")
+    if config.max_windows is not None:
+        windows = windows[:config.max_windows]
+    return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
+
+
+def report(
+    folder: str | Path,
+    config: EvalConfig | None = None,
+    *,
+    output: str | Path,
+    source: str | None = None,
+    before: bool = True,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write a report on the compressed `folder` to `output`: ranks, parameters, the configs it was made with.
+
+    With an EvalConfig, also the perplexity of the source model (`source`, default: the plan's;
+    `before=False` skips it) and of `folder` on the same windows. Returns report.json's content.
+    """
+    from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan
+    from .report import write_compressed_report
+
+    if not is_compressed_folder(folder):
+        raise LowrankError(f"{folder} is not a compressed lowrank folder (no lowrank_plan.json); "
+                           "make one with `lowrank compress`, or use `lowrank analyze` on a dense model")
+    check_output_dir(output, overwrite)
+    check_output_spares_input(output, folder)
+    plan, _ = read_plan(folder)
+    ppl = None
+    if config is not None:
+        load_kwargs = {"dtype": torch_dtype(config.dtype), "device": resolve_device(config.device),
+                       "tokenizer_source": tokenizer, "trust_remote_code": trust_remote_code,
+                       "allow_pickle": allow_pickle}
+        ppl = measure_perplexity(str(folder), (source or plan.source) if before else None, config, load_kwargs,
+                                 progress)
+    write_compressed_report(plan, str(folder), output, overwrite=overwrite, perplexity=ppl,
+                            config=read_config_record(folder))
+    return json.loads((Path(output) / "report.json").read_text(encoding="utf-8"))
+
+
+def measure_perplexity(folder: str, source: str | None, config: EvalConfig, load_kwargs: dict,
+                       progress: bool) -> dict[str, Any]:
+    """Perplexity of the source model (before) and of the compressed folder (after), on the same windows."""
+    from .calibration import text_windows
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    after_model = load_model(folder, **load_kwargs)
+    texts = list(config.texts)
+    windows = text_windows(after_model.tokenizer, texts, None, config.seq_len, what="evaluation", default="macbeth")
+    if config.max_windows is not None:
+        windows = windows[:config.max_windows]
+    after = perplexity(after_model.model, windows, batch_size=config.batch_size, progress=progress)
+    del after_model
+    before = None
+    if source is not None:
+        try:
+            before_model = load_model(source, **load_kwargs)
+        except LowrankError as exc:
+            raise LowrankError(f"cannot load the source model recorded in the plan ({exc}); "
+                               "pass --source with its path or name") from None
+        before = perplexity(before_model.model, windows, batch_size=config.batch_size, progress=progress).perplexity
+    return {"texts": texts or ["bundled:macbeth"], "seq_len": after.seq_len, "windows": after.windows,
+            "tokens": after.tokens, "before": before, "after": after.perplexity}
+
+
+def saved_configs(folder: str | Path) -> dict[str, Any]:
+    """The configs a compressed or recovered folder was made with ({} for folders from before configs)."""
+    return read_config_record(folder)

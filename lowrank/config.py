@@ -1,0 +1,362 @@
+"""The settings of every stage as versioned dataclasses: defaults in one place, checked on construction.
+
+`CompressConfig`, `CalibrationConfig`, `RecoveryConfig` and `EvalConfig` are what the Python
+entry points (lowrank.api), the CLI and recipes all build. Each validates itself in
+`__post_init__` with a one-line `LowrankError` naming the field and the fix, and round-trips
+through plain dicts (`to_dict` / `from_dict`), which refuse unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .budget import Budget, RankLimits, parse_overrides
+from .distill import LOSSES
+from .errors import LowrankError
+from .factorize import DEFAULT_DAMPING, METHODS
+from .planner import STRATEGIES, check_ratio
+
+CONFIG_VERSION = 1
+#: The file, in every output folder, that records the configs the folder was made with.
+CONFIG_FILE = "lowrank_config.json"
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+MODES = ("factors", "lora")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+#: Peak learning rates that work without tuning: the factors themselves move gently, LoRA adapters start at zero.
+DEFAULT_LR = {"factors": 1e-4, "lora": 1e-3}
+
+
+# ---- typed fields, checked the same way from Python, the CLI and YAML -------------------------
+
+def _type_name(hint: Any) -> str:
+    """'an integer', 'a number or null', 'a list of strings', ... for error messages."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
+    if typing.get_origin(hint) is dict:
+        return "a mapping of pattern to rank"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is not None and origin not in (list, dict):  # a Union
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _wants_float(hint: Any) -> bool:
+    """A float field (possibly optional) that takes no int of its own: ints given to it become floats."""
+    args = typing.get_args(hint) if typing.get_origin(hint) not in (list, dict) else ()
+    return hint is float or (float in args and int not in args)
+
+
+class ConfigBase:
+    """Type checks, dict round trips and one-line errors shared by every stage's config."""
+
+    SECTION: ClassVar[str] = "config"
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    def _check_types(self) -> None:
+        for name, hint in self.field_types().items():
+            value = getattr(self, name)
+            if not _matches(value, hint):
+                raise LowrankError(f"{self.SECTION}.{name} must be {_type_name(hint)}, got {value!r}")
+            if _wants_float(hint) and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))  # YAML's `lr: 1` is the number 1.0
+            if isinstance(value, tuple):
+                object.__setattr__(self, name, list(value))
+        if self.version != CONFIG_VERSION:
+            raise LowrankError(f"{self.SECTION}.version {self.version} is not supported (this lowrank reads version "
+                               f"{CONFIG_VERSION}); upgrade lowrank or write version: {CONFIG_VERSION}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready values, every field included (defaults filled in)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None):
+        """The config from a plain dict; unknown keys and wrong types are one-line errors."""
+        where = where or cls.SECTION
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise LowrankError(f"{where} must be a mapping of settings, got {type(data).__name__}; "
+                               f"valid keys: {', '.join(cls.field_types())}")
+        valid = cls.field_types()
+        for key in data:
+            if key not in valid:
+                raise LowrankError(f"unknown key {where}.{key}; valid keys: {', '.join(valid)}")
+        try:
+            return cls(**data)
+        except LowrankError as exc:
+            text = str(exc)
+            if where != cls.SECTION and text.startswith(f"{cls.SECTION}."):
+                text = where + text[len(cls.SECTION):]
+            raise LowrankError(text) from None
+
+    def replace(self, **changes):
+        """A copy with `changes`, validated like a new config."""
+        return dataclasses.replace(self, **changes)
+
+
+def _at_least(section: str, name: str, value: int | None, low: int, flag: str | None = None) -> None:
+    if value is not None and value < low:
+        what = flag or f"{section}.{name}"
+        raise LowrankError(f"{what} must be at least {low}, got {value}")
+
+
+def _regex(section: str, flag: str, pattern: str | None) -> None:
+    try:
+        re.compile(pattern or "")
+    except re.error as exc:
+        raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _dtype_and_device(config) -> None:
+    if config.dtype not in DTYPE_NAMES:
+        raise LowrankError(f"{config.SECTION}.dtype {config.dtype!r} is unknown; choose one of {', '.join(DTYPE_NAMES)}")
+    if not config.device:
+        raise LowrankError(f"{config.SECTION}.device is empty; write auto, cpu, cuda or cuda:N")
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+@dataclass
+class CompressConfig(ConfigBase):
+    """How to compress: method, budget (ratio, or budget which overrides it), planner and rank limits."""
+
+    SECTION: ClassVar[str] = "compress"
+
+    version: int = CONFIG_VERSION
+    method: str = "whiten"              # whiten (SVD-LLM), asvd or svd (needs no calibration)
+    ratio: float = 0.8                  # fraction of the target layers' parameters kept, when budget is None
+    budget: str | float | None = None   # overrides ratio: 0.6, target:0.6, model:0.7 or a count such as 90M
+    strategy: str | None = None         # None: planner.default_strategy(method, model)
+    plan: str | None = None             # a plan file (lowrank plan): fixes every rank
+    include: str | None = None          # regex: factor only matching modules
+    exclude: str | None = None          # regex: never factor matching modules
+    min_rank: int = 1
+    max_rank: int | None = None
+    round_to: int = 1                   # every rank a multiple of this
+    overrides: dict[str, int | float | str] | None = None  # regex → rank, fraction or "dense" (PEFT's rank_pattern)
+    sequential: bool = True             # block by block, each from the compressed blocks' outputs
+    update: bool | None = None          # least-squares refit of `up`; None: on when sequential
+    damping: float = DEFAULT_DAMPING    # added to the Gram diagonal, relative to its mean
+    batch_size: int = 8                 # calibration windows per forward pass
+    device: str = "auto"                # where the math runs (auto: CUDA if available)
+    dtype: str = "float32"              # precision the model is loaded and saved in
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.method not in METHODS:
+            raise LowrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise LowrankError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        check_ratio(self.ratio)
+        if self.budget is not None:
+            Budget.parse(self.budget)
+        if self.plan is not None and self.budget is not None:
+            raise LowrankError("--plan already fixes every rank; drop --budget (or drop --plan to plan inline)")
+        self.limits()  # min_rank / max_rank / round_to messages
+        parse_overrides(self.overrides)
+        _regex(self.SECTION, "--include", self.include)
+        _regex(self.SECTION, "--exclude", self.exclude)
+        _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
+        _dtype_and_device(self)
+
+    def limits(self) -> RankLimits:
+        return RankLimits(min_rank=self.min_rank, max_rank=self.max_rank, round_to=self.round_to)
+
+
+@dataclass
+class CalibrationConfig(ConfigBase):
+    """The calibration windows: which text, how many windows of how many tokens, drawn with which seed."""
+
+    SECTION: ClassVar[str] = "calibration"
+
+    version: int = CONFIG_VERSION
+    texts: list[str] = field(default_factory=list)  # .txt files, folders, hf:PATH[:CONFIG[:SPLIT]], wikitext2; [] = Hamlet
+    samples: int = 64                   # windows drawn at random
+    seq_len: int = 512                  # tokens per window
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, (tuple, list)):
+            self.texts = [str(t) for t in self.texts]
+        self._check_types()
+        _at_least(self.SECTION, "samples", self.samples, 1, "--samples")
+        if self.seq_len < 2:
+            raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+
+
+@dataclass
+class RecoveryConfig(ConfigBase):
+    """Every knob of a recovery run; the defaults suit a small model on a CPU.
+
+    Two defaults had drifted between the CLI and the API; each now has one value, here:
+    - `lr=None` means the mode's default (DEFAULT_LR: 1e-4 for factors, 1e-3 for LoRA adapters).
+      The CLI already did this; the API gave LoRA 1e-4, too small for adapters that start at zero.
+      It is resolved on construction, so `to_dict()` records the rate used.
+    - `checkpoint_every=50` (the CLI's; the API had 0): a long run survives Ctrl-C by default, for
+      the cost of writing the factors every 50 steps. Only folder-level recovery writes checkpoints.
+    """
+
+    SECTION: ClassVar[str] = "recover"
+
+    version: int = CONFIG_VERSION
+    mode: str = "factors"          # "factors": train the factors; "lora": LoRA adapters on them, merged after
+    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher) or "both"
+    steps: int = 200               # optimizer steps
+    lr: float | None = None        # peak learning rate; None: DEFAULT_LR[mode]
+    min_lr_ratio: float = 0.1      # the cosine decays to lr·min_lr_ratio
+    warmup: int = 10               # linear warmup steps
+    weight_decay: float = 0.0
+    batch_size: int = 4            # windows per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step
+    seq_len: int = 256             # tokens per training window
+    clip: float = 1.0              # max gradient norm (0: no clipping)
+    temperature: float = 1.0       # distillation temperature
+    distill_weight: float = 0.5    # weight of the distillation term when loss="both"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    teacher: str | None = None     # dense model to distil from; None: the source recorded in the folder's plan
+    eval_texts: list[str] = field(default_factory=list)  # held-out text that picks the best weights; [] = none
+    eval_windows: int = 16         # first N windows of eval_texts (0: all)
+    eval_every: int = 0            # evaluate every N steps (0: only before and after)
+    eval_batch_size: int = 4
+    patience: int = 0              # stop after N evaluations without improvement (0: never)
+    checkpoint_every: int = 50     # write a resumable checkpoint every N steps (0: never)
+    gradient_checkpointing: bool = False
+    precision: str = "auto"        # autocast: auto = bfloat16/float16 on CUDA, float32 on CPU
+    seed: int = 0
+    dtype: str = "float32"         # precision the model is loaded, trained and saved in
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_texts, (tuple, list)):
+            self.eval_texts = [str(t) for t in self.eval_texts]
+        self._check_types()
+        if self.mode in MODES and self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line LowrankError naming the first bad option."""
+        if self.mode not in MODES:
+            raise LowrankError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.loss not in LOSSES:
+            raise LowrankError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise LowrankError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise LowrankError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        for name in ("warmup", "eval_every", "patience", "checkpoint_every", "eval_windows"):
+            if getattr(self, name) < 0:
+                raise LowrankError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.lr is None or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LowrankError(f"--lr must be a positive number, got {self.lr}")
+        if self.clip < 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise LowrankError("--clip and weight decay must be ≥ 0 and min_lr_ratio in [0, 1]")
+        if self.temperature <= 0:
+            raise LowrankError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.distill_weight <= 1:
+            raise LowrankError(f"--distill-weight must lie in [0, 1], got {self.distill_weight}")
+        _dtype_and_device(self)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss in ("distill", "both")
+
+
+@dataclass
+class EvalConfig(ConfigBase):
+    """Perplexity measurement: which text, window length, how many windows, batch size, precision."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    version: int = CONFIG_VERSION
+    texts: list[str] = field(default_factory=list)  # [] = Macbeth, bundled and never used for calibration
+    seq_len: int = 512
+    max_windows: int | None = None     # only the first N windows (None: all of the text)
+    batch_size: int = 4
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, (tuple, list)):
+            self.texts = [str(t) for t in self.texts]
+        self._check_types()
+        if self.seq_len < 2:
+            raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        _at_least(self.SECTION, "max_windows", self.max_windows, 1, "--max-windows")
+        _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
+        _dtype_and_device(self)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's `dtype` name (float32, float16, bfloat16)."""
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes cuda when a GPU is present, else cpu; a GPU asked for but absent is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LowrankError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    return device
+
+
+def read_config_record(folder: str | Path) -> dict[str, Any]:
+    """The configs a saved folder was made with (its lowrank_config.json), or {} when it has none."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LowrankError(f"cannot read {path} ({exc}); the folder is damaged, remake it") from None
+    if not isinstance(record, dict):
+        raise LowrankError(f"{path} is not a JSON object; the folder is damaged, remake it")
+    return record
+
+
+CONFIG_CLASSES: dict[str, type[ConfigBase]] = {
+    "compress": CompressConfig, "calibration": CalibrationConfig, "recover": RecoveryConfig, "eval": EvalConfig,
+}
