@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer, random_windows
+from helpers import make_tiny_model, make_tiny_tokenizer, random_windows
 
 from lowrank.calibration import (ActivationStats, collect_stats, load_text, sample_text_path, text_windows,
                                  token_windows)

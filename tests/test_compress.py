@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, make_tiny_model, random_windows
+from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, make_tiny_model, random_windows
 
 import lowrank
 from lowrank.calibration import collect_stats

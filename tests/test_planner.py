@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model, random_windows, run_cli
+from helpers import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.calibration import collect_stats
 from lowrank.checkpoint import read_plan

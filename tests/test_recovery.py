@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan, save_compressed
 from lowrank.cli import main

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.calibration import collect_stats, sample_text_path, text_windows
 from lowrank.checkpoint import save_compressed
 from lowrank.cli import main

@@ -34,7 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_ARCHITECTURES, VOCAB, make_tiny_model
+from helpers import TINY_ARCHITECTURES, VOCAB, make_tiny_model
 from lowrank.checkpoint import PLAN_FILE, save_compressed
 from lowrank.cli import main
 from lowrank.compress import compress_model

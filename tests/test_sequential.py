@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
+from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
 
 from lowrank.calibration import collect_stats
 from lowrank.compress import apply_plan, compress_model, uniform_plan

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank import spectrum
 from lowrank.calibration import ActivationStats, collect_stats
 from lowrank.checkpoint import save_compressed
