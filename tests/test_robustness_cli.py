@@ -431,8 +431,9 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--calib", "{binary_text}", *SAMPLES), r"looks like a binary file"),
     Row("calib-not-utf8", "text", "calibration text in Latin-1, not UTF-8",
         compress("{model}", "-o", "OUT", "--calib", "{latin1_text}", *SAMPLES), r"is not UTF-8 text"),
-    Row("calib-too-short", "text", "calibration text too short for the windows asked for",
-        compress("{model}", "-o", "OUT", "--calib", "{short_text}", *SAMPLES), r"enough for 1 windows of 16"),
+    Row("calib-too-short", "text", "calibration text shorter than one window (21 tokens, --seq-len 32)",
+        compress("{model}", "-o", "OUT", "--calib", "{short_text}", "--samples", "2", "--seq-len", "32"),
+        r"has 21 tokens, fewer than one window of 32; give more text or lower --seq-len"),
     Row("calib-folder-without-txt", "text", "a calibration folder holding no .txt files",
         compress("{model}", "-o", "OUT", "--calib", "{empty_folder}", *SAMPLES), r"holds no .txt files"),
     Row("samples-zero", "text", "--samples 0",
@@ -630,6 +631,23 @@ def test_transformers_reads_pickles_weights_only(inputs):
     state = load_state_dict(str(inputs.paths["pickle"] / "pytorch_model.bin"))
     assert torch.equal(state["model.embed_tokens.weight"],
                        load_file(inputs.paths["model"] / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_short_calibration_text_warns_once_and_compresses(inputs, tmp_path):
+    """Text for 1 window of 16 but 2 asked for: the CLI warns once on stderr, overlaps windows and succeeds."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())",
+                           "compress", inputs["model"], "-o", str(out), "--calib", inputs["short_text"], *SAMPLES, "-q"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    found = re.fullmatch(r"WARNING lowrank\.calibration: calibration text has 21 tokens, enough for 1 non-overlapping "
+                         r"windows of 16 but 2 were requested; using 2 overlapping windows, which cover (\d+) distinct "
+                         r"tokens \((\d+)% of the text\); give more text for independent windows", lines[0])
+    assert found, lines[0]
+    assert 16 <= int(found[1]) <= 21 and int(found[2]) == round(100 * int(found[1]) / 21)
+    assert main(["verify", str(out)]) == 0
 
 
 def test_the_intact_folders_pass(inputs, tmp_path, capsys):
