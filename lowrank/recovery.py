@@ -253,6 +253,7 @@ def save_checkpoint(folder: Path, state: TrainingState, config: RecoveryConfig, 
             save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
         record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "data": data_digest, "state": asdict(state)}
         (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log.info("saved a checkpoint at step %d in %s", state.step, folder)  # the Ctrl-C tests wait for it
 
 
 def read_checkpoint_state(folder: Path) -> dict:
@@ -489,6 +490,7 @@ def recover(
             speed = tokens_per_step / max(time.perf_counter() - step_started, 1e-9)
             record({"event": "train", "step": state.step, "loss": step_loss, "lr": lr, "grad_norm": float(norm),
                     "tokens": state.tokens, "tokens_per_s": speed, "seconds": state.seconds})
+            log.debug("finished step %d, loss %.4f", state.step, step_loss)
             bar.set_postfix({"loss": f"{step_loss:.3f}", "tok/s": f"{speed:.0f}"}, refresh=False)
             bar.update()
             due = config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps

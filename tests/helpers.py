@@ -6,6 +6,10 @@ keeps only fixtures.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 import transformers
 
@@ -80,3 +84,50 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ---- a CLI process that waits for the test's Ctrl-C --------------------------------------------
+
+#: `lowrank ARGS…` in a child process that stops at the first log record of lowrank matching
+#: PATTERN: it prints "paused: MESSAGE" on stdout and waits there for the parent's SIGINT, so the
+#: signal lands at a known point however slow or fast the machine is.
+_PAUSING_CLI = r"""
+import logging, re, sys, time
+from lowrank.cli import main
+
+pattern, argv = re.compile(sys.argv[1]), sys.argv[2:]
+
+class PauseOnRecord(logging.Handler):
+    def emit(self, record):
+        if not pattern.search(record.getMessage()):
+            return
+        self.setLevel(logging.CRITICAL + 1)  # pause once
+        print("paused:", record.getMessage(), flush=True)
+        while True:
+            time.sleep(0.01)  # the parent's SIGINT ends this wait with KeyboardInterrupt
+
+stderr = logging.StreamHandler()  # the CLI's own stderr lines: warnings and errors only, as without this
+stderr.setLevel(logging.WARNING)
+stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+logging.getLogger().addHandler(stderr)
+lowrank_log = logging.getLogger("lowrank")
+lowrank_log.setLevel(logging.DEBUG)
+lowrank_log.addHandler(PauseOnRecord())
+sys.exit(main(argv))
+"""
+
+
+def start_cli_paused_at(pattern: str, *args, env: dict | None = None) -> subprocess.Popen:
+    """Start `lowrank ARGS…` in a child process that pauses at the first lowrank log line matching `pattern`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, pattern, *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_paused(process: subprocess.Popen) -> str:
+    """Block until the child announces its pause (or ends); return the announced log message."""
+    line = process.stdout.readline()
+    if not line.startswith("paused: "):
+        out, err = process.communicate()
+        raise AssertionError(f"the child ended without pausing (exit {process.returncode}): {line}{out}{err}")
+    return line.removeprefix("paused: ").strip()
