@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -242,8 +241,8 @@ def interrupt_at(monkeypatch, owner, attr: str, on_call: int = 1) -> None:
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == on_call:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the KeyboardInterrupt arrives here, inside the stage
+            signal.raise_signal(signal.SIGINT)  # Python runs the SIGINT handler before this call returns
+            raise AssertionError("SIGINT did not interrupt the stage")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, attr, wrapper)
@@ -736,7 +735,7 @@ def test_verify_sharded_folder(inputs, tmp_path):
 STAGES = ("loading", "calibrating", "factoring", "saving")
 
 #: A `lowrank compress` process that runs once per stage and, inside that stage, tells the parent
-#: (by creating a marker file) and waits for it to send SIGINT. One process keeps imports to one.
+#: (a line "in STAGE" on stdout) and waits for it to send SIGINT. One process keeps imports to one.
 CHILD = r"""
 import sys, time
 from pathlib import Path
@@ -754,8 +753,9 @@ for stage in stages:
     def wrapper(*args, **kwargs):
         calls[0] += 1
         if calls[0] == on_call:
-            (folder / f"in-{stage}").touch()
-            time.sleep(60)  # the parent's SIGINT ends this sleep with KeyboardInterrupt
+            print("in", stage, flush=True)
+            while True:
+                time.sleep(0.01)  # the parent's SIGINT ends this wait with KeyboardInterrupt
         return original(*args, **kwargs)
     setattr(owner, attr, wrapper)
     code = main([a.replace("OUT", str(folder / f"out-{stage}")) for a in argv])
@@ -770,23 +770,21 @@ def test_ctrl_c_from_outside(inputs, tmp_path):
     argv = ["compress", inputs["model"], "-o", "OUT", *SAMPLES, "-q"]
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), ",".join(STAGES), *argv], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
     try:
         for stage in STAGES:
-            marker = tmp_path / f"in-{stage}"
-            deadline = time.monotonic() + 120
-            while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert marker.exists(), f"the child never reached the {stage} stage: {child.communicate()}"
+            lines.append(child.stdout.readline().strip())  # blocks until the child is inside the stage
+            assert lines[-1] == f"in {stage}", f"the child never reached the {stage} stage: {lines} {child.communicate()}"
             child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=120)
+            lines.append(child.stdout.readline().strip())  # the stage's exit code, once main has returned
+        out, err = child.communicate()
     finally:
         child.kill()
     assert child.returncode == 0, err
-    assert out.split() == [word for stage in STAGES for word in (stage, "130")], out
+    assert lines == [line for stage in STAGES for line in (f"in {stage}", f"{stage} 130")] and not out, (lines, out)
     lines = [line for line in err.splitlines() if line.strip()]  # click writes a newline on Ctrl-C
     assert lines == ["error: interrupted; nothing was written and the input is untouched"] * len(STAGES), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"in-{stage}" for stage in STAGES), \
-        "output or temporary files left behind"
+    assert list(tmp_path.iterdir()) == [], "output or temporary files left behind"
     assert tree_hashes(inputs.root) == before
 
 
