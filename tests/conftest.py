@@ -6,7 +6,10 @@ in CI, once per session thanks to the session-scoped fixtures).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +38,40 @@ def smollm2():
     from lowrank.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dense_folder(smollm2, tmp_path_factory):
+    """SmolLM2-135M saved as a plain safetensors folder with its tokenizer (a fast-loading source)."""
+    folder = tmp_path_factory.mktemp("smollm2") / "dense"
+    smollm2.model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class CompressedSmolLM2:
+    """The session's one SmolLM2 compression: the model in memory, its plan, its saved folder."""
+
+    model: torch.nn.Module
+    plan: object
+    folder: Path
+    calibration: torch.Tensor
+
+
+@pytest.fixture(scope="session")
+def smollm2_compressed(smollm2, smollm2_dense_folder) -> CompressedSmolLM2:
+    """SmolLM2-135M whitened one-shot at ratio 0.8 (uniform ranks, 8×128 Hamlet tokens), saved once per session.
+
+    Tests that change the model or the folder work on copies (copy.deepcopy, shutil.copytree).
+    """
+    from lowrank.calibration import text_windows
+    from lowrank.checkpoint import save_compressed
+    from lowrank.compress import compress_model
+
+    calibration = text_windows(smollm2.tokenizer, None, 8, 128, seed=0)  # bundled Hamlet
+    model = copy.deepcopy(smollm2.model)
+    plan = compress_model(model, ratio=0.8, method="whiten", windows=calibration, progress=False,
+                          source=str(smollm2_dense_folder), sequential=False, strategy="uniform")
+    folder = save_compressed(model, smollm2.tokenizer, plan, smollm2_dense_folder.parent / "compressed-r0.8")
+    return CompressedSmolLM2(model, plan, folder, calibration)

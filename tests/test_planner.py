@@ -346,7 +346,10 @@ def test_plan_help_explains_every_option(capsys):
 
 @pytest.mark.slow
 def test_sensitivity_plan_on_smollm2(smollm2):
-    """Output Fisher and whitened spectra of all 210 SmolLM2 matrices, then two budgets, in well under a minute."""
+    """Output Fisher and whitened spectra of all 210 SmolLM2 matrices, then two budgets, in well under a minute.
+
+    It plans on the dense model and compresses nothing, so the shared compression (conftest) has no part here.
+    """
     from lowrank.calibration import text_windows
 
     model = smollm2.model

@@ -791,14 +791,13 @@ def test_ctrl_c_from_outside(inputs, tmp_path):
 # ---- the real model ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2, tmp_path):
+def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2_compressed, tmp_path):
     """SmolLM2-135M: a fresh compressed folder verifies; a changed byte and a NaN are caught and named."""
     from lowrank.errors import LowrankError
     from lowrank.verify import check_finite_weights, verify_folder
 
-    model = copy.deepcopy(smollm2.model)
-    plan = compress_model(model, ratio=0.8, method="svd", strategy="uniform", progress=False, source="smollm2-135m")
-    folder = save_compressed(model, smollm2.tokenizer, plan, tmp_path / "compressed")
+    plan = smollm2_compressed.plan  # the session's shared compression, damaged here only in copies
+    folder = copy_model(smollm2_compressed.folder, tmp_path / "compressed")
     result = verify_folder(folder)
     assert result.ok, result.problems
     assert result.factored == len(plan.factored) == 210 and result.dense == len(plan.modules) - 210
@@ -812,6 +811,7 @@ def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2, tmp_path)
         "weight file model.safetensors does not match its recorded sha256; it was modified or damaged"]
 
     name = "model.layers.7.mlp.down_proj"
+    model = copy.deepcopy(smollm2_compressed.model)
     with torch.no_grad():
         model.get_submodule(name).up.weight[3, 5] = float("nan")
     with pytest.raises(LowrankError, match=f"module {re.escape(name)}.up holds 1 NaN/Inf"):
