@@ -17,8 +17,9 @@ from lowrank.compress import compress_model, count_parameters
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 
-#: (method, mode) pairs of the matrix. Plain SVD reads no calibration statistics, so its one-shot
-#: and sequential runs are the same computation: it is run once (and the sameness is asserted).
+#: (method, mode) pairs of the matrix; "sequential" is compress_model's default mode (block by block,
+#: with the least-squares update). Plain SVD reads no calibration statistics, so its one-shot and
+#: sequential runs are the same computation: it is run once, and the test asserts the sameness.
 METHOD_MODES = [
     pytest.param("svd", "one-shot = sequential", id="svd-one-shot=sequential"),
     pytest.param("asvd", "one-shot", id="asvd-one-shot"),
