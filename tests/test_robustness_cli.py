@@ -5,7 +5,7 @@ command. For every row the test asserts the promise of issue 7: a non-zero exit 
 on stderr (`error: ...`, no traceback), nothing left behind in the output's folder (no output,
 no `.*.tmp-*` temporary folder), and every input file byte-for-byte unchanged.
 
-The inputs are tiny random models from tests/conftest.py saved with `save_pretrained`, with an
+The inputs are tiny random models from tests/helpers.py saved with `save_pretrained`, with an
 offline character-level tokenizer, so the whole table runs in seconds. Ctrl-C is a real SIGINT:
 in-process rows send it to the test process itself at the named stage; `test_ctrl_c_from_outside`
 sends it from a parent process to a `lowrank` subprocess.
