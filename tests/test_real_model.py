@@ -40,7 +40,10 @@ def test_compress_save_reload_evaluate(smollm2, smollm2_compressed):
 
 
 def test_quiet_loading_of_the_gguf_builtin_prints_nothing(capfd):
-    """transformers' GGUF reader calls tqdm directly; with its progress bars off, loading must stay silent."""
+    """transformers' GGUF reader calls tqdm directly; with its progress bars off, loading must stay silent.
+
+    It loads the model again, not through the session's `smollm2` fixture: loading is what it watches.
+    """
     from lowrank.loading import load_model
 
     transformers.utils.logging.disable_progress_bar()
