@@ -120,27 +120,56 @@ def token_windows(
     seed: int = 0,
     what: str = "calibration",
 ) -> torch.Tensor:
-    """`n_samples` non-overlapping windows of `seq_len` tokens, chosen at random with `seed`.
+    """`n_samples` windows of `seq_len` tokens, chosen at random with `seed`.
 
-    With `n_samples=None` every window is returned, in order (used for evaluation).
+    Non-overlapping when the text holds that many; otherwise random, possibly overlapping windows
+    (as SVD-LLM draws them) and one warning. With `n_samples=None` every non-overlapping window is
+    returned, in order (used for evaluation and training).
     """
     if seq_len < 2:
         raise CalibrationError(f"--seq-len must be at least 2 tokens, got {seq_len}")
-    available = token_ids.numel() // seq_len
-    wanted = available if n_samples is None else n_samples
     if n_samples is not None and n_samples < 1:
         raise CalibrationError(f"--samples must be at least 1, got {n_samples}")
-    if available < max(wanted, 1):
+    n_tokens = token_ids.numel()
+    if n_tokens < seq_len:
         raise CalibrationError(
-            f"{what} text has {token_ids.numel()} tokens, enough for {available} windows of {seq_len} "
-            f"but {max(wanted, 1)} were requested; give more text or lower --samples/--seq-len"
+            f"{what} text has {n_tokens} tokens, fewer than one window of {seq_len}; "
+            "give more text or lower --seq-len"
         )
+    available = n_tokens // seq_len
     windows = token_ids[: available * seq_len].view(available, seq_len)
     if n_samples is None:
         return windows
     generator = torch.Generator().manual_seed(seed)
+    if n_samples > available:
+        return _overlapping_windows(token_ids, n_samples, seq_len, generator, what)
     chosen = torch.randperm(available, generator=generator)[:n_samples].sort().values
     return windows[chosen]
+
+
+def _overlapping_windows(
+    token_ids: torch.Tensor, n_samples: int, seq_len: int, generator: torch.Generator, what: str
+) -> torch.Tensor:
+    """`n_samples` windows at random starts (overlaps allowed), with one warning saying how much text they cover."""
+    n_tokens = token_ids.numel()
+    starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=generator).sort().values
+    covered = distinct_tokens_covered(starts, seq_len, n_tokens)
+    log.warning(
+        "%s text has %d tokens, enough for %d non-overlapping windows of %d but %d were requested; "
+        "using %d overlapping windows, which cover %d distinct tokens (%.0f%% of the text); "
+        "give more text for independent windows",
+        what, n_tokens, n_tokens // seq_len, seq_len, n_samples, n_samples, covered, 100 * covered / n_tokens,
+    )
+    offsets = torch.arange(seq_len)
+    return token_ids[starts[:, None] + offsets]
+
+
+def distinct_tokens_covered(starts: torch.Tensor, seq_len: int, n_tokens: int) -> int:
+    """How many token positions of the text at least one window [start, start + seq_len) covers."""
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    for start in starts.tolist():
+        covered[start : start + seq_len] = True
+    return int(covered.sum())
 
 
 @dataclass

@@ -238,6 +238,7 @@ def recover(
             speed = tokens_per_step / max(time.perf_counter() - step_started, 1e-9)
             record({"event": "train", "step": state.step, "loss": step_loss, "lr": lr, "grad_norm": float(norm),
                     "tokens": state.tokens, "tokens_per_s": speed, "seconds": state.seconds})
+            log.debug("finished step %d, loss %.4f", state.step, step_loss)
             bar.set_postfix({"loss": f"{step_loss:.3f}", "tok/s": f"{speed:.0f}"}, refresh=False)
             bar.update()
             due = config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps

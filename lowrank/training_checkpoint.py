@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import nn
 from .checkpoint import atomic_output_dir
 from .config import RecoveryConfig
 from .errors import LowrankError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -79,6 +82,7 @@ def save_checkpoint(folder: Path, state: TrainingState, config: RecoveryConfig, 
             save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
         record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "data": data_digest, "state": asdict(state)}
         (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log.info("saved a checkpoint at step %d in %s", state.step, folder)  # the Ctrl-C tests wait for it
 
 
 def read_checkpoint_state(folder: Path) -> dict:

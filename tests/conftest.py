@@ -1,88 +1,20 @@
-"""Shared fixtures: tiny random transformers built from configs, and the real SmolLM2-135M.
+"""Fixtures only: tiny model folders, and the real SmolLM2-135M (shared helpers live in helpers.py).
 
 Tiny models keep the fast suite fast; tests marked `slow` load the real model (they still run
-in CI, once per session thanks to the session-scoped fixture).
+in CI, once per session thanks to the session-scoped fixtures).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
-VOCAB = 96
-
-
-def _tiny_configs() -> dict:
-    common = dict(vocab_size=VOCAB)
-    return {
-        "llama": transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, **common),
-        "mistral": transformers.MistralConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, **common),
-        "qwen2": transformers.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, **common),
-        "gpt2": transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=128, **common),
-        "opt": transformers.OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                                      word_embed_proj_dim=48, max_position_embeddings=128, **common),
-        "bert": transformers.BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=128, **common),
-    }
-
-
-TINY_ARCHITECTURES = tuple(_tiny_configs())
-CAUSAL_ARCHITECTURES = tuple(a for a in TINY_ARCHITECTURES if a != "bert")
-
-
-def make_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised model of architecture `arch`, in eval mode."""
-    config = _tiny_configs()[arch]
-    torch.manual_seed(seed)
-    if arch == "bert":
-        model = transformers.BertForMaskedLM(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.eval()
-
-
-def random_windows(n: int = 8, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n, seq_len), generator=generator)
-
-
-def make_tiny_tokenizer():
-    """A character-level fast tokenizer (ids < VOCAB), built offline from the bundled Hamlet."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    from lowrank.calibration import sample_text_path
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for char in sorted(set(sample_text_path("hamlet").read_text(encoding="utf-8"))):
-        vocab.setdefault(char, len(vocab))
-    assert len(vocab) <= VOCAB
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-
-
-def save_tiny_model(folder, arch: str = "llama", seed: int = 0):
-    """Save a tiny model and the character tokenizer as a Hugging Face folder; return the model."""
-    model = make_tiny_model(arch, seed)
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return model
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `lowrank ARGS…` in-process; return the exit code, stdout and stderr."""
-    from lowrank.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import make_tiny_model, save_tiny_model
 
 
 @pytest.fixture
@@ -106,3 +38,40 @@ def smollm2():
     from lowrank.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dense_folder(smollm2, tmp_path_factory):
+    """SmolLM2-135M saved as a plain safetensors folder with its tokenizer (a fast-loading source)."""
+    folder = tmp_path_factory.mktemp("smollm2") / "dense"
+    smollm2.model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class CompressedSmolLM2:
+    """The session's one SmolLM2 compression: the model in memory, its plan, its saved folder."""
+
+    model: torch.nn.Module
+    plan: object
+    folder: Path
+    calibration: torch.Tensor
+
+
+@pytest.fixture(scope="session")
+def smollm2_compressed(smollm2, smollm2_dense_folder) -> CompressedSmolLM2:
+    """SmolLM2-135M whitened one-shot at ratio 0.8 (uniform ranks, 8×128 Hamlet tokens), saved once per session.
+
+    Tests that change the model or the folder work on copies (copy.deepcopy, shutil.copytree).
+    """
+    from lowrank.calibration import text_windows
+    from lowrank.checkpoint import save_compressed
+    from lowrank.compress import compress_model
+
+    calibration = text_windows(smollm2.tokenizer, None, 8, 128, seed=0)  # bundled Hamlet
+    model = copy.deepcopy(smollm2.model)
+    plan = compress_model(model, ratio=0.8, method="whiten", windows=calibration, progress=False,
+                          source=str(smollm2_dense_folder), sequential=False, strategy="uniform")
+    folder = save_compressed(model, smollm2.tokenizer, plan, smollm2_dense_folder.parent / "compressed-r0.8")
+    return CompressedSmolLM2(model, plan, folder, calibration)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowrank
-from conftest import make_tiny_model, random_windows, save_tiny_model
+from helpers import make_tiny_model, random_windows, save_tiny_model
 from lowrank import CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig
 from lowrank.calibration import sample_text_path
 from lowrank.compress import compress_model

@@ -3,7 +3,7 @@
 import torch
 import transformers
 
-from conftest import VOCAB, make_tiny_model, random_windows
+from helpers import VOCAB, make_tiny_model, random_windows
 from lowrank.block_capture import capture_block_inputs
 from lowrank.targets import find_block_list
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer, random_windows
+from helpers import make_tiny_model, make_tiny_tokenizer, random_windows
 
-from lowrank.calibration import (ActivationStats, collect_stats, load_text, sample_text_path, text_windows,
-                                 token_windows)
+from lowrank.calibration import (ActivationStats, collect_stats, distinct_tokens_covered, load_text, sample_text_path,
+                                 text_windows, token_windows)
 from lowrank.errors import CalibrationError
 from lowrank.targets import find_targets
 
@@ -69,9 +69,59 @@ def test_token_windows_are_deterministic_and_distinct():
     assert token_windows(ids, None, 300).shape == (3, 300)
 
 
-def test_too_short_text_says_how_much_is_there():
-    with pytest.raises(CalibrationError, match="has 1000 tokens, enough for 10 windows of 100 but 20 were requested"):
-        token_windows(torch.arange(1000), 20, 100)
+def test_enough_text_gives_todays_non_overlapping_windows_and_no_warning(caplog):
+    """With room for the windows asked for, they are the non-overlapping ones drawn by randperm, as always."""
+    for n_tokens in (1000, 1099):  # exactly ten windows of 100, and ten with a remainder
+        ids = torch.arange(n_tokens)
+        windows = token_windows(ids, 10, 100, seed=5)
+        starts = torch.randperm(10, generator=torch.Generator().manual_seed(5))[:10].sort().values * 100
+        assert torch.equal(windows[:, 0], starts)
+        assert torch.equal(windows, ids[: 1000].view(10, 100))  # all ten, each once, in order
+    picked = token_windows(torch.arange(1000), 4, 100, seed=5)
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(5))[:4].sort().values * 100
+    assert torch.equal(picked[:, 0], expected)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_short_text_gives_overlapping_windows_and_one_warning(caplog):
+    """20 windows of 100 from 1000 tokens: random starts, overlaps, one warning with the tokens covered."""
+    ids = torch.arange(1000) + 7  # token id = position + 7, so a window's content names its start
+    with caplog.at_level("WARNING", logger="lowrank.calibration"):
+        windows = token_windows(ids, 20, 100, seed=3)
+    assert windows.shape == (20, 100)
+    starts = windows[:, 0] - 7
+    assert torch.equal(windows, ids[starts[:, None] + torch.arange(100)])  # each window is contiguous text
+    assert starts.min() >= 0 and starts.max() <= 900 and torch.equal(starts, starts.sort().values)
+    assert len(set(starts.tolist())) > 10  # not the ten non-overlapping windows: starts off the grid of 100
+    assert any(s % 100 for s in starts.tolist())
+    covered = len(set(windows.flatten().tolist()))  # distinct token positions, counted independently
+    assert covered == distinct_tokens_covered(starts, 100, 1000)
+    assert 100 < covered <= 1000
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"calibration text has 1000 tokens, enough for 10 non-overlapping windows of 100 but 20 "
+                        f"were requested; using 20 overlapping windows, which cover {covered} distinct tokens "
+                        f"({100 * covered / 1000:.0f}% of the text); give more text for independent windows"]
+    assert torch.equal(token_windows(ids, 20, 100, seed=3), windows)  # seeded: the same windows again
+    assert not torch.equal(token_windows(ids, 20, 100, seed=4), windows)
+
+
+def test_distinct_tokens_covered_counts_the_union_of_windows():
+    assert distinct_tokens_covered(torch.tensor([0, 50, 300]), 100, 1000) == 250  # [0,150) ∪ [300,400)
+    assert distinct_tokens_covered(torch.tensor([0, 0, 0]), 100, 100) == 100
+    assert distinct_tokens_covered(torch.tensor([0, 100, 200]), 100, 300) == 300
+
+
+def test_text_of_exactly_one_window_repeats_it():
+    windows = token_windows(torch.arange(100), 3, 100, seed=0)
+    assert torch.equal(windows, torch.arange(100).repeat(3, 1))
+
+
+def test_text_shorter_than_one_window_is_refused():
+    with pytest.raises(CalibrationError, match="calibration text has 99 tokens, fewer than one window of 100; "
+                                               "give more text or lower --seq-len"):
+        token_windows(torch.arange(99), 2, 100)
+    with pytest.raises(CalibrationError, match="evaluation text has 99 tokens, fewer than one window of 100"):
+        token_windows(torch.arange(99), None, 100, what="evaluation")
 
 
 def test_text_sources(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def tree_digest(folder):
@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tiny_model_folder, tmp_p
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr
     expected = {"missing model": "does not exist", "ratio zero": "outside (0, 1]", "ratio above one": "outside (0, 1]",
-                "output exists": "already exists", "calibration too short": "enough for 0 windows",
+                "output exists": "already exists", "calibration too short": "fewer than one window",
                 "no targets": "no linear layers to factor"}[case]
     assert expected in lines[0]
     assert not out.exists()

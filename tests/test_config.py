@@ -9,7 +9,7 @@ import json
 import click
 import pytest
 
-from conftest import run_cli, save_tiny_model
+from helpers import run_cli, save_tiny_model
 from lowrank import api
 from lowrank.cli import cli
 from lowrank.config import (CONFIG_CLASSES, CONFIG_FILE, DEFAULT_LR, CalibrationConfig, CompressConfig, EvalConfig,

@@ -2,7 +2,7 @@
 
 import transformers
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lowrank.model_info import count_parameters, is_causal_lm, model_class_for
 
 

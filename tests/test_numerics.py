@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
+from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
 from lowrank.calibration import ActivationStats
 from lowrank.compress import apply_plan, compress_model
 from lowrank.errors import LowrankError

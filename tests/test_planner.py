@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model, random_windows, run_cli
+from helpers import make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
 from lowrank.compress import compress_model, count_parameters, plan_model
@@ -302,7 +302,10 @@ def test_plan_help_explains_every_option(capsys):
 
 @pytest.mark.slow
 def test_sensitivity_plan_on_smollm2(smollm2):
-    """Output Fisher and whitened spectra of all 210 SmolLM2 matrices, then two budgets, in well under a minute."""
+    """Output Fisher and whitened spectra of all 210 SmolLM2 matrices, then two budgets, in well under a minute.
+
+    It plans on the dense model and compresses nothing, so the shared compression (conftest) has no part here.
+    """
     from lowrank.calibration import text_windows
 
     model = smollm2.model

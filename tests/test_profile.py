@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.errors import LowrankError
 from lowrank.profile import MatrixProfile, Profile
 from lowrank.profiling import profile_model, profile_with_calibration
@@ -89,7 +89,7 @@ def test_bad_files_are_one_clear_error(tmp_path):
 # ---- the CLI: profile once, then plan and analyze from the file ----------------------------------------
 
 def test_profile_then_plan_and_analyze_without_the_model(tiny_model_folder, tmp_path, capsys):
-    from conftest import run_cli
+    from helpers import run_cli
 
     profile_file = tmp_path / "tiny.safetensors"
     code, stdout, _ = run_cli(capsys, "profile", tiny_model_folder, "--samples", "4", "--seq-len", "32",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank import factorize
 from lowrank.calibration import ActivationStats, collect_stats
 from lowrank.compress import compress_model

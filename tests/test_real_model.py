@@ -1,35 +1,29 @@
 """End to end on the real SmolLM2-135M and real text: compress, save, reload with
 transformers' from_pretrained, evaluate, generate."""
 
-import copy
-
 import pytest
 import torch
 import transformers
 
 import lowrank  # noqa: F401  (registers the lowrank quantizer with transformers)
 from lowrank.calibration import text_windows
-from lowrank.checkpoint import save_compressed
-from lowrank.compress import compress_model, count_parameters
+from lowrank.compress import count_parameters
 from lowrank.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 
 
-def test_compress_save_reload_evaluate(smollm2, tmp_path):
+def test_compress_save_reload_evaluate(smollm2, smollm2_compressed):
+    """The session's shared compression (whiten, one-shot, uniform, ratio 0.8; see conftest)."""
     tokenizer = smollm2.tokenizer
-    calib = text_windows(tokenizer, None, 8, 128, seed=0)  # bundled Hamlet
     evaluation = text_windows(tokenizer, None, None, 256, what="evaluation", default="macbeth")[:6]
 
     dense_ppl = perplexity(smollm2.model, evaluation, progress=False).perplexity
-    model = copy.deepcopy(smollm2.model)
-    plan = compress_model(model, ratio=0.8, method="whiten", windows=calib, progress=False, source="smollm2-135m",
-                          sequential=False, strategy="uniform")
+    model, plan, out = smollm2_compressed.model, smollm2_compressed.plan, smollm2_compressed.folder
     assert len(plan.factored) == 210  # 30 blocks × 7 projections, all below break-even at 0.8
     assert 0.79 < plan.target_ratio <= 0.8
     assert plan.model_params_after == count_parameters(model)
 
-    out = save_compressed(model, tokenizer, plan, tmp_path / "smollm2-r0.8")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         difference = (reloaded(evaluation[:2]).logits - model(evaluation[:2]).logits).abs().max()
@@ -46,7 +40,10 @@ def test_compress_save_reload_evaluate(smollm2, tmp_path):
 
 
 def test_quiet_loading_of_the_gguf_builtin_prints_nothing(capfd):
-    """transformers' GGUF reader calls tqdm directly; with its progress bars off, loading must stay silent."""
+    """transformers' GGUF reader calls tqdm directly; with its progress bars off, loading must stay silent.
+
+    It loads the model again, not through the session's `smollm2` fixture: loading is what it watches.
+    """
     from lowrank.loading import load_model
 
     transformers.utils.logging.disable_progress_bar()

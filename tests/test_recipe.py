@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli, save_tiny_model
+from helpers import run_cli, save_tiny_model
 from lowrank.config import CompressConfig
 from lowrank.errors import LowrankError
 from lowrank.recipe import RECIPE_FILE, apply_overrides, read_recipe

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from helpers import make_tiny_model, random_windows, start_cli_paused_at, wait_until_paused
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan
 from lowrank.cli import main
@@ -72,48 +72,49 @@ def test_recover_command_errors_are_one_line(tiny_model_folder, compressed_folde
     assert err.count("\n") == 1 and "already exists" in err
 
 
+def recover_args(compressed_folder, out, *options) -> list[str]:
+    return ["recover", str(compressed_folder), "--data", str(sample_text_path("tempest")), "--seq-len", "32",
+            "--batch-size", "2", "--loss", "ce", "--quiet", "-o", str(out), *options]
+
+
 def test_ctrl_c_leaves_the_last_checkpoint_and_no_output_then_resume_finishes(compressed_folder, tmp_path):
+    """SIGINT right after the step-4 checkpoint (the child waits there for it): exit 130, then --resume ends the run."""
     out = tmp_path / "recovered"
     paths = RecoveryPaths.beside(out)
-    args = [sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())", "recover", str(compressed_folder), "--data",
-            str(sample_text_path("tempest")), "--seq-len", "32", "--batch-size", "2", "--steps", "60",
-            "--checkpoint-every", "2", "--loss", "ce", "--quiet", "-o", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (paths.checkpoint / "state.json").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    args = recover_args(compressed_folder, out, "--steps", "12", "--checkpoint-every", "2")
+    process = start_cli_paused_at(r"saved a checkpoint at step 4 ", *args)
+    try:
+        assert wait_until_paused(process) == f"saved a checkpoint at step 4 in {paths.checkpoint}"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate()
+    finally:
+        process.kill()
     assert process.returncode == 130, err
     assert "--resume" in err and err.count("\n") == 1
     assert not out.exists() and not any(p.name.startswith(".recovered.tmp") for p in tmp_path.iterdir())
-    step = json.loads((paths.checkpoint / "state.json").read_text())["state"]["step"]
-    assert 2 <= step < 60 and step % 2 == 0
-    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert json.loads((paths.checkpoint / "state.json").read_text())["state"]["step"] == 4
+    assert [json.loads(line)["step"] for line in paths.log.read_text().splitlines()] == [1, 2, 3, 4]
+    resumed = subprocess.run([sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())",
+                              *args, "--resume"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 60
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 12
     assert out.is_dir() and not paths.checkpoint.exists()
     steps = [json.loads(line)["step"] for line in paths.log.read_text().splitlines()]
-    assert steps == list(range(1, 61))
+    assert steps == list(range(1, 13))
 
 
 def test_ctrl_c_without_checkpoints_leaves_nothing_beside_the_output(compressed_folder, tmp_path):
     """With no checkpoint to resume, an interrupted run's log is not kept either: no trace at all."""
     out = tmp_path / "recovered"
-    paths = RecoveryPaths.beside(out)
-    args = [sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())", "recover",
-            str(compressed_folder), "--data", str(sample_text_path("tempest")), "--seq-len", "32", "--batch-size", "2",
-            "--steps", "100000", "--loss", "ce", "--quiet", "-o", str(out)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (paths.log.exists() and paths.log.stat().st_size > 0) and time.time() < deadline \
-            and process.poll() is None:
-        time.sleep(0.05)
-    assert paths.log.exists(), process.communicate()
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    process = start_cli_paused_at(r"^finished step 1,", *recover_args(compressed_folder, out, "--steps", "12"))
+    try:
+        assert wait_until_paused(process).startswith("finished step 1, loss ")
+        assert RecoveryPaths.beside(out).log.read_text().count("\n") == 1  # the log existed, one step long
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate()
+    finally:
+        process.kill()
     assert process.returncode == 130, err
     assert err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-compressed", "tiny-llama"]  # the inputs only
@@ -123,6 +124,12 @@ def test_ctrl_c_without_checkpoints_leaves_nothing_beside_the_output(compressed_
 
 @pytest.mark.slow
 def test_distillation_recovery_on_smollm2_lowers_held_out_loss_and_keeps_the_plan(smollm2):
+    """Six distillation steps lower held-out perplexity by over 10% on SmolLM2 compressed to 0.6.
+
+    It compresses its own copy instead of reusing the session's shared compression (conftest): at the
+    shared ratio 0.8, six distillation steps left the held-out perplexity where it was (263.5 before
+    and after, measured at lr 2e-4, 5e-4 and 1e-3), so there is nothing for this test to see there.
+    """
     from lowrank.calibration import text_windows
 
     model = copy.deepcopy(smollm2.model)

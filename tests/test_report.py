@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.calibration import collect_stats, sample_text_path, text_windows
 from lowrank.checkpoint import save_compressed
 from lowrank.cli import main
@@ -180,7 +180,8 @@ def test_cli_analyze_data_free_on_folders(compressed_folder, tmp_path, capsys):
 
 # ---- the real model ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_real_model_analysis_report_and_compressed_report(smollm2, tmp_path, capsys):
+def test_real_model_analysis_report_and_compressed_report(smollm2, smollm2_dense_folder, smollm2_compressed,
+                                                          tmp_path, capsys):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     windows = text_windows(tokenizer, None, 8, 128, seed=0)
     targets = find_targets(model)
@@ -201,9 +202,7 @@ def test_real_model_analysis_report_and_compressed_report(smollm2, tmp_path, cap
         assert m.loss_at_rank(k, whitened=True) == pytest.approx(output_error(weight, approx, gram) / full, rel=1e-3)
 
     # data-free, tensor by tensor, from a safetensors folder: the same σ(W) as in memory
-    dense = tmp_path / "dense"
-    model.save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
+    dense = smollm2_dense_folder  # the model saved with save_pretrained, once per session
     assert main(["analyze", str(dense), "-o", str(tmp_path / "free"), "--quiet"]) == 0
     free = json.loads((tmp_path / "free" / "report.json").read_text())
     assert [m["name"] for m in free["matrices"]] == [m.name for m in analysis.matrices]
@@ -211,11 +210,10 @@ def test_real_model_analysis_report_and_compressed_report(smollm2, tmp_path, cap
         assert record["weights"]["sigma"] == pytest.approx(m.sigma.tolist(), rel=1e-4, abs=1e-6)
 
     # lowrank report with perplexity before (the source recorded in the plan) and after
-    small = copy.deepcopy(model)
-    plan = compress_model(small, ratio=0.9, method="svd", progress=False, source=str(dense))
-    save_compressed(small, tokenizer, plan, tmp_path / "small")
+    small = smollm2_compressed.model  # the session's shared compression, whose plan names `dense` as its source
+    assert smollm2_compressed.plan.source == str(dense)
     macbeth = str(sample_text_path("macbeth"))
-    args = ["report", str(tmp_path / "small"), "--text", macbeth, "--seq-len", "128", "--max-windows", "2",
+    args = ["report", str(smollm2_compressed.folder), "--text", macbeth, "--seq-len", "128", "--max-windows", "2",
             "-o", str(tmp_path / "report"), "--quiet"]
     assert main(args) == 0
     capsys.readouterr()

@@ -5,7 +5,7 @@ command. For every row the test asserts the promise of issue 7: a non-zero exit 
 on stderr (`error: ...`, no traceback), nothing left behind in the output's folder (no output,
 no `.*.tmp-*` temporary folder), and every input file byte-for-byte unchanged.
 
-The inputs are tiny random models from tests/conftest.py saved with `save_pretrained`, with an
+The inputs are tiny random models from tests/helpers.py saved with `save_pretrained`, with an
 offline character-level tokenizer, so the whole table runs in seconds. Ctrl-C is a real SIGINT:
 in-process rows send it to the test process itself at the named stage; `test_ctrl_c_from_outside`
 sends it from a parent process to a `lowrank` subprocess.
@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_ARCHITECTURES, VOCAB, make_tiny_model
+from helpers import TINY_ARCHITECTURES, VOCAB, make_tiny_model
 from lowrank.checkpoint import PLAN_FILE, save_compressed
 from lowrank.cli import main
 from lowrank.compress import compress_model
@@ -266,8 +265,8 @@ def interrupt_at(monkeypatch, owner, attr: str, on_call: int = 1) -> None:
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == on_call:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the KeyboardInterrupt arrives here, inside the stage
+            signal.raise_signal(signal.SIGINT)  # Python runs the SIGINT handler before this call returns
+            raise AssertionError("SIGINT did not interrupt the stage")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, attr, wrapper)
@@ -456,8 +455,9 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--calib", "{binary_text}", *SAMPLES), r"looks like a binary file"),
     Row("calib-not-utf8", "text", "calibration text in Latin-1, not UTF-8",
         compress("{model}", "-o", "OUT", "--calib", "{latin1_text}", *SAMPLES), r"is not UTF-8 text"),
-    Row("calib-too-short", "text", "calibration text too short for the windows asked for",
-        compress("{model}", "-o", "OUT", "--calib", "{short_text}", *SAMPLES), r"enough for 1 windows of 16"),
+    Row("calib-too-short", "text", "calibration text shorter than one window (21 tokens, --seq-len 32)",
+        compress("{model}", "-o", "OUT", "--calib", "{short_text}", "--samples", "2", "--seq-len", "32"),
+        r"has 21 tokens, fewer than one window of 32; give more text or lower --seq-len"),
     Row("calib-folder-without-txt", "text", "a calibration folder holding no .txt files",
         compress("{model}", "-o", "OUT", "--calib", "{empty_folder}", *SAMPLES), r"holds no .txt files"),
     Row("samples-zero", "text", "--samples 0",
@@ -723,6 +723,23 @@ def test_transformers_reads_pickles_weights_only(inputs):
                        load_file(inputs.paths["model"] / "model.safetensors")["model.embed_tokens.weight"])
 
 
+def test_short_calibration_text_warns_once_and_compresses(inputs, tmp_path):
+    """Text for 1 window of 16 but 2 asked for: the CLI warns once on stderr, overlaps windows and succeeds."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())",
+                           "compress", inputs["model"], "-o", str(out), "--calib", inputs["short_text"], *SAMPLES, "-q"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    found = re.fullmatch(r"WARNING lowrank\.calibration: calibration text has 21 tokens, enough for 1 non-overlapping "
+                         r"windows of 16 but 2 were requested; using 2 overlapping windows, which cover (\d+) distinct "
+                         r"tokens \((\d+)% of the text\); give more text for independent windows", lines[0])
+    assert found, lines[0]
+    assert 16 <= int(found[1]) <= 21 and int(found[2]) == round(100 * int(found[1]) / 21)
+    assert main(["verify", str(out)]) == 0
+
+
 def test_the_intact_folders_pass(inputs, tmp_path, capsys):
     """The rows fail for the reason given: the untouched model compresses and its output verifies."""
     out = tmp_path / "out"
@@ -809,7 +826,7 @@ def test_verify_sharded_folder(inputs, tmp_path):
 STAGES = ("loading", "calibrating", "factoring", "saving")
 
 #: A `lowrank compress` process that runs once per stage and, inside that stage, tells the parent
-#: (by creating a marker file) and waits for it to send SIGINT. One process keeps imports to one.
+#: (a line "in STAGE" on stdout) and waits for it to send SIGINT. One process keeps imports to one.
 CHILD = r"""
 import sys, time
 from pathlib import Path
@@ -827,8 +844,9 @@ for stage in stages:
     def wrapper(*args, **kwargs):
         calls[0] += 1
         if calls[0] == on_call:
-            (folder / f"in-{stage}").touch()
-            time.sleep(60)  # the parent's SIGINT ends this sleep with KeyboardInterrupt
+            print("in", stage, flush=True)
+            while True:
+                time.sleep(0.01)  # the parent's SIGINT ends this wait with KeyboardInterrupt
         return original(*args, **kwargs)
     setattr(owner, attr, wrapper)
     code = main([a.replace("OUT", str(folder / f"out-{stage}")) for a in argv])
@@ -843,37 +861,34 @@ def test_ctrl_c_from_outside(inputs, tmp_path):
     argv = ["compress", inputs["model"], "-o", "OUT", *SAMPLES, "-q"]
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), ",".join(STAGES), *argv], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
     try:
         for stage in STAGES:
-            marker = tmp_path / f"in-{stage}"
-            deadline = time.monotonic() + 120
-            while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert marker.exists(), f"the child never reached the {stage} stage: {child.communicate()}"
+            lines.append(child.stdout.readline().strip())  # blocks until the child is inside the stage
+            assert lines[-1] == f"in {stage}", f"the child never reached the {stage} stage: {lines} {child.communicate()}"
             child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=120)
+            lines.append(child.stdout.readline().strip())  # the stage's exit code, once main has returned
+        out, err = child.communicate()
     finally:
         child.kill()
     assert child.returncode == 0, err
-    assert out.split() == [word for stage in STAGES for word in (stage, "130")], out
+    assert lines == [line for stage in STAGES for line in (f"in {stage}", f"{stage} 130")] and not out, (lines, out)
     lines = [line for line in err.splitlines() if line.strip()]  # click writes a newline on Ctrl-C
     assert lines == ["error: interrupted; nothing was written and the input is untouched"] * len(STAGES), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"in-{stage}" for stage in STAGES), \
-        "output or temporary files left behind"
+    assert list(tmp_path.iterdir()) == [], "output or temporary files left behind"
     assert tree_hashes(inputs.root) == before
 
 
 # ---- the real model ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2, tmp_path):
+def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2_compressed, tmp_path):
     """SmolLM2-135M: a fresh compressed folder verifies; a changed byte and a NaN are caught and named."""
     from lowrank.errors import LowrankError
     from lowrank.verify import check_finite_weights, verify_folder
 
-    model = copy.deepcopy(smollm2.model)
-    plan = compress_model(model, ratio=0.8, method="svd", strategy="uniform", progress=False, source="smollm2-135m")
-    folder = save_compressed(model, smollm2.tokenizer, plan, tmp_path / "compressed")
+    plan = smollm2_compressed.plan  # the session's shared compression, damaged here only in copies
+    folder = copy_model(smollm2_compressed.folder, tmp_path / "compressed")
     result = verify_folder(folder)
     assert result.ok, result.problems
     assert result.factored == len(plan.factored) == 210 and result.dense == len(plan.modules) - 210
@@ -887,6 +902,7 @@ def test_real_compressed_folder_verifies_and_damage_is_caught(smollm2, tmp_path)
         "weight file model.safetensors does not match its recorded sha256; it was modified or damaged"]
 
     name = "model.layers.7.mlp.down_proj"
+    model = copy.deepcopy(smollm2_compressed.model)
     with torch.no_grad():
         model.get_submodule(name).up.weight[3, 5] = float("nan")
     with pytest.raises(LowrankError, match=f"module {re.escape(name)}.up holds 1 NaN/Inf"):

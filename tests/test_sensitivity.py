@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.errors import LowrankError
 from lowrank.sensitivity import direction_costs, measure_output_fisher
 from lowrank.targets import find_targets

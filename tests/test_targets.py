@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, make_tiny_model
+from helpers import TINY_ARCHITECTURES, make_tiny_model
 
 from lowrank.errors import LowrankError
 from lowrank.targets import find_block_list, find_targets, weight_matrix

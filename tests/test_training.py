@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows
 from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.compress import compress_model, count_parameters
 from lowrank.config import RecoveryConfig
