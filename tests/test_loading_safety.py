@@ -253,14 +253,15 @@ def test_lm_eval_reads_the_folder_through_the_hook(installed_env, compressed, tm
 
 
 def byte_perplexity(folder: Path, jsonl: Path) -> float:
-    """exp(−Σ log p(text) / bytes), each text scored after the end-of-text token, as lm-eval's rolling
-    log-likelihood does for texts shorter than the context."""
+    """exp(−Σ log p(text) / bytes), each text scored after the BOS token (EOS when there is none), as
+    lm-eval's rolling log-likelihood does for texts shorter than the context."""
     model, tokenizer = lowrank.load(folder), transformers.AutoTokenizer.from_pretrained(folder)
     total, n_bytes = 0.0, 0
     for line in jsonl.read_text().splitlines():
         text = json.loads(line)["text"]
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        inputs = torch.tensor([[tokenizer.eos_token_id, *ids[:-1]]])
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        inputs = torch.tensor([[prefix, *ids[:-1]]])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=inputs).logits.double(), dim=-1)[0]
         total += logprobs[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
