@@ -74,7 +74,7 @@ class LowrankQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
 
-    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+    def get_state_dict(self, model):
         """What save_pretrained writes: the model's tensors plus one guard per factored module."""
         import torch
 
@@ -83,7 +83,11 @@ class LowrankQuantizer(HfQuantizer):
             dtype = model.get_submodule(name).up.weight.dtype
             state[guard_key(name)] = torch.zeros(GUARD_SHAPE, dtype=dtype)
         self.quantization_config.format_version = FORMAT_VERSION  # config.json is written after this
-        return state, dict(SAFETENSORS_METADATA)
+        return state
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        """transformers 5's name for `get_state_dict`, with the safetensors header's metadata."""
+        return self.get_state_dict(model), dict(SAFETENSORS_METADATA)
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True

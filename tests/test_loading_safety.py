@@ -48,6 +48,7 @@ def make_env(root: Path, extra_modules: tuple = ()) -> Path:
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              check=True, capture_output=True, text=True).stdout.strip()
     dirs = dict.fromkeys(_site_dir(m) for m in (torch, transformers, *extra_modules))
+    dirs = sorted(dirs, key=lambda d: sys.path.index(d) if d in sys.path else len(sys.path))  # this process's order
     Path(purelib, "_lowrank_test_deps.pth").write_text("\n".join(dirs) + "\n")
     return python
 
@@ -64,6 +65,8 @@ def plain_env(tmp_path_factory) -> Path:
     python = make_env(tmp_path_factory.mktemp("plain-env"))
     found = run_in(python, "import importlib.util; print(importlib.util.find_spec('lowrank'))", python.parent)
     assert found.stdout.strip() == "None", found.stderr  # this environment really lacks lowrank
+    version = run_in(python, "import transformers; print(transformers.__version__)", python.parent)
+    assert version.stdout.strip() == transformers.__version__, version.stderr  # and has this transformers
     return python
 
 
@@ -126,10 +129,9 @@ def test_plain_transformers_without_lowrank_raises(plain_env, compressed, tmp_pa
     done = run_in(plain_env, load_script(folder, tmp_path / "logits.safetensors"), tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("RAISED RuntimeError"), done.stdout
-    assert "ignore_mismatched_sizes" in done.stdout
+    assert "mismatch" in done.stdout.lower() and "torch.Size([1])" in done.stdout + done.stderr  # the guard's shape
     assert not (tmp_path / "logits.safetensors").exists()
     assert "Unknown quantization type, got lowrank" in done.stderr  # transformers names the missing method
-    assert re.search(r"self_attn\.q_proj\.weight\s*\|\s*MISMATCH", done.stderr)
 
 
 def test_ignore_mismatched_sizes_is_the_documented_gap(plain_env, compressed, tmp_path):
@@ -139,9 +141,10 @@ def test_ignore_mismatched_sizes_is_the_documented_gap(plain_env, compressed, tm
     done = run_in(plain_env, load_script(folder, tmp_path / "l.safetensors", ignore_mismatched_sizes=True), tmp_path)
     assert done.stdout.startswith("LOADED"), done.stdout + done.stderr
     ranks = json.loads((folder / "config.json").read_text())["quantization_config"]["ranks"]
-    for name in ranks:
-        layer, _, module = name.rpartition(".layers.")[2].partition(".")
-        assert re.search(rf"{re.escape(module)}\.weight\s*\|\s*MISMATCH", done.stderr), name
+    assert re.search(r"size mismatch|shapes did not match", done.stderr, re.I)  # transformers 5 | 4.x words
+    for name in ranks:  # transformers 5 folds the layer index into "layers.{0, 1}."; 4.x lists each weight
+        module = name.rpartition(".layers.")[2].partition(".")[2]
+        assert f"{module}.weight" in done.stderr, name
 
 
 # ---- 2. lowrank installed, never imported: from_pretrained just works ----------------------------------
