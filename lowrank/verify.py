@@ -54,7 +54,9 @@ class Verification:
         if self.protected:
             return (f"format version {self.format_version}; protected: transformers without lowrank refuses "
                     f"to load it (size mismatch on {self.factored} guard(s))")
-        if self.format_version is not None and self.format_version < FIRST_GUARDED_FORMAT:
+        if self.format_version is None:
+            return "format version unknown (config.json's quantization_config is unreadable); NOT protected"
+        if self.format_version < FIRST_GUARDED_FORMAT:
             return (f"format version {self.format_version}; NOT protected: transformers without lowrank would "
                     "load it with random weights in place of the factored modules; to add the guards, load it with "
                     "lowrank.load and write it again with lowrank.save_compressed")
@@ -225,9 +227,10 @@ def verify_folder(folder: str | Path) -> Verification:
     result.dense = len(plan.modules) - result.factored
     if shapes and (result.format_version or 0) >= FIRST_GUARDED_FORMAT:
         result.unguarded = unguarded_modules(plan.factored, shapes)
-        for name in result.unguarded[:1]:
+        missing = [name for name in result.unguarded if guard_key(name) not in shapes]  # the rest hold a dense weight
+        for name in missing[:1]:
             result.problems.append(
                 f"{name} lacks its guard {guard_key(name)} of shape {list(GUARD_SHAPE)} (format version "
                 f"{result.format_version}); transformers without lowrank would load random weights for it "
-                f"({len(result.unguarded)} module(s) unguarded); recompress")
+                f"({len(missing)} module(s) lack their guard); recompress")
     return result

@@ -38,7 +38,7 @@ def test_compress_save_reload_same_logits(arch, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "lowrank"
     assert config["quantization_config"]["ranks"] == plan.factored
-    assert config["quantization_config"]["format_version"] == 1
+    assert config["quantization_config"]["format_version"] == 2
 
     reloaded = lowrank.load(out)
     assert (logits(reloaded, windows) - before).abs().max() < 1e-5

@@ -22,9 +22,9 @@ def command(folder):
     Prints "ok: ..." and exits 0 when sound; otherwise one line per problem and exit code 1.
     """
     result = verify_folder(folder)
+    click.echo(f"format: {result.protection()}")
     if result.ok:
         click.echo(f"ok: {result.summary()}")
-        click.echo(f"format: {result.protection()}")
         return 0
     for problem in result.problems:
         click.echo(f"problem: {problem}")
