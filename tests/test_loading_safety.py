@@ -74,8 +74,7 @@ def plain_env(tmp_path_factory) -> Path:
 def installed_env(tmp_path_factory) -> Path:
     """A venv with lowrank installed editable from this checkout, as CI and developers install it."""
     python = make_env(tmp_path_factory.mktemp("installed-env"))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--no-index", "-e", str(REPO)], check=True, capture_output=True)
+    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     return python
 
 
@@ -156,6 +155,41 @@ def test_installed_lowrank_loads_without_import(installed_env, compressed, tmp_p
     assert done.stdout.strip() == "LOADED lowrank-imported: True", done.stdout + done.stderr
     assert (load_file(out)["logits"] - reference).abs().max() <= 1e-5
     assert "UNEXPECTED" not in done.stderr and "MISMATCH" not in done.stderr  # the guards are skipped quietly
+
+
+def pip_into(python: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args, "--quiet"], check=True,
+                   capture_output=True)
+
+
+def hook_files(python: Path) -> list[str]:
+    purelib = run_in(python, "import sysconfig; print(sysconfig.get_path('purelib'))", python.parent).stdout.strip()
+    return sorted(p.name for p in Path(purelib).iterdir() if p.name.startswith(("lowrank-autoload", "lowrank_autoload")))
+
+
+def test_wheel_install_loads_without_import_and_uninstalls_cleanly(compressed, tmp_path):
+    """Users install a wheel: the hook ships in it, works, and `pip uninstall` takes it away."""
+    folder, reference = compressed
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
+    subprocess.run([*pip_wheel, "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("lowrank-*.whl")
+    python = make_env(tmp_path / "env")
+    pip_into(python, "install", "--no-deps", "--no-index", str(wheel))
+    assert hook_files(python) == ["lowrank-autoload.pth", "lowrank_autoload.py"]
+    out = tmp_path / "logits.safetensors"
+    done = run_in(python, load_script(folder, out), tmp_path)
+    assert done.stdout.strip() == "LOADED lowrank-imported: True", done.stdout + done.stderr
+    assert (load_file(out)["logits"] - reference).abs().max() <= 1e-5
+    pip_into(python, "uninstall", "--yes", "lowrank")
+    assert hook_files(python) == []
+
+
+def test_editable_uninstall_removes_the_hook(tmp_path):
+    python = make_env(tmp_path / "env")
+    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
+    assert hook_files(python) == ["lowrank-autoload.pth"]  # the module itself stays in the checkout
+    pip_into(python, "uninstall", "--yes", "lowrank")
+    assert hook_files(python) == []
 
 
 def test_autoload_switched_off_leaves_the_guard(installed_env, compressed, tmp_path):
@@ -240,8 +274,7 @@ def test_lm_eval_reads_the_folder_through_the_hook(installed_env, compressed, tm
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install -e '.[eval]'")
     folder, _ = compressed
     python = make_env(tmp_path / "env", extra_modules=(lm_eval,))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--no-index", "-e", str(REPO)], check=True, capture_output=True)
+    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     task = shutil.copytree(FIXTURES / "lm_eval", tmp_path / "task")
     code = ("import sys; from lm_eval.__main__ import cli_evaluate\n"
             f"sys.argv = ['lm_eval', '--model', 'hf', '--model_args', 'pretrained={folder},dtype=float32',"
