@@ -55,9 +55,25 @@ def make_env(root: Path, extra_modules: tuple = ()) -> Path:
 
 def run_in(python: Path, code: str, cwd: Path, **env_changes) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter, outside the checkout, with no PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOWRANK_AUTOLOAD")}
+    env = clean_env()
     env.update(PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_changes)
     return subprocess.run([str(python), "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PYTHONPATH (which may point at a checkout) or the hook switch."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOWRANK_AUTOLOAD")}
+
+
+def pip_into(python: Path, *args: str) -> None:
+    """Run pip for the environment of `python`."""
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args, "--quiet"], check=True,
+                   capture_output=True, env=clean_env())
+
+
+def hook_files(python: Path) -> list[str]:
+    purelib = run_in(python, "import sysconfig; print(sysconfig.get_path('purelib'))", python.parent).stdout.strip()
+    return sorted(p.name for p in Path(purelib).iterdir() if p.name.startswith(("lowrank-autoload", "lowrank_autoload")))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +90,7 @@ def plain_env(tmp_path_factory) -> Path:
 def installed_env(tmp_path_factory) -> Path:
     """A venv with lowrank installed editable from this checkout, as CI and developers install it."""
     python = make_env(tmp_path_factory.mktemp("installed-env"))
-    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
+    pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     return python
 
 
@@ -157,24 +173,14 @@ def test_installed_lowrank_loads_without_import(installed_env, compressed, tmp_p
     assert "UNEXPECTED" not in done.stderr and "MISMATCH" not in done.stderr  # the guards are skipped quietly
 
 
-def pip_into(python: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args, "--quiet"], check=True,
-                   capture_output=True)
-
-
-def hook_files(python: Path) -> list[str]:
-    purelib = run_in(python, "import sysconfig; print(sysconfig.get_path('purelib'))", python.parent).stdout.strip()
-    return sorted(p.name for p in Path(purelib).iterdir() if p.name.startswith(("lowrank-autoload", "lowrank_autoload")))
-
-
 def test_wheel_install_loads_without_import_and_uninstalls_cleanly(compressed, tmp_path):
     """Users install a wheel: the hook ships in it, works, and `pip uninstall` takes it away."""
     folder, reference = compressed
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
-    subprocess.run([*pip_wheel, "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True)
+    subprocess.run([*pip_wheel, "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, env=clean_env())
     [wheel] = (tmp_path / "dist").glob("lowrank-*.whl")
     python = make_env(tmp_path / "env")
-    pip_into(python, "install", "--no-deps", "--no-index", str(wheel))
+    pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-index", str(wheel))
     assert hook_files(python) == ["lowrank-autoload.pth", "lowrank_autoload.py"]
     out = tmp_path / "logits.safetensors"
     done = run_in(python, load_script(folder, out), tmp_path)
@@ -186,7 +192,7 @@ def test_wheel_install_loads_without_import_and_uninstalls_cleanly(compressed, t
 
 def test_editable_uninstall_removes_the_hook(tmp_path):
     python = make_env(tmp_path / "env")
-    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
+    pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     assert hook_files(python) == ["lowrank-autoload.pth"]  # the module itself stays in the checkout
     pip_into(python, "uninstall", "--yes", "lowrank")
     assert hook_files(python) == []
@@ -269,12 +275,12 @@ def test_vllm_entry_point_is_declared_and_refuses(installed_env, tmp_path):
         refuse({"quant_method": "lowrank", "format_version": 2})
 
 
-def test_lm_eval_reads_the_folder_through_the_hook(installed_env, compressed, tmp_path):
+def test_lm_eval_reads_the_folder_through_the_hook(compressed, tmp_path):
     """`lm_eval --model hf` on a compressed folder, offline, on the local task in tests/fixtures/lm_eval."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install -e '.[eval]'")
     folder, _ = compressed
     python = make_env(tmp_path / "env", extra_modules=(lm_eval,))
-    pip_into(python, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
+    pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     task = shutil.copytree(FIXTURES / "lm_eval", tmp_path / "task")
     code = ("import sys; from lm_eval.__main__ import cli_evaluate\n"
             f"sys.argv = ['lm_eval', '--model', 'hf', '--model_args', 'pretrained={folder},dtype=float32',"
