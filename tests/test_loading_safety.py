@@ -291,7 +291,9 @@ def test_lm_eval_reads_the_folder_through_the_hook(compressed, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     [result_file] = (task / "results").rglob("results_*.json")
     measured = json.loads(result_file.read_text())["results"]["lowrank_tiny_text"]["byte_perplexity,none"]
-    assert measured == pytest.approx(byte_perplexity(folder, task / "lowrank_tiny_text.jsonl"), rel=1e-4)
+    expected = byte_perplexity(folder, task / "lowrank_tiny_text.jsonl")
+    print(f"lm-eval byte_perplexity {measured:.6f}, computed here {expected:.6f}")
+    assert measured == pytest.approx(expected, rel=1e-4)
 
 
 def byte_perplexity(folder: Path, jsonl: Path) -> float:
