@@ -21,6 +21,8 @@ def enabled() -> bool:
 
 def register_lowrank() -> None:
     """Register lowrank's quantizer with transformers; warn, never raise, when that fails."""
+    if "lowrank" in sys.modules:  # imported, or being imported: `import lowrank` registers it itself
+        return
     try:
         from lowrank import hf_integration
 

@@ -198,6 +198,13 @@ def test_editable_uninstall_removes_the_hook(tmp_path):
     assert hook_files(python) == []
 
 
+def test_import_lowrank_with_the_hook_installed_is_quiet(installed_env, tmp_path):
+    """`import lowrank` imports transformers.quantizers itself; the hook must leave that registration alone."""
+    code = "import lowrank, transformers.quantizers.auto as auto; print(auto.AUTO_QUANTIZER_MAPPING['lowrank'].__name__)"
+    done = run_in(installed_env, code, tmp_path, PYTHONWARNINGS="error::RuntimeWarning")
+    assert done.stdout.strip() == "LowrankQuantizer" and "RuntimeWarning" not in done.stderr, done.stderr
+
+
 def test_autoload_switched_off_leaves_the_guard(installed_env, compressed, tmp_path):
     folder, _ = compressed
     done = run_in(installed_env, load_script(folder, tmp_path / "l.safetensors"), tmp_path, LOWRANK_AUTOLOAD="0")
@@ -230,10 +237,15 @@ def test_version_1_folder_still_loads():
 
 
 def test_resaving_a_version_1_folder_adds_guards(tmp_path):
+    """lowrank.save_compressed and a plain save_pretrained of the loaded model both write format 2."""
     model = lowrank.load(FIXTURES / "format-v1")
     plan, _ = lowrank.checkpoint.read_plan(FIXTURES / "format-v1")
     result = verify_folder(save_compressed(model, None, plan, tmp_path / "v2"))
     assert result.ok and result.format_version == 2 and result.protected
+    transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / "format-v1").save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(tensors[f"{name}.weight"].shape == GUARD_SHAPE for name in plan.factored)
 
 
 def test_newer_format_is_refused(compressed, tmp_path):
