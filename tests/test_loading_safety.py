@@ -212,15 +212,17 @@ def test_autoload_switched_off_leaves_the_guard(installed_env, compressed, tmp_p
 
 
 def test_autoload_startup_cost_under_5ms(installed_env, tmp_path):
-    """`python -X importtime`: the hook's own import, measured in the interpreter's start-up."""
-    done = run_in(installed_env, "pass", tmp_path, PYTHONPROFILEIMPORTTIME="1")
-    costs = [int(m.group(1)) for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \|\s+lowrank_autoload$",
-                                                   done.stderr, re.M)]
-    assert len(costs) == 1, done.stderr[-2000:]
-    imported = re.findall(r"\|\s+(\S+)$", done.stderr, re.M)
-    assert not {"torch", "transformers", "lowrank"} & set(imported)
-    print(f"lowrank_autoload start-up cost: {costs[0]} µs")
-    assert costs[0] < 5000
+    """`python -X importtime`: the hook's own import during start-up, best of 5 runs (the cores are shared)."""
+    costs = []
+    for _ in range(5):
+        done = run_in(installed_env, "pass", tmp_path, PYTHONPROFILEIMPORTTIME="1")
+        found = re.findall(r"import time:\s+\d+ \|\s+(\d+) \|\s+lowrank_autoload$", done.stderr, re.M)
+        assert len(found) == 1, done.stderr[-2000:]
+        imported = set(re.findall(r"\|\s+(\S+)$", done.stderr, re.M))
+        assert not {"torch", "transformers", "lowrank"} & imported  # the hook imports none of them
+        costs.append(int(found[0]))
+    print(f"lowrank_autoload start-up cost (µs, editable install): {costs}")
+    assert min(costs) < 5000
 
 
 def test_version_1_folder_still_loads():
