@@ -3,6 +3,8 @@
 A compressed `config.json` carries `quantization_config = {"quant_method": "lowrank", "ranks": ...}`.
 transformers looks the method up among registered quantizers; ours swaps a `LowRankLinear` in
 for every factored module while the model is still on the meta device, before the weights load.
+On save it adds the guards (lowrank.folder_guard) that make a load without lowrank fail; on load
+it skips them. `register` runs on `import lowrank`, and from the start-up hook (lowrank_autoload).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .folder_guard import FORMAT_VERSION, GUARD_SHAPE, READABLE_FORMATS, SAFETENSORS_METADATA, guard_key, guard_patterns
+
 QUANT_METHOD = "lowrank"
-FORMAT_VERSION = 1
 
 
 class LowrankConfig(QuantizationConfigMixin):
@@ -34,12 +37,12 @@ class LowrankConfig(QuantizationConfigMixin):
         self.format_version = int(format_version)
         self.ranks = dict(ranks or {})
         self.method = method
-        if self.format_version > FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMATS:
             from .errors import LowrankError
 
             raise LowrankError(
-                f"checkpoint format version {self.format_version} is newer than this lowrank "
-                f"(reads up to {FORMAT_VERSION}); upgrade lowrank"
+                f"checkpoint format version {self.format_version} is not one this lowrank reads "
+                f"({', '.join(map(str, READABLE_FORMATS))}); upgrade lowrank (pip install -U lowrank)"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,11 +65,29 @@ class LowrankQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         from .layers import install_lowrank_skeleton
 
-        install_lowrank_skeleton(model, self.quantization_config.ranks)
+        ranks = self.quantization_config.ranks
+        install_lowrank_skeleton(model, ranks)
+        ignored = set(model._keys_to_ignore_on_load_unexpected or ())
+        model._keys_to_ignore_on_load_unexpected = ignored | guard_patterns(ranks)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
+
+    def get_state_dict(self, model):
+        """What save_pretrained writes: the model's tensors plus one guard per factored module."""
+        import torch
+
+        state = dict(model.state_dict())
+        for name in self.quantization_config.ranks:
+            dtype = model.get_submodule(name).up.weight.dtype
+            state[guard_key(name)] = torch.zeros(GUARD_SHAPE, dtype=dtype)
+        self.quantization_config.format_version = FORMAT_VERSION  # config.json is written after this
+        return state
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        """transformers 5's name for `get_state_dict`, with the safetensors header's metadata."""
+        return self.get_state_dict(model), dict(SAFETENSORS_METADATA)
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True

@@ -5,8 +5,9 @@
 shapes (read from the safetensors headers) against the plan: every factored module holds
 `down.weight` (k × in) and `up.weight` (out × k) of its planned rank and no dense weight, every
 dense module its full weight and no factors, and no factors exist for modules the plan lacks.
-Every tensor is also checked for NaN and Inf. `check_finite_weights` refuses a model holding NaN or
-Inf before any work starts on it.
+Every tensor is also checked for NaN and Inf, and the folder's format version and its guards
+against a plain transformers load are reported (lowrank.folder_guard). `check_finite_weights`
+refuses a model holding NaN or Inf before any work starts on it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 from .errors import LowrankError
 from .fileio import sha256_file
 from .folder_format import PLAN_FILE, read_plan_record, weight_files
+from .folder_guard import (FIRST_GUARDED_FORMAT, GUARD_SHAPE, READABLE_FORMATS, format_version_of, guard_key, is_guard,
+                           unguarded_modules)
 from .plan import Plan
 
 #: Suffixes of the tensors a LowRankLinear stores (its bias lives on `up`).
@@ -37,10 +40,31 @@ class Verification:
     factored: int = 0
     dense: int = 0
     tensors: int = 0
+    format_version: int | None = None
+    unguarded: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def protected(self) -> bool:
+        """A plain transformers load (lowrank not installed) of this folder raises instead of misloading."""
+        return (self.format_version or 0) >= FIRST_GUARDED_FORMAT and not self.unguarded
+
+    def protection(self) -> str:
+        """One line: the format version and whether a load without lowrank fails loudly."""
+        if self.protected:
+            return (f"format version {self.format_version}; protected: transformers without lowrank refuses "
+                    f"to load it (size mismatch on {self.factored} guard(s))")
+        if self.format_version is None:
+            return "format version unknown (config.json's quantization_config is unreadable); NOT protected"
+        if self.format_version < FIRST_GUARDED_FORMAT:
+            return (f"format version {self.format_version}; NOT protected: transformers without lowrank would "
+                    "load it with random weights in place of the factored modules; to add the guards, load it with "
+                    "lowrank.load and write it again with lowrank.save_compressed")
+        return (f"format version {self.format_version}; NOT protected: {len(self.unguarded)} factored module(s) "
+                "lack their guard; recompress")
 
     def summary(self) -> str:
         """One line describing what was checked."""
@@ -103,20 +127,29 @@ def _check_hashes(folder: Path, recorded: dict, problems: list[str]) -> list[Pat
     return present
 
 
-def _check_config_ranks(folder: Path, plan, problems: list[str]) -> None:
+def _check_config_ranks(folder: Path, plan, problems: list[str]) -> int | None:
+    """Ranks in config.json agree with the plan; return the folder's format version (None if unreadable)."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         problems.append(f"config.json cannot be read ({type(exc).__name__}); copy the original config back")
-        return
+        return None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     ranks = quant.get("ranks") if isinstance(quant, dict) else None
     if ranks != plan.factored:
         problems.append(f"the ranks in config.json's quantization_config disagree with {PLAN_FILE}")
+    version = format_version_of(quant)
+    if isinstance(quant, dict) and version not in READABLE_FORMATS:
+        problems.append(f"config.json's quantization_config.format_version is {quant.get('format_version')!r}; "
+                        f"this lowrank reads {', '.join(map(str, READABLE_FORMATS))}: upgrade lowrank")
+    return version
 
 
 def _check_tensors(shapes: dict[str, tuple[int, ...]], plan, problems: list[str]) -> None:
-    """Plan and weights agree: factors of the planned rank for factored modules, full weights for dense ones."""
+    """Plan and weights agree: factors of the planned rank for factored modules, full weights for dense ones.
+
+    A factored module may hold a guard (lowrank.folder_guard) under its dense weight name; never a dense weight.
+    """
     for name, module in plan.modules.items():
         out_features, in_features = module.shape
         if module.rank is not None:
@@ -126,7 +159,7 @@ def _check_tensors(shapes: dict[str, tuple[int, ...]], plan, problems: list[str]
                     problems.append(f"{name} is factored in the plan but the weights lack {key}")
                 elif shapes[key] != shape:
                     problems.append(f"{key} has shape {list(shapes[key])}, the plan (rank {module.rank}) needs {list(shape)}")
-            if f"{name}.weight" in shapes:
+            if guard_key(name) in shapes and not is_guard(shapes[guard_key(name)]):
                 problems.append(f"{name} is factored in the plan but the weights still hold its dense {name}.weight")
         else:
             key = f"{name}.weight"
@@ -173,7 +206,7 @@ def verify_folder(folder: str | Path) -> Verification:
         result.problems.append(str(exc))
         return result
     present = _check_hashes(folder, recorded, result.problems)
-    _check_config_ranks(folder, plan, result.problems)
+    result.format_version = _check_config_ranks(folder, plan, result.problems)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in present:
         found = _tensor_shapes(path, result.problems)
@@ -188,4 +221,12 @@ def verify_folder(folder: str | Path) -> Verification:
     result.tensors = len(shapes)
     result.factored = len(plan.factored)
     result.dense = len(plan.modules) - result.factored
+    if shapes and (result.format_version or 0) >= FIRST_GUARDED_FORMAT:
+        result.unguarded = unguarded_modules(plan.factored, shapes)
+        missing = [name for name in result.unguarded if guard_key(name) not in shapes]  # the rest hold a dense weight
+        for name in missing[:1]:
+            result.problems.append(
+                f"{name} lacks its guard {guard_key(name)} of shape {list(GUARD_SHAPE)} (format version "
+                f"{result.format_version}); transformers without lowrank would load random weights for it "
+                f"({len(missing)} module(s) lack their guard); recompress")
     return result

@@ -197,6 +197,12 @@ def build_inputs(root: Path) -> Inputs:
     p["plan_not_json"] = copy_model(p["compressed"], root / "plan_not_json")
     (p["plan_not_json"] / PLAN_FILE).write_text("{ this is not json")
     p["weights_missing"] = copy_model(p["compressed"], root / "weights_missing", drop=("*.safetensors",))
+    p["format_newer"] = copy_model(p["compressed"], root / "format_newer")
+    config = json.loads((p["format_newer"] / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (p["format_newer"] / "config.json").write_text(json.dumps(config, indent=2))
+    p["guard_missing"] = copy_model(p["compressed"], root / "guard_missing")
+    _rewrite_weights(p["guard_missing"], lambda tensors: tensors.pop(f"{NAN_MODULE}.weight"))
 
     # Plan files for `compress --plan`, edited from the plan of the compressed folder.
     plans = root / "plans"
@@ -527,6 +533,14 @@ ROWS = [
         r"\.rank must be a positive integer or null"),
     Row("folder-plan-not-json", "read-back", "a compressed folder whose plan file is not JSON",
         command("verify", "{plan_not_json}"), r"failed verification: cannot read .*lowrank_plan.json"),
+    Row("verify-format-newer", "read-back", "`lowrank verify` on a folder of a newer format version (3)",
+        command("verify", "{format_newer}"), r"format_version is 3; this lowrank reads 1, 2: upgrade lowrank"),
+    Row("load-format-newer", "read-back", "loading (`lowrank eval`) a folder of a newer format version (3)",
+        command("eval", "{format_newer}", "--seq-len", "16", "--max-windows", "1", "-q"),
+        r"format version 3 is not one this lowrank reads \(1, 2\); upgrade lowrank"),
+    Row("verify-guard-missing", "read-back", "`lowrank verify` on a format-2 folder missing one module's guard tensor",
+        command("verify", "{guard_missing}"),
+        r"lacks its guard .*transformers without lowrank would load random weights for it"),
     Row("verify-not-compressed", "read-back", "`lowrank verify` on a dense model folder",
         command("verify", "{model}"), r"no lowrank_plan.json"),
     Row("verify-folder-missing", "read-back", "`lowrank verify` on a folder that does not exist",

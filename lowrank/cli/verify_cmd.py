@@ -17,9 +17,12 @@ def command(folder):
     must be what the plan says: down (k × in) and up (out × k) factors of the planned rank for
     every factored module, the full weight for every dense one, nothing else low-rank; and
     every tensor must be finite (no NaN or Inf).
+    Also prints the folder's format version and whether transformers without lowrank refuses to
+    load it ("protected"; format 1 folders are not).
     Prints "ok: ..." and exits 0 when sound; otherwise one line per problem and exit code 1.
     """
     result = verify_folder(folder)
+    click.echo(f"format: {result.protection()}")
     if result.ok:
         click.echo(f"ok: {result.summary()}")
         return 0
