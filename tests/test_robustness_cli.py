@@ -10,7 +10,8 @@ offline character-level tokenizer, so the whole table runs in seconds. Ctrl-C is
 in-process rows send it to the test process itself at the named stage; `test_ctrl_c_from_outside`
 sends it from a parent process to a `lowrank` subprocess.
 
-Set LOWRANK_ROBUSTNESS_TABLE=FILE to write the observed messages as the README's markdown table.
+Set LOWRANK_ROBUSTNESS_TABLE=FILE to write the observed messages as the markdown table of
+docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -639,19 +640,19 @@ ROWS = [
         r"would overwrite or write into the input"),
 ]
 
-#: What each row printed, collected for the README table (see LOWRANK_ROBUSTNESS_TABLE).
+#: What each row printed, collected for the table in docs/robustness.md (see LOWRANK_ROBUSTNESS_TABLE).
 OBSERVED: dict[str, str] = {}
 
 
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
-          "recipe": "recipes (lowrank run)"}
-README = Path(__file__).resolve().parents[1] / "README.md"
+          "recipe": "recipes (lowrank run)", "profile": "saved profiles"}
+ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 
 
 def markdown_table(observed: dict[str, str]) -> str:
-    """The README table: one row per bad input, what the user saw, and the test row that checks it."""
+    """The docs/robustness.md table: one row per bad input, what the user saw, and the test row that checks it."""
     lines = [f"**{len(ROWS)} bad inputs tried**, each run through the CLI by "
              "`tests/test_robustness_cli.py::test_bad_input_is_refused_cleanly[ROW]`, which asserts a non-zero "
              "exit code, one line on stderr and no traceback, nothing left in the output's folder (no output, no "
@@ -671,9 +672,9 @@ def write_table():
         Path(target).write_text(markdown_table(OBSERVED))
 
 
-def test_readme_table_lists_every_row():
-    """The README's table and this file's rows stay in step (regenerate with LOWRANK_ROBUSTNESS_TABLE)."""
-    text = README.read_text(encoding="utf-8")
+def test_robustness_table_lists_every_row():
+    """docs/robustness.md's table and this file's rows stay in step (regenerate with LOWRANK_ROBUSTNESS_TABLE)."""
+    text = ROBUSTNESS_DOC.read_text(encoding="utf-8")
     table = text[text.index(TABLE_MARKERS[0]):text.index(TABLE_MARKERS[1])]
     assert f"**{len(ROWS)} bad inputs tried**" in table
     rows = re.findall(r"^\|.*`\[([a-z0-9-]+)\]` \|$", table, flags=re.M)
