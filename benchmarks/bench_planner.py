@@ -21,7 +21,7 @@ import torch
 from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, environment, eval_ppl, fresh_copy, peak_rss_mib, write_report)
 
 from lowrank.calibration import collect_stats
-from lowrank.compress import apply_plan
+from lowrank.compression import apply_plan
 from lowrank.factorize import DEFAULT_DAMPING, Factors, WhiteningCache
 from lowrank.layers import LowRankLinear, replace_module
 from lowrank.plan import Plan

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowrank.calibration import text_windows
-from lowrank.evaluate import perplexity
+from lowrank.evaluation import perplexity
 from lowrank.loading import load_model
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"

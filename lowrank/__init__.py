@@ -20,17 +20,13 @@ _hf_integration.register()
 
 from .checkpoint import load_compressed as load  # noqa: E402
 from .checkpoint import save_compressed  # noqa: E402
-from .compress import compress_model  # noqa: E402
+from .compression import compress_model  # noqa: E402
 from .config import CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig  # noqa: E402
 from .errors import LowrankError  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .plan import Plan  # noqa: E402
 
-# The stage modules lowrank/compress.py and lowrank/evaluate.py share their names with the entry
-# points: load them first, so that `lowrank.compress` and `lowrank.evaluate` name the functions
-# (`from lowrank.compress import ...` still reads the module).
-from . import compress as _compress_module, evaluate as _evaluate_module  # noqa: E402, F401
 from .api import compress, evaluate, recover  # noqa: E402
 
 __all__ = ["__version__", "compress", "recover", "evaluate", "CompressConfig", "CalibrationConfig", "RecoveryConfig",

@@ -13,10 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import text_windows
+from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
+from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
                      resolve_device, torch_dtype)
 from .errors import LowrankError
+from .evaluation import perplexity
+from .loading import load_model
 from .plan import Plan
+from .planner import default_strategy, needs_spectra
+from .recovery import recover_folder
+from .report import write_compressed_report
+from .targets import find_targets
+from .training import recover as train_in_memory
+from .verify import check_finite_weights
+
 
 def config_record(config: CompressConfig, calibration: CalibrationConfig | None) -> dict[str, Any]:
     """The JSON record of the configs a compressed folder was made with (its lowrank_config.json)."""
@@ -32,7 +44,6 @@ def _open_source(source: "str | Path | nn.Module", tokenizer, dtype: str, device
 
     `tokenizer` is a tokenizer object for a model in memory, or a folder/hub id for one to load.
     """
-    from .loading import load_model
 
     if isinstance(source, nn.Module):
         return source, None if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -43,7 +54,6 @@ def _open_source(source: "str | Path | nn.Module", tokenizer, dtype: str, device
 
 
 def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tensor | None") -> torch.Tensor:
-    from .calibration import text_windows
 
     if isinstance(calibration, torch.Tensor):
         if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
@@ -76,9 +86,6 @@ def compress(
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
     """
-    from .checkpoint import check_output_dir, check_output_spares_input, save_compressed
-    from .compress import compress_model, needs_statistics
-    from .planner import default_strategy
 
     config = config or CompressConfig()
     plan = Plan.load(config.plan) if config.plan else None
@@ -122,9 +129,6 @@ def compress(
 def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: str,
                calibration: "CalibrationConfig | torch.Tensor | None", source: str | None, progress: bool) -> Plan:
     """The plan `compress` would follow, without factoring anything (calibrating only where planning needs it)."""
-    from .compress import check_plan_matches, needs_statistics, plan_model
-    from .planner import needs_spectra
-    from .targets import find_targets
 
     targets = find_targets(model, config.include, config.exclude)
     if config.plan:
@@ -159,8 +163,6 @@ def recover(
     trained in place (lowrank.training.recover): `data` is then a tensor of token windows, with
     optional `eval_windows` and `teacher` models. Returns the RecoveryResult.
     """
-    from .recovery import recover_folder
-    from .training import recover as train_in_memory
 
     config = config or RecoveryConfig()
     if isinstance(source, nn.Module):
@@ -195,9 +197,6 @@ def evaluate(
     `config.max_windows` of them); pass `windows` to score token windows you made yourself.
     Returns the PerplexityResult.
     """
-    from .calibration import text_windows
-    from .evaluate import perplexity
-    from .verify import check_finite_weights
 
     config = config or EvalConfig()
     model, tokenizer_object = _open_source(source, tokenizer, config.dtype, resolve_device(config.device),
@@ -232,8 +231,6 @@ def report(
     With an EvalConfig, also the perplexity of the source model (`source`, default: the plan's;
     `before=False` skips it) and of `folder` on the same windows. Returns report.json's content.
     """
-    from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan
-    from .report import write_compressed_report
 
     if not is_compressed_folder(folder):
         raise LowrankError(f"{folder} is not a compressed lowrank folder (no lowrank_plan.json); "
@@ -256,9 +253,6 @@ def report(
 def measure_perplexity(folder: str, source: str | None, config: EvalConfig, load_kwargs: dict,
                        progress: bool) -> dict[str, Any]:
     """Perplexity of the source model (before) and of the compressed folder (after), on the same windows."""
-    from .calibration import text_windows
-    from .evaluate import perplexity
-    from .loading import load_model
 
     after_model = load_model(folder, **load_kwargs)
     texts = list(config.texts)

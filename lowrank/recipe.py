@@ -26,8 +26,12 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import CONFIG_CLASSES, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig
+from . import api
+from .calibration import SAMPLE_TEXTS, sample_text_path
+from .checkpoint import atomic_write_text
+from .config import CONFIG_CLASSES, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
 from .errors import LowrankError
+from .verify import verify_folder
 
 RECIPE_VERSION = 1
 #: The resolved recipe, as written into every output folder.
@@ -229,7 +233,6 @@ def read_recipe(path: str | Path, assignments: list[str] | tuple[str, ...] = ())
 
 def resolve_texts(texts: list[str]) -> list[str]:
     """`bundled:NAME` → the path of the bundled text NAME (hamlet, macbeth, tempest, julius_caesar)."""
-    from .calibration import SAMPLE_TEXTS, sample_text_path
 
     resolved = []
     for text in texts:
@@ -245,7 +248,6 @@ def resolve_texts(texts: list[str]) -> list[str]:
 
 def stage_is_done(stage: Stage) -> bool:
     """True when the stage's output exists and is whole (compressed folders must pass `lowrank verify`)."""
-    from .verify import verify_folder
 
     out = Path(stage.output)
     if stage.kind in ("compress", "recover"):
@@ -266,7 +268,6 @@ def stage_is_done(stage: Stage) -> bool:
 def settings_differ(stage: Stage, wanted: dict[str, dict[str, Any]]) -> str | None:
     """The first setting in which a finished compress/recover output differs from this run's, e.g.
     'compress.ratio 0.8, not 0.6'; None when they agree (or for eval and report outputs)."""
-    from .config import read_config_record
 
     if stage.kind not in ("compress", "recover"):
         return None
@@ -286,8 +287,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
     `resume` skips a stage whose output is whole (and, for folders, made with the same settings); `dry_run` plans the compress stages (no
     factorization, nothing written) and only lists the others.
     """
-    from . import api
-    from .checkpoint import atomic_write_text
 
     resolved_yaml = recipe.to_yaml()
     calibration = recipe.calibration.replace(texts=resolve_texts(recipe.calibration.texts))

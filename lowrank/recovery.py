@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_compressed
+from .calibration import load_text, text_windows, token_windows, tokenize
+from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
 from .config import CONFIG_FILE, RecoveryConfig, read_config_record, resolve_device, torch_dtype
 from .errors import LowrankError
+from .loading import load_model
 from .training import RecoveryResult, recover
 from .training_log import plot_history
 
@@ -41,8 +43,6 @@ class RecoveryPaths:
 
 def training_windows(tokenizer, texts: list[str | Path], seq_len: int) -> torch.Tensor:
     """Every non-overlapping window of `seq_len` tokens of the training text, in order."""
-    from .calibration import load_text, token_windows, tokenize
-
     if not texts:
         raise LowrankError("recovery needs training text; pass --data with .txt files or a folder")
     return token_windows(tokenize(tokenizer, load_text(list(texts))), None, seq_len, what="training")
@@ -66,9 +66,6 @@ def recover_folder(
     output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
     The output's lowrank_config.json holds the folder's own configs plus this run's.
     """
-    from .calibration import text_windows
-    from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan
-    from .loading import load_model
 
     config = config or RecoveryConfig()
     config.validate()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .calibration import model_device
 from .errors import LowrankError
-from .evaluate import is_causal_lm
+from .evaluation import is_causal_lm
 from .targets import Target
 
 

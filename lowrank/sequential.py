@@ -1,6 +1,6 @@
 """Where compression gets each block's statistics: from the dense model, or block by block on the compressed path.
 
-Compression (`lowrank.compress`) factors one group of modules at a time from their input
+Compression (`lowrank.compression`) factors one group of modules at a time from their input
 statistics; a *producer* here hands it those groups as `BlockWork`. Two producers exist:
 
 - `dense_statistics` (one-shot): every factored module at once, statistics from the dense model;

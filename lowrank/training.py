@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compress import count_parameters
+from .compression import count_parameters
 from .config import RecoveryConfig
 from .distill import recovery_loss
 from .errors import LowrankError
-from .evaluate import perplexity
+from .evaluation import perplexity
 from .layers import LowRankLinear
 from .training_checkpoint import (TrainingState, check_resumable, load_checkpoint, read_checkpoint_state, restore,
                                   save_checkpoint, snapshot, tensor_digest)

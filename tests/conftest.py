@@ -67,7 +67,7 @@ def smollm2_compressed(smollm2, smollm2_dense_folder) -> CompressedSmolLM2:
     """
     from lowrank.calibration import text_windows
     from lowrank.checkpoint import save_compressed
-    from lowrank.compress import compress_model
+    from lowrank.compression import compress_model
 
     calibration = text_windows(smollm2.tokenizer, None, 8, 128, seed=0)  # bundled Hamlet
     model = copy.deepcopy(smollm2.model)

@@ -13,7 +13,7 @@ import lowrank
 from helpers import make_tiny_model, random_windows, save_tiny_model
 from lowrank import CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig
 from lowrank.calibration import sample_text_path
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.config import CONFIG_FILE
 from lowrank.errors import LowrankError
 

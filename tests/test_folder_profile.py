@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_tiny_model
 from lowrank.checkpoint import save_compressed
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.errors import ModelLoadError
 from lowrank.folder_profile import has_safetensors, profile_folder
 from lowrank.profiling import profile_model

@@ -12,7 +12,7 @@ import transformers
 from helpers import make_tiny_model, make_tiny_tokenizer, random_windows, save_tiny_model
 
 from lowrank.checkpoint import save_compressed
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.errors import ModelLoadError
 from lowrank.layers import LowRankLinear
 from lowrank.loading import (BUILTIN_MODELS, LOADED_INPUTS, ModelLocation, load_model, load_tokenizer, locate,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import lowrank
 from lowrank.checkpoint import save_compressed
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.errors import LowrankError
 from lowrank.folder_guard import FORMAT_VERSION, GUARD_SHAPE
 from lowrank.verify import verify_folder

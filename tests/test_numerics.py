@@ -14,7 +14,7 @@ import torch
 
 from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
 from lowrank.calibration import ActivationStats
-from lowrank.compress import apply_plan, compress_model
+from lowrank.compression import apply_plan, compress_model
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error, svd_factors, whiten_factors, whitened_singular_values, whitening
 from lowrank.layers import LowRankLinear

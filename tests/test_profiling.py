@@ -9,7 +9,7 @@ from torch import nn
 from helpers import make_tiny_model, random_windows
 from lowrank import factorize
 from lowrank.calibration import ActivationStats, collect_stats
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error, whiten_factors, whitened_singular_values, whitening
 from lowrank.profiling import measure, priced_spectrum, profile_model, profile_with_calibration, targets_of

@@ -7,8 +7,8 @@ import transformers
 
 import lowrank  # noqa: F401  (registers the lowrank quantizer with transformers)
 from lowrank.calibration import text_windows
-from lowrank.compress import count_parameters
-from lowrank.evaluate import perplexity
+from lowrank.compression import count_parameters
+from lowrank.evaluation import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from helpers import make_tiny_model, random_windows, start_cli_paused_at, wait_u
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan
 from lowrank.cli import main
-from lowrank.compress import compress_model, count_parameters
+from lowrank.compression import compress_model, count_parameters
 from lowrank.config import RecoveryConfig
 from lowrank.recovery import RecoveryPaths
 from lowrank.training import ranks_of, recover

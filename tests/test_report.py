@@ -13,9 +13,9 @@ from helpers import make_tiny_model, random_windows
 from lowrank.calibration import collect_stats, sample_text_path, text_windows
 from lowrank.checkpoint import save_compressed
 from lowrank.cli import main
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.errors import LowrankError
-from lowrank.evaluate import perplexity
+from lowrank.evaluation import perplexity
 from lowrank.factorize import output_error, whiten_factors
 from lowrank.report import (
     analysis_to_dict,

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from helpers import TINY_ARCHITECTURES, VOCAB, make_tiny_model
 from lowrank.checkpoint import PLAN_FILE, save_compressed
 from lowrank.cli import main
-from lowrank.compress import compress_model
+from lowrank.compression import compress_model
 from lowrank.profiling import profile_with_calibration
 
 SAMPLES = ["--samples", "2", "--seq-len", "16"]
@@ -294,8 +294,7 @@ def interrupt_calibrating(monkeypatch, work):
 def interrupt_factoring(monkeypatch, work):
     import importlib
 
-    # the module, not lowrank.compress (the entry point function of the same name)
-    interrupt_at(monkeypatch, importlib.import_module("lowrank.compress"), "replace_module", on_call=3)
+    interrupt_at(monkeypatch, importlib.import_module("lowrank.compression"), "replace_module", on_call=3)
 
 
 def interrupt_saving(monkeypatch, work):
@@ -845,13 +844,13 @@ STAGES = ("loading", "calibrating", "factoring", "saving")
 CHILD = r"""
 import sys, time
 from pathlib import Path
-import lowrank.calibration, lowrank.checkpoint, lowrank.compress, lowrank.loading
+import lowrank.calibration, lowrank.checkpoint, lowrank.compression, lowrank.loading
 from lowrank.cli import main
 
 folder, stages, argv = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
 places = {"loading": (lowrank.loading, "model_class_for", 1),
           "calibrating": (lowrank.calibration.StatsCollector, "end_batch", 1),
-          "factoring": (sys.modules["lowrank.compress"], "replace_module", 3),
+          "factoring": (sys.modules["lowrank.compression"], "replace_module", 3),
           "saving": (lowrank.checkpoint, "sha256_file", 1)}
 for stage in stages:
     owner, attr, on_call = places[stage]

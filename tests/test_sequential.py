@@ -12,11 +12,11 @@ from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_m
 from test_block_capture import sliding_qwen2  # a Qwen2 whose blocks get different masks
 
 from lowrank.calibration import collect_stats
-from lowrank.compress import apply_plan, compress_model, uniform_plan
+from lowrank.compression import apply_plan, compress_model, uniform_plan
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
-from lowrank.compress import compress_sequential
+from lowrank.compression import compress_sequential
 from lowrank.targets import find_targets
 
 
@@ -213,7 +213,7 @@ def test_sequential_on_smollm2_matches_one_shot_quality(smollm2):
     one is one-shot only, at 0.8.
     """
     from lowrank.calibration import text_windows
-    from lowrank.evaluate import perplexity
+    from lowrank.evaluation import perplexity
 
     calib = text_windows(smollm2.tokenizer, None, 8, 256, seed=0, default="hamlet")
     evaluation = text_windows(smollm2.tokenizer, None, None, 256, what="evaluation", default="macbeth")[:4]
@@ -245,7 +245,7 @@ def test_sequential_with_update_is_the_default():
 
 
 def test_the_sequential_producer_yields_each_block_then_the_layers_outside():
-    from lowrank.compress import plan_modules
+    from lowrank.compression import plan_modules
     from lowrank.sequential import sequential_statistics
 
     model = make_tiny_model("llama")

@@ -13,7 +13,7 @@ def test_version_is_the_one_in_pyproject():
 
 
 def test_plans_and_profiles_record_it(tiny_llama):
-    from lowrank.compress import compress_model
+    from lowrank.compression import compress_model
     from lowrank.profiling import profile_model
 
     plan = compress_model(tiny_llama, ratio=0.6, method="svd", progress=False)

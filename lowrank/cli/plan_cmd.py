@@ -14,7 +14,7 @@ import click
 
 from ..budget import RankLimits
 from ..calibration import text_windows
-from ..compress import needs_statistics, plan_model
+from ..compression import needs_statistics, plan_model
 from ..errors import LowrankError
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL, load_model

@@ -11,7 +11,7 @@ from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
 
 from lowrank.calibration import collect_stats
 from lowrank.checkpoint import PLAN_FILE, read_plan, save_compressed, sha256_file
-from lowrank.compress import apply_plan, compress_model, uniform_plan
+from lowrank.compression import apply_plan, compress_model, uniform_plan
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error
 from lowrank.targets import find_targets, weight_matrix
@@ -111,7 +111,7 @@ def test_the_model_is_marked_compressed_once(sequential, monkeypatch):
                                               ("svd", "energy")])
 def test_a_saved_profile_plans_like_the_model_itself(method, strategy, tmp_path):
     """`plan --profile` and planning on the model agree: the same ranks from the same calibration."""
-    from lowrank.compress import plan_model
+    from lowrank.compression import plan_model
     from lowrank.planner import plan_profile
     from lowrank.profile import Profile
     from lowrank.profiling import profile_with_calibration
