@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_model, make_tiny_tokenizer, random_windows
+from helpers import make_tiny_model, make_tiny_tokenizer, random_windows
 from safetensors.torch import load_file
 
 import lowrank

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from conftest import VOCAB, run_cli, save_tiny_model
+from helpers import VOCAB, run_cli, save_tiny_model
 
 import lowrank
 from lowrank.calibration import sample_text_path
