@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .calibration import text_windows
-from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
+from .checkpoint import read_plan, save_compressed
+from .fileio import check_output_dir, check_output_spares_input
+from .folder_format import is_compressed_folder
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
                      resolve_device, torch_dtype)

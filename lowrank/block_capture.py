@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import LowrankError
 from .targets import find_block_list
+from .model_info import without_cache
 
 
 # ---- capturing the blocks' call arguments ---------------------------------------------------------
@@ -141,7 +142,7 @@ def capture_block_inputs(
         for batch in windows.split(batch_size):
             memo.clear()
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(device), **without_cache(model))
             except _StopForward:
                 pass
             else:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 from .targets import Target
+from .model_info import without_cache
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def collect_stats(
         with StatsCollector(model, targets) as collector:
             batches = windows.split(batch_size)
             for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not progress):
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(device), **without_cache(model))
                 collector.end_batch()
     finally:
         model.train(was_training)

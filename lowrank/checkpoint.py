@@ -16,10 +16,8 @@ from torch import nn
 
 from . import hf_integration
 from .errors import LowrankError
-from .fileio import (  # noqa: F401  (re-exported: the checkpoint's writers)
-    atomic_output_dir, atomic_write_text, check_output_dir, check_output_spares_input, check_output_spares_inputs,
-    is_write_failure, sha256_file, write_failure_reason)
-from .folder_format import PLAN_FILE, is_compressed_folder, read_plan_record, weight_files  # noqa: F401
+from .fileio import atomic_output_dir, sha256_file
+from .folder_format import PLAN_FILE, read_plan_record, weight_files
 from .model_info import model_class_for
 from .plan import Plan
 from .verify import check_weights_match_plan

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LowrankError
-from .model_info import is_causal_lm  # noqa: F401  (re-exported)
+from .model_info import is_causal_lm, without_cache
 
 
 @dataclass
@@ -45,7 +45,7 @@ def perplexity(
     try:
         for batch in tqdm(windows.split(batch_size), desc="Evaluating", unit="batch", disable=not progress):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
+            logits = model(input_ids=batch, **without_cache(model)).logits.float()
             nll = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
             )

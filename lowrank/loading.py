@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from . import hf_integration
-from .checkpoint import is_compressed_folder, load_compressed
+from .checkpoint import load_compressed
+from .folder_format import is_compressed_folder
 from .errors import LowrankError, ModelLoadError
 from .fileio import LOADED_INPUTS
-from .model_info import model_class_for  # noqa: F401  (re-exported)
+from .model_info import model_class_for
 
 log = logging.getLogger(__name__)
 

@@ -30,3 +30,14 @@ def is_causal_lm(model: nn.Module) -> bool:
 def count_parameters(model: nn.Module) -> int:
     """Every distinct parameter of the model (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def without_cache(model: nn.Module) -> dict:
+    """Keyword arguments that turn the KV cache off, for models whose forward() has one.
+
+    Calibration and training never reuse a cache; encoders such as BERT (transformers 4.x) refuse
+    the argument, so it is passed only where the forward accepts it.
+    """
+    import inspect
+
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}

@@ -28,7 +28,7 @@ import yaml
 
 from . import api
 from .calibration import SAMPLE_TEXTS, sample_text_path
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 from .config import CONFIG_CLASSES, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
 from .errors import LowrankError
 from .verify import verify_folder

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .calibration import model_device
 from .errors import LowrankError
-from .evaluation import is_causal_lm
+from .model_info import is_causal_lm, without_cache
 from .targets import Target
 
 
@@ -93,7 +93,7 @@ def measure_output_fisher(
         with torch.enable_grad():
             for batch in tqdm(windows.split(batch_size), desc="Sensitivity", unit="batch", disable=not progress):
                 batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
+                logits = model(input_ids=batch, **without_cache(model)).logits
                 loss = nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
                 loss.backward()

@@ -31,6 +31,7 @@ from .layers import LowRankLinear
 from .training_checkpoint import (TrainingState, check_resumable, load_checkpoint, read_checkpoint_state, restore,
                                   save_checkpoint, snapshot, tensor_digest)
 from .training_log import TrainingLog
+from .model_info import without_cache
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,8 @@ def recover(
                     teacher_logits = None
                     if config.needs_teacher:
                         with torch.no_grad():
-                            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-                    logits = model(input_ids=ids, use_cache=False).logits
+                            teacher_logits = teacher(input_ids=ids, **without_cache(teacher)).logits
+                    logits = model(input_ids=ids, **without_cache(model)).logits
                     loss = recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature,
                                          config.distill_weight) / config.grad_accum
                 scaler.scale(loss).backward()

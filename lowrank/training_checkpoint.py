@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_output_dir
+from .fileio import atomic_output_dir
 from .config import RecoveryConfig
 from .errors import LowrankError
 

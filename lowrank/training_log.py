@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 
 
 class TrainingLog:

@@ -11,8 +11,9 @@ import transformers
 from helpers import TINY_ARCHITECTURES, make_tiny_model, random_windows
 
 import lowrank
-from lowrank.checkpoint import (PLAN_FILE, atomic_output_dir, atomic_write_text, check_output_dir,
-                                check_output_spares_input, is_compressed_folder, read_plan, save_compressed, sha256_file)
+from lowrank.checkpoint import read_plan, save_compressed
+from lowrank.fileio import atomic_output_dir, atomic_write_text, check_output_dir, check_output_spares_input, sha256_file
+from lowrank.folder_format import PLAN_FILE, is_compressed_folder
 from lowrank.compression import compress_model, count_parameters
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear

@@ -10,7 +10,9 @@ import transformers
 from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
 
 from lowrank.calibration import collect_stats
-from lowrank.checkpoint import PLAN_FILE, read_plan, save_compressed, sha256_file
+from lowrank.checkpoint import read_plan, save_compressed
+from lowrank.fileio import sha256_file
+from lowrank.folder_format import PLAN_FILE
 from lowrank.compression import apply_plan, compress_model, uniform_plan
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import make_tiny_model, random_windows, start_cli_paused_at, wait_until_paused
+from helpers import start_cli_paused_at, wait_until_paused
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan
 from lowrank.cli import main

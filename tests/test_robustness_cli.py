@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import TINY_ARCHITECTURES, VOCAB, make_tiny_model
-from lowrank.checkpoint import PLAN_FILE, save_compressed
+from lowrank.checkpoint import save_compressed
+from lowrank.folder_format import PLAN_FILE
 from lowrank.cli import main
 from lowrank.compression import compress_model
 from lowrank.profiling import profile_with_calibration
@@ -765,7 +766,7 @@ def test_the_intact_folders_pass(inputs, tmp_path, capsys):
 
 def _rewrite_weights(folder: Path, change: Callable[[dict], None]) -> None:
     """Change the tensors of a compressed folder and record the new sha256, as a careless tool would."""
-    from lowrank.checkpoint import sha256_file
+    from lowrank.fileio import sha256_file
 
     path = folder / "model.safetensors"
     tensors = load_file(path)

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_model, random_windows, run_cli
 from test_block_capture import sliding_qwen2  # a Qwen2 whose blocks get different masks
 

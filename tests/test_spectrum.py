@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from helpers import make_tiny_model, random_windows
 from lowrank import spectrum
 from lowrank.errors import LowrankError
 from lowrank.spectrum import (batched_svdvals, effective_rank, energy_curve, factored_svdvals, rank_for_energy,

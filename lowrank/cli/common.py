@@ -9,7 +9,7 @@ import logging
 import click
 import torch
 
-from ..config import CalibrationConfig, CompressConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ..config import CalibrationConfig, CompressConfig
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
