@@ -4,7 +4,7 @@ Format 2 stores a one-element tensor, the guard, under each factored module's de
 (`{module}.weight`). transformers without lowrank builds the dense model, whose `{module}.weight`
 is a matrix, meets a size mismatch and raises (`ignore_mismatched_sizes=False`, its default);
 lowrank's quantizer swaps in a LowRankLinear, which has no `weight` parameter, and skips the
-guard. Format 1 folders (no guards) still load. docs/format-loading.md explains the choice.
+guard. Format 1 folders (no guards) still load. docs/format.md (Loading safety) explains the choice.
 """
 
 from __future__ import annotations

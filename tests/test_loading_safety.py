@@ -149,7 +149,7 @@ def test_plain_transformers_without_lowrank_raises(plain_env, compressed, tmp_pa
 
 
 def test_ignore_mismatched_sizes_is_the_documented_gap(plain_env, compressed, tmp_path):
-    """docs/format-loading.md: with ignore_mismatched_sizes=True transformers re-initialises the guarded
+    """docs/format.md (Loading safety): with ignore_mismatched_sizes=True transformers re-initialises the guarded
     weights; no file content can stop it, but its load report still lists every one as MISMATCH."""
     folder, _ = compressed
     done = run_in(plain_env, load_script(folder, tmp_path / "l.safetensors", ignore_mismatched_sizes=True), tmp_path)

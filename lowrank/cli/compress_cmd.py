@@ -87,7 +87,7 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
 
     MODEL is a built-in name (smollm2-135m), a model folder, a .gguf file, a compressed
     lowrank folder or a Hugging Face hub id. The output folder reloads with lowrank.load() or
-    transformers' from_pretrained() once lowrank is imported.
+    transformers' from_pretrained() wherever lowrank is installed.
     """
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,

@@ -10,7 +10,7 @@ import json
 import click
 
 from ..api import evaluate
-from .fileio import atomic_write_text
+from ..fileio import atomic_write_text
 from ..config import EvalConfig
 from .common import model_options, quiet_option, silence_transformers, text_options
 
