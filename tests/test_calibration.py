@@ -148,11 +148,15 @@ def test_bad_text_files(tmp_path, content, message):
         load_text([path])
 
 
-def test_missing_source_and_offline_dataset(tmp_path):
+def test_missing_source_and_offline_dataset(tmp_path, monkeypatch):
     with pytest.raises(CalibrationError, match="not a file, a folder or a data set name"):
         load_text([tmp_path / "nope.txt"])
+    # Offline for sure (read when datasets is imported): without this, an installed datasets package
+    # retried the Hub for 25 s here, and a machine with network access would download wikitext.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(CalibrationError, match="wikitext2"):
-        load_text(["wikitext2"])  # offline here: no datasets package or no network, either way one clear line
+        load_text(["wikitext2"])  # no datasets package or offline: either way one clear line
 
 
 def test_bundled_windows_with_a_real_tokenizer():
