@@ -1,4 +1,4 @@
-"""Fixtures only: tiny model folders, and the real SmolLM2-135M (shared helpers live in helpers.py).
+"""Fixtures only: tiny model folders, the real SmolLM2-135M, loading-safety environments (helpers live in helpers.py).
 
 Tiny models keep the fast suite fast; tests marked `slow` load the real model (they still run
 in CI, once per session thanks to the session-scoped fixtures).
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lowrank
 import transformers
 from helpers import (PROBE, REPO, make_env, make_tiny_model, make_tiny_tokenizer, pip_into, random_windows, run_in,
                      save_tiny_model)
@@ -104,6 +103,7 @@ def installed_env(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def compressed(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """A format-2 compressed tiny Llama (with tokenizer) and its logits on PROBE through lowrank.load."""
+    import lowrank
     from lowrank.checkpoint import save_compressed
     from lowrank.compression import compress_model
 
