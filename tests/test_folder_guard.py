@@ -64,7 +64,6 @@ def test_folder_holds_a_guard_per_factored_module(compressed):
     assert result.ok and result.protected and result.format_version == 2
 
 
-
 def test_plain_transformers_without_lowrank_raises(plain_env, compressed, tmp_path):
     folder, _ = compressed
     done = run_in(plain_env, load_script(folder, tmp_path / "logits.safetensors"), tmp_path)
@@ -73,7 +72,6 @@ def test_plain_transformers_without_lowrank_raises(plain_env, compressed, tmp_pa
     assert "mismatch" in done.stdout.lower() and "torch.Size([1])" in done.stdout + done.stderr  # the guard's shape
     assert not (tmp_path / "logits.safetensors").exists()
     assert "Unknown quantization type, got lowrank" in done.stderr  # transformers names the missing method
-
 
 
 def test_ignore_mismatched_sizes_is_the_documented_gap(plain_env, compressed, tmp_path):
@@ -89,7 +87,6 @@ def test_ignore_mismatched_sizes_is_the_documented_gap(plain_env, compressed, tm
         assert f"{module}.weight" in done.stderr, name
 
 
-
 def test_version_1_folder_still_loads():
     """tests/fixtures/format-v1 was written by lowrank before guards existed (make_format_v1.py)."""
     folder = FIXTURES / "format-v1"
@@ -101,7 +98,6 @@ def test_version_1_folder_still_loads():
     result = verify_folder(folder)
     assert result.ok and result.format_version == 1 and not result.protected
     assert "NOT protected" in result.protection()
-
 
 
 def test_resaving_a_version_1_folder_adds_guards(tmp_path):

@@ -35,7 +35,6 @@ def test_installed_lowrank_loads_without_import(installed_env, compressed, tmp_p
     assert "UNEXPECTED" not in done.stderr and "MISMATCH" not in done.stderr  # the guards are skipped quietly
 
 
-
 def test_wheel_install_loads_without_import_and_uninstalls_cleanly(compressed, tmp_path):
     """Users install a wheel: the hook ships in it, works, and `pip uninstall` takes it away."""
     folder, reference = compressed
@@ -53,14 +52,12 @@ def test_wheel_install_loads_without_import_and_uninstalls_cleanly(compressed, t
     assert hook_files(python) == []
 
 
-
 def test_editable_uninstall_removes_the_hook(tmp_path):
     python = make_env(tmp_path / "env")
     pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
     assert hook_files(python) == ["lowrank-autoload.pth"]  # the module itself stays in the checkout
     pip_into(python, "uninstall", "--yes", "lowrank")
     assert hook_files(python) == []
-
 
 
 def test_import_lowrank_with_the_hook_installed_is_quiet(installed_env, tmp_path):
@@ -70,12 +67,10 @@ def test_import_lowrank_with_the_hook_installed_is_quiet(installed_env, tmp_path
     assert done.stdout.strip() == "LowrankQuantizer" and "RuntimeWarning" not in done.stderr, done.stderr
 
 
-
 def test_autoload_switched_off_leaves_the_guard(installed_env, compressed, tmp_path):
     folder, _ = compressed
     done = run_in(installed_env, load_script(folder, tmp_path / "l.safetensors"), tmp_path, LOWRANK_AUTOLOAD="0")
     assert done.stdout.startswith("RAISED RuntimeError"), done.stdout + done.stderr
-
 
 
 def test_autoload_startup_cost_under_5ms(installed_env, tmp_path):
@@ -92,7 +87,6 @@ def test_autoload_startup_cost_under_5ms(installed_env, tmp_path):
     assert min(costs) < 5000
 
 
-
 def test_newer_format_is_refused(compressed, tmp_path):
     folder = shutil.copytree(compressed[0], tmp_path / "future")
     config = json.loads((folder / "config.json").read_text())
@@ -100,7 +94,6 @@ def test_newer_format_is_refused(compressed, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LowrankError, match="format version 3 is not one this lowrank reads"):
         lowrank.load(folder)
-
 
 
 def test_lm_eval_reads_the_folder_through_the_hook(compressed, tmp_path):
@@ -122,7 +115,6 @@ def test_lm_eval_reads_the_folder_through_the_hook(compressed, tmp_path):
     expected = byte_perplexity(folder, task / "lowrank_tiny_text.jsonl")
     print(f"lm-eval byte_perplexity {measured:.6f}, computed here {expected:.6f}")
     assert measured == pytest.approx(expected, rel=1e-4)
-
 
 
 def byte_perplexity(folder: Path, jsonl: Path) -> float:
