@@ -1,4 +1,4 @@
-"""Fixtures only: tiny model folders, and the real SmolLM2-135M (shared helpers live in helpers.py).
+"""Fixtures only: tiny model folders, the real SmolLM2-135M, loading-safety environments (helpers live in helpers.py).
 
 Tiny models keep the fast suite fast; tests marked `slow` load the real model (they still run
 in CI, once per session thanks to the session-scoped fixtures).
@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tiny_model, save_tiny_model
+import transformers
+from helpers import (PROBE, REPO, make_env, make_tiny_model, make_tiny_tokenizer, pip_into, random_windows, run_in,
+                     save_tiny_model)
 
 
 @pytest.fixture
@@ -75,3 +77,39 @@ def smollm2_compressed(smollm2, smollm2_dense_folder) -> CompressedSmolLM2:
                           source=str(smollm2_dense_folder), sequential=False, strategy="uniform")
     folder = save_compressed(model, smollm2.tokenizer, plan, smollm2_dense_folder.parent / "compressed-r0.8")
     return CompressedSmolLM2(model, plan, folder, calibration)
+
+
+# ---- loading safety: fresh virtual environments and a guarded folder ------------------------------------
+
+@pytest.fixture(scope="session")
+def plain_env(tmp_path_factory) -> Path:
+    """A venv that sees torch and transformers but not lowrank (helpers.make_env)."""
+    python = make_env(tmp_path_factory.mktemp("plain-env"))
+    found = run_in(python, "import importlib.util; print(importlib.util.find_spec('lowrank'))", python.parent)
+    assert found.stdout.strip() == "None", found.stderr  # this environment really lacks lowrank
+    version = run_in(python, "import transformers; print(transformers.__version__)", python.parent)
+    assert version.stdout.strip() == transformers.__version__, version.stderr  # and has this transformers
+    return python
+
+
+@pytest.fixture(scope="session")
+def installed_env(tmp_path_factory) -> Path:
+    """A venv with lowrank installed editable from this checkout, as CI and developers install it."""
+    python = make_env(tmp_path_factory.mktemp("installed-env"))
+    pip_into(python, "install", "--ignore-installed", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(REPO))
+    return python
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A format-2 compressed tiny Llama (with tokenizer) and its logits on PROBE through lowrank.load."""
+    import lowrank
+    from lowrank.checkpoint import save_compressed
+    from lowrank.compression import compress_model
+
+    model = make_tiny_model("llama")
+    plan = compress_model(model, ratio=0.5, windows=random_windows(4, 16), progress=False)
+    folder = save_compressed(model, make_tiny_tokenizer(), plan, tmp_path_factory.mktemp("c") / "compressed")
+    with torch.no_grad():
+        reference = lowrank.load(folder)(input_ids=torch.tensor(PROBE)).logits
+    return folder, reference

@@ -6,12 +6,15 @@ keeps only fixtures.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import transformers
+from hypothesis import HealthCheck, settings
 
 VOCAB = 96
 
@@ -131,3 +134,100 @@ def wait_until_paused(process: subprocess.Popen) -> str:
         out, err = process.communicate()
         raise AssertionError(f"the child ended without pausing (exit {process.returncode}): {line}{out}{err}")
     return line.removeprefix("paused: ").strip()
+
+
+# ---- plans -----------------------------------------------------------------------------------------
+
+#: Hypothesis settings of the fuzz tests (plans, budgets, ratios).
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_valid_plan(plan) -> None:
+    """Everything later code relies on: sane shapes and ranks, typed fields, a JSON round trip."""
+    from lowrank.plan import Plan
+
+    assert isinstance(plan, Plan) and plan.modules
+    for name, module in plan.modules.items():
+        assert isinstance(name, str)
+        out_features, in_features = module.shape
+        for size in module.shape:
+            assert type(size) is int and size > 0
+        if module.rank is not None:
+            assert type(module.rank) is int and 1 <= module.rank <= min(out_features, in_features)
+    assert isinstance(plan.method, str) and isinstance(plan.strategy, str)
+    assert isinstance(plan.budget, dict) and isinstance(plan.options, dict)
+    assert plan.model_params is None or type(plan.model_params) is int
+    summary = plan.summary()
+    assert summary["modules"] == len(plan.modules) and summary["target_params_dense"] > 0
+    text = json.dumps(plan.to_dict())
+    again = Plan.from_dict(json.loads(text))
+    assert again.modules == plan.modules and again.method == plan.method
+
+
+# ---- fresh interpreters in temporary virtual environments (loading-safety tests) --------------------
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+PROBE = [[5, 17, 42, 8, 63, 21, 9, 30, 77, 12]]
+
+
+def _site_dir(module) -> str:
+    """The site-packages folder a module was imported from."""
+    path = Path(module.__file__).resolve().parent
+    return str(path.parent)
+
+
+def make_env(root: Path, extra_modules: tuple = ()) -> Path:
+    """A venv (no pip) whose sys.path holds torch's and transformers' folders but not this lowrank."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    dirs = dict.fromkeys(_site_dir(m) for m in (torch, transformers, *extra_modules))
+    dirs = sorted(dirs, key=lambda d: sys.path.index(d) if d in sys.path else len(sys.path))  # this process's order
+    Path(purelib, "_lowrank_test_deps.pth").write_text("\n".join(dirs) + "\n")
+    return python
+
+
+def run_in(python: Path, code: str, cwd: Path, **env_changes) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter, outside the checkout, with no PYTHONPATH."""
+    env = clean_env()
+    env.update(PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_changes)
+    return subprocess.run([str(python), "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PYTHONPATH (which may point at a checkout) or the hook switch."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOWRANK_AUTOLOAD")}
+
+
+def pip_into(python: Path, *args: str) -> None:
+    """Run pip for the environment of `python`."""
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args, "--quiet"], check=True,
+                   capture_output=True, env=clean_env())
+
+
+def hook_files(python: Path) -> list[str]:
+    purelib = run_in(python, "import sysconfig; print(sysconfig.get_path('purelib'))", python.parent).stdout.strip()
+    return sorted(p.name for p in Path(purelib).iterdir() if p.name.startswith(("lowrank-autoload", "lowrank_autoload")))
+
+
+LOAD_AND_REPORT = """
+import sys
+assert not {"lowrank", "torch", "transformers"} & set(sys.modules), sorted(sys.modules)
+import transformers
+try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, **KWARGS)
+except Exception as exc:
+    print("RAISED", type(exc).__name__, str(exc)[:200])
+else:
+    import torch
+    from safetensors.torch import save_file
+    with torch.no_grad():
+        save_file({"logits": model(input_ids=torch.tensor(PROBE)).logits.contiguous()}, OUT)
+    print("LOADED lowrank-imported:", "lowrank" in sys.modules)
+"""
+
+
+def load_script(folder: Path, out: Path, **kwargs) -> str:
+    return f"FOLDER, OUT, PROBE, KWARGS = {str(folder)!r}, {str(out)!r}, {PROBE!r}, {kwargs!r}\n" + LOAD_AND_REPORT

@@ -3,9 +3,10 @@
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from helpers import FUZZ
 from lowrank.budget import Budget, Override, RankLimits, _round_up, format_count, parse_count, parse_overrides
 from lowrank.errors import BudgetError
 from lowrank.ranks import saves_parameters
@@ -85,3 +86,51 @@ def test_overrides_parse_ranks_fractions_and_dense():
 def test_bad_overrides(text):
     with pytest.raises(BudgetError):
         Override.parse(text)
+
+
+# ---- budgets ------------------------------------------------------------------------------------------
+
+budget_texts = st.one_of(
+    st.text(max_size=14),
+    st.builds(lambda scope, number, suffix: f"{scope}{number}{suffix}",
+              st.sampled_from(["", "target:", "model:", "Model: ", "layers:"]),
+              st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**13)).map(str),
+              st.sampled_from(["", "K", "M", "B", "g", "T", "X", " "])),
+)
+
+
+def parse_budget(text):
+    from lowrank.budget import Budget
+
+    try:
+        return Budget.parse(text)
+    except BudgetError as exc:
+        assert "\n" not in str(exc)
+        return None
+
+
+@FUZZ
+@given(budget_texts)
+def test_budget_text_is_parsed_or_refused(text):
+    """Any --budget text gives a finite Budget of a known scope and kind, or a BudgetError; nothing else."""
+    budget = parse_budget(text)
+    if budget is not None:
+        assert budget.scope in ("target", "model") and budget.kind in ("fraction", "count")
+        assert math.isfinite(budget.value) and budget.value >= 0
+        if budget.kind == "fraction":
+            assert 0 < budget.value <= 1
+
+
+@FUZZ
+@example("0K")
+@example("0.001953125")
+@example("0.001K")
+@given(budget_texts)
+def test_budget_is_positive_and_its_text_reads_back(text):
+    """Found by fuzzing: every accepted budget keeps at least one parameter, and `text` is canonical."""
+    from lowrank.budget import Budget
+
+    budget = parse_budget(text)
+    if budget is not None:
+        assert budget.value > 0
+        assert Budget.parse(budget.text) == budget

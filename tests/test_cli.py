@@ -1,4 +1,8 @@
-"""The compress and eval commands on a tiny checkpoint folder, and issue 2's bad inputs."""
+"""The compress and eval commands on a tiny checkpoint folder, and issue 2's bad inputs.
+
+Cross-cutting: the lowrank/cli/ package for the commands with no stage of their own (compress,
+eval); each other command is tested with its stage (plan in test_planner.py, run in test_recipe.py, ...).
+"""
 
 import hashlib
 import json

@@ -3,6 +3,8 @@
 Every `import` statement of every lowrank module is read with `ast`, at module level and inside
 functions alike (a function-level import is still a dependency, merely a late one), and the
 module graph must be acyclic. The package's `__init__` counts as the module `lowrank`.
+
+Cross-cutting (tests/ mirrors lowrank/ otherwise): a property of the whole package.
 """
 
 from __future__ import annotations

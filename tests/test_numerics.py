@@ -3,6 +3,9 @@
 The yardstick for every whitening test is the optimum: no rank-k W′ has a smaller output error
 trace((W−W′) G (W−W′)ᵀ) than Σ_{i>k} σᵢ(W·G^½)² (Eckart–Young on W·G^½), computed here
 independently by an eigendecomposition in float64.
+
+Cross-cutting (tests/ mirrors lowrank/ otherwise): factorize, calibration and compression
+together, on statistics built to be singular, badly conditioned or in low precision.
 """
 
 from __future__ import annotations

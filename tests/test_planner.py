@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import make_tiny_model, random_windows, run_cli
+from helpers import FUZZ, assert_valid_plan, make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
 from lowrank.compression import compress_model, count_parameters, plan_model
@@ -352,3 +352,25 @@ def test_plan_from_a_profile_for_method_svd_uses_plain_singular_values():
     assert rank_key(svd.modules)["a"] > rank_key(svd.modules)["b"]
     with pytest.raises(LowrankError, match="prices belong to whitened directions"):
         plan_profile(profile, "0.5", "sensitivity", method="svd")
+
+
+# ---- the uniform planner, fuzzed --------------------------------------------------------------------------
+
+targets_lists = st.lists(
+    st.builds(lambda i, m, n, b: Target(f"layers.{i}.proj", m, n, b),
+              st.integers(0, 10**6), st.integers(1, 3000), st.integers(1, 3000), st.booleans()),
+    min_size=1, max_size=8, unique_by=lambda t: t.name)
+
+
+@FUZZ
+@given(targets_lists, st.floats(min_value=1e-6, max_value=1.0), st.integers(1, 64))
+def test_uniform_plans_are_valid_and_within_budget(targets, ratio, round_to):
+    modules = plan_uniform(targets, ratio, round_to)
+    plan = Plan(modules=modules)
+    assert_valid_plan(plan)
+    for target in targets:
+        module = modules[target.name]
+        assert module.shape == target.shape
+        if module.rank is not None:
+            assert saves_parameters(module.rank, *target.shape)  # a factored matrix always saves parameters
+    assert plan.target_params <= plan.target_params_dense

@@ -1,7 +1,12 @@
 """Rank arithmetic: the break-even rank, what a rank costs, SVD-LLM's uniform rank and its rounding."""
 
-import pytest
+import math
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import FUZZ
 from lowrank.errors import BudgetError
 from lowrank.ranks import break_even_rank, check_ratio, kept_params, round_rank, saves_parameters, uniform_rank
 
@@ -34,3 +39,13 @@ def test_check_ratio_refuses_values_outside_zero_one(ratio):
     with pytest.raises(BudgetError, match="outside \\(0, 1\\]"):
         check_ratio(ratio)
     assert check_ratio(1.0) == 1.0
+
+
+@FUZZ
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_check_ratio_accepts_exactly_the_unit_interval(ratio):
+    inside = not math.isnan(ratio) and 0.0 < ratio <= 1.0
+    try:
+        assert check_ratio(ratio) == ratio and inside
+    except BudgetError as exc:
+        assert not inside and "\n" not in str(exc)

@@ -3,6 +3,8 @@
 The README's Python block is executed as written, in a temporary folder holding the files it names
 (`my_texts/`, `train.txt`), with a tiny random Llama folder put in place of the real model and the
 sizes (windows, tokens, steps) shrunk so that it takes seconds.
+
+Cross-cutting (tests/ mirrors lowrank/ otherwise): the documentation, not a module.
 """
 
 from __future__ import annotations

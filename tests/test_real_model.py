@@ -1,5 +1,8 @@
 """End to end on the real SmolLM2-135M and real text: compress, save, reload with
-transformers' from_pretrained, evaluate, generate."""
+transformers' from_pretrained, evaluate, generate.
+
+Cross-cutting (tests/ mirrors lowrank/ otherwise): every stage at once, on the real model.
+"""
 
 import pytest
 import torch

@@ -12,6 +12,8 @@ sends it from a parent process to a `lowrank` subprocess.
 
 Set LOWRANK_ROBUSTNESS_TABLE=FILE to write the observed messages as the markdown table of
 docs/robustness.md.
+
+Cross-cutting (tests/ mirrors lowrank/ otherwise): every command's bad inputs in one table.
 """
 
 from __future__ import annotations
