@@ -69,7 +69,7 @@ class ShardWriter:
         return (tensor.to(self.dtype) if tensor.is_floating_point() else tensor).contiguous()
 
     def add_block(self, index: int | None, tensors: dict[str, torch.Tensor], on_flush=None) -> None:
-        """Queue one block's tensors (full names); flush first if they would not fit the current shard.
+        """Queue one block's tensors (full names); flush first if they would not fit, and after if the shard is full.
 
         `on_flush(index_of_last_flushed_block)` runs after a shard is on disk (the caller saves what
         a resumed run needs there).
@@ -82,6 +82,8 @@ class ShardWriter:
         self.pending_bytes += size
         if index is not None:
             self.pending_blocks.append(index)
+        if self.pending_bytes >= self.max_shard_bytes:
+            self.flush(on_flush)  # full: on disk now, so a resumed run need not redo these blocks
 
     def flush(self, on_flush=None) -> None:
         """Write the pending tensors as the next shard and record it."""

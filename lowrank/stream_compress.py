@@ -101,13 +101,15 @@ def compress_pass(
     n_batches = len(captured.hidden)
     done = writer.finished_blocks
     start = done[-1] + 1 if done else 0
-    hidden = _load_boundary(writer.folder, start) if start else captured.hidden
+    hidden = captured.hidden if start == 0 else [] if start == len(source.blocks) else _load_boundary(writer.folder,
+                                                                                                       start)
     for b, h in enumerate(hidden):
         store.put(start, b, h)
     del hidden, captured.hidden
 
     def save_boundary(last_flushed: int) -> None:
-        _save_boundary(writer.folder, store.level(last_flushed + 1, n_batches), last_flushed + 1)
+        if last_flushed + 1 < len(source.blocks):  # after the last block nothing needs a boundary
+            _save_boundary(writer.folder, store.level(last_flushed + 1, n_batches), last_flushed + 1)
 
     bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
     for index in bar:
@@ -120,10 +122,10 @@ def compress_pass(
             work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
             compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping)
             del stats, work, inputs
-        writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
         if index + 1 < len(source.blocks):
             for b in range(n_batches):
                 store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
+        writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
         store.drop_level(index, n_batches)
         source.free_block(index)
     writer.add_block(None, outside_tensors(source))

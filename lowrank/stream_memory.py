@@ -22,6 +22,11 @@ RUNTIME_BYTES = 450 * 2**20
 GIB = 2**30
 
 
+def human(size: int) -> str:
+    """A byte count as GiB (MiB below one GiB)."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.0f} MiB"
+
+
 @dataclass
 class MemoryEstimate:
     """The parts of the formula, in bytes."""
@@ -51,10 +56,11 @@ class MemoryEstimate:
         return self.runtime + self.outside + max(profile, compress)
 
     def describe(self, activations_cap: int | None = None) -> str:
-        return (f"streaming: estimated peak memory {self.total(activations_cap) / GIB:.2f} GiB (one block "
-                f"{self.block / GIB:.2f}, its statistics {self.statistics / GIB:.2f}, boundary activations "
-                f"{self.boundaries_profile / GIB:.2f}, embeddings and head {self.outside / GIB:.2f}, runtime "
-                f"{self.runtime / GIB:.2f})")
+        spilled = "" if activations_cap is None else f", {human(activations_cap)} of them in memory"
+        return (f"streaming: estimated peak memory {human(self.total(activations_cap))} (one block "
+                f"{human(self.block)}, its statistics {human(self.statistics)}, boundary activations "
+                f"{human(self.boundaries_profile)}{spilled}, embeddings and head {human(self.outside)}, "
+                f"runtime {human(self.runtime)})")
 
 
 def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, prices: bool,
@@ -103,6 +109,6 @@ def check_fits(est: MemoryEstimate, limit: int, offload: bool) -> int | None:
     if offload and est.total(cap) <= limit:
         return cap
     hint = "pass --offload-dir DIR to spill boundary activations to disk, " if not offload else ""
-    raise LowrankError(f"streaming needs about {est.total(cap if offload else None) / GIB:.2f} GiB but "
-                       f"{limit / GIB:.2f} GiB is available; {hint}use fewer --samples or a shorter --seq-len, "
+    raise LowrankError(f"streaming needs about {human(est.total(cap if offload else None))} but "
+                       f"{human(limit)} is available; {hint}use fewer --samples or a shorter --seq-len, "
                        "or --device cuda")
