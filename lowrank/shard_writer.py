@@ -1,8 +1,10 @@
 """Writing a compressed checkpoint shard by shard, so that the compressed model is never whole in memory.
 
-`ShardWriter` takes one block's tensors at a time and writes them into safetensors shards of at
-most `max_shard_bytes` (a shard holds whole blocks; a block larger than the cap gets a shard of
-its own). `finish` names the shards as transformers does (`model.safetensors`, or
+`ShardWriter` takes one block's tensors at a time and appends their bytes to the current shard's
+data file at once, so memory holds one block, never a shard. A shard holds whole blocks, at most
+`max_shard_bytes` of them (a larger block gets a shard of its own). Flushing a shard writes the
+safetensors header (8-byte length, JSON with every tensor's dtype, shape and byte offsets) and
+then copies the data in. `finish` names the shards as transformers does (`model.safetensors`, or
 `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`). Each flushed shard is
 recorded in `progress.json`, which is what `--resume` reads back.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,17 +37,30 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     return int(float(found.group(1)) * _UNITS[unit])
 
 
+#: safetensors' names of the dtypes a checkpoint holds.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a CPU tensor, as safetensors stores them."""
+    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 class ShardWriter:
-    """Accumulate blocks' tensors in `folder`; flush a shard when the next block would pass the cap."""
+    """Append blocks' tensors to the current shard in `folder`; flush it when the next block would pass the cap."""
 
     def __init__(self, folder: Path, max_shard_bytes: int, dtype: torch.dtype):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
-        self.pending: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}  # the current shard's header entries
         self.pending_bytes = 0
         self.pending_blocks: list[int] = []
         self.progress = self._read_progress()
+        self._data_path = self.folder / "shard.data"
+        self._data = open(self._data_path, "wb")  # a stale one (an interrupted shard) starts over
 
     # ---- resume bookkeeping --------------------------------------------------------------------
     def _read_progress(self) -> dict:
@@ -69,41 +85,54 @@ class ShardWriter:
         return (tensor.to(self.dtype) if tensor.is_floating_point() else tensor).contiguous()
 
     def add_block(self, index: int | None, tensors: dict[str, torch.Tensor], on_flush=None) -> None:
-        """Queue one block's tensors (full names); flush first if they would not fit, and after if the shard is full.
+        """Append one block's tensors (full names); flush first if they would not fit, and after if the shard is full.
 
         `on_flush(index_of_last_flushed_block)` runs after a shard is on disk (the caller saves what
         a resumed run needs there).
         """
-        cast = {name: self._cast(t) for name, t in tensors.items()}
-        size = sum(t.numel() * t.element_size() for t in cast.values())
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        size = sum(t.numel() * torch.empty((), dtype=self.dtype if t.is_floating_point() else t.dtype).element_size()
+                   for t in tensors.values())
+        if self.entries and self.pending_bytes + size > self.max_shard_bytes:
             self.flush(on_flush)
-        self.pending.update(cast)
-        self.pending_bytes += size
+        for name, tensor in tensors.items():
+            tensor = self._cast(tensor)
+            data = tensor_bytes(tensor)
+            self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                  "data_offsets": [self.pending_bytes, self.pending_bytes + len(data)]}
+            self._data.write(data)
+            self.pending_bytes += len(data)
         if index is not None:
             self.pending_blocks.append(index)
         if self.pending_bytes >= self.max_shard_bytes:
             self.flush(on_flush)  # full: on disk now, so a resumed run need not redo these blocks
 
     def flush(self, on_flush=None) -> None:
-        """Write the pending tensors as the next shard and record it."""
-        from safetensors.torch import save_file
-
-        if not self.pending:
+        """Write the current shard (header, then its data) and record it."""
+        if not self.entries:
             return
+        self._data.close()
         name = f"part-{len(self.progress['shards']) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt", **SAFETENSORS_METADATA})
+        header = json.dumps({"__metadata__": {"format": "pt", **SAFETENSORS_METADATA}, **self.entries},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.folder / name, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
         last = self.pending_blocks[-1] if self.pending_blocks else None
         if on_flush is not None and last is not None:
             on_flush(last)
-        self.progress["shards"].append({"file": name, "keys": sorted(self.pending), "blocks": self.pending_blocks})
+        self.progress["shards"].append({"file": name, "keys": sorted(self.entries), "blocks": self.pending_blocks})
         self.progress["blocks"] += self.pending_blocks
         self._write_progress()
-        self.pending, self.pending_bytes, self.pending_blocks = {}, 0, []
+        self.entries, self.pending_bytes, self.pending_blocks = {}, 0, []
+        self._data = open(self._data_path, "wb")
 
     def finish(self) -> list[Path]:
         """Flush the rest; rename the shards as transformers names them and write the index if more than one."""
         self.flush()
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
         shards = self.progress["shards"]
         if len(shards) == 1:
             names = [SINGLE_FILE]
