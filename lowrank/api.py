@@ -25,7 +25,7 @@ from .plan import Plan
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
-from .streaming import compress_streamed
+from .streaming import check_streamable, compress_streamed
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
@@ -144,6 +144,7 @@ def _compress_streamed(source, config: CompressConfig, calibration, *, output, t
         raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
                            "pass a folder as source and an output folder")
     check_output_spares_input(output, str(source))
+    check_streamable(source)
     if isinstance(calibration, torch.Tensor):
         windows, texts_config = _calibration_windows(None, calibration), None
         options = {"samples": calibration.shape[0], "seq_len": calibration.shape[1]}

@@ -61,8 +61,10 @@ class BlockSource:
         self.folder = Path(folder)
         self.compute_dtype = compute_dtype
         self.config = transformers.AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
-        with init_empty_weights():
-            self.model = model_class_for(self.config)(self.config)
+        model_class = model_class_for(self.config)
+        with init_empty_weights():  # an Auto class (config without `architectures`) builds through from_config
+            self.model = (model_class.from_config(self.config) if hasattr(model_class, "from_config")
+                          else model_class(self.config))
         self.model.eval()
         self.locations = tensor_locations(self.folder)
         self.prefix, self.blocks = find_block_list(self.model)

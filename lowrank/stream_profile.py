@@ -14,6 +14,8 @@ the block's input flows on to the block below; the block, its Grams and its SVDs
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -149,6 +151,7 @@ def profile_streamed(
         by_block.setdefault(index, []).append(target.name)
     by_name = {t.name: t for t in targets}
 
+    started = time.perf_counter()
     captured = capture_block_inputs(model, windows, batch_size, device)
     calls = captured.calls
     for b, hidden in enumerate(captured.hidden):
@@ -181,6 +184,7 @@ def profile_streamed(
             gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
         source.free_block(last)
 
+    forward_seconds = time.perf_counter() - started
     matrices: dict[str, MatrixProfile] = {}
     for index in tqdm(range(last, -1, -1), desc="Profile (backward)", unit="block", disable=not progress):
         names = by_block.get(index, [])
@@ -205,6 +209,8 @@ def profile_streamed(
     store.close()
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
                       model_params=count_parameters(model), options={"damping": damping, "streamed": True})
+    profile.options["seconds"] = {"forward": round(forward_seconds, 3),
+                                  "backward": round(time.perf_counter() - started - forward_seconds, 3)}
     if prices:
         profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
     return profile

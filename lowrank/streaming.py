@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,14 @@ def run_identity(folder: Path, config: CompressConfig, windows: torch.Tensor) ->
             "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
 
 
+def check_streamable(source: str | Path) -> Path:
+    """The folder `source`, when streaming can read it; else a one-line error naming the fix."""
+    if not is_streamable(str(source)):
+        raise LowrankError(f"--stream reads a local model folder with safetensors weights, and {source} is not one; "
+                           "convert it (save_pretrained) or drop --stream")
+    return Path(source)
+
+
 def _open_partial(output: str | Path, identity: dict, resume: bool) -> Path:
     """The partial folder: fresh, or (resume) the interrupted run's after checking it matches `identity`."""
     partial = partial_dir(output)
@@ -96,8 +105,8 @@ def _publish(partial: Path, output: str | Path) -> None:
 
 
 def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, windows: torch.Tensor,
-          partial: Path, cap: int | None, device: str, progress: bool) -> Plan:
-    """The plan: from config.plan, or planned on the (saved or freshly streamed) profile."""
+          partial: Path, cap: int | None, device: str, progress: bool, seconds: dict[str, float]) -> Plan:
+    """The plan: from config.plan, or planned on the (saved or freshly streamed) profile; stage times into `seconds`."""
     model_params = count_parameters(source.model)
     if config.plan:
         plan = Plan.load(config.plan)
@@ -116,8 +125,11 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
                                        name=str(source.folder))
             profile.save(partial / PROFILE_FILE)
         spectra = {m.name: m for m in profile.matrices}
+        seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
+    started = time.perf_counter()
     plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=config.method,
                         limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.folder))
+    seconds["planning"] = round(time.perf_counter() - started, 3)
     if strategy == "sensitivity":
         plan.options["sensitivity_samples"] = min(DEFAULT_SENSITIVITY_SAMPLES, windows.shape[0])
     return plan
@@ -141,10 +153,7 @@ def compress_streamed(
 
     `plan_options` (the calibration's description) are recorded in the saved plan.
     """
-    folder = Path(folder)
-    if not is_streamable(str(folder)):
-        raise LowrankError(f"--stream reads a local model folder with safetensors weights, and {folder} is not one; "
-                           "convert it (save_pretrained) or drop --stream")
+    folder = check_streamable(folder)
     if not needs_statistics(config.method) or not config.sequential:
         raise LowrankError("--stream compresses sequentially with calibration statistics; use --method whiten "
                            "and --sequential")
@@ -161,15 +170,19 @@ def compress_streamed(
     log.info(est.describe(cap))
     device = resolve_device(config.device)
     partial = _open_partial(output, run_identity(folder, config, windows), resume)
-    plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress)
+    seconds: dict[str, float] = {}
+    plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
     plan.method = config.method
     (partial / PARTIAL_PLAN).write_text(json.dumps(plan.to_dict(), indent=1) + "\n", encoding="utf-8")
     save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
     writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)
+    started = time.perf_counter()
     compress_pass(source, plan, {t.name: t for t in targets}, windows, writer, BoundaryStore(cap, config.offload_dir),
                   batch_size=config.batch_size, update=config.update is not False, damping=config.damping,
                   device=device, progress=progress)
     writer.finish()
+    seconds["compress"] = round(time.perf_counter() - started, 3)
+    plan.options["stage_seconds"] = seconds
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
         plan.options["update_target"] = "dense"
