@@ -28,7 +28,7 @@ from .factorize import DEFAULT_DAMPING, WhiteningCache
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
 from .sequential import block_of, block_stats
-from .spectrum import DEFAULT_BATCH_BYTES, ShapeBatcher
+from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
 
 #: Boundary levels of the sensitivity windows are stored after the calibration ones, from this offset.
@@ -101,20 +101,28 @@ class _Projections:
             handle.remove()
 
 
-def _block_spectra(model: nn.Module, names: list[str], stats, damping: float, batch_bytes: int,
-                   priced: bool) -> tuple[dict, dict, dict]:
-    """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets."""
-    whitenings = WhiteningCache(damping)
-    plain = ShapeBatcher(batch_bytes)
+def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool) -> tuple[dict, dict, dict]:
+    """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
+
+    Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, and
+    each Gram is released (popped from `stats`) once its last reader is done.
+    """
+    plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened, directions = {}, {}
+    current = None  # (statistics, its whitening)
     for name in names:
+        layer_stats = stats.pop(name)
+        if current is None or current[0] is not layer_stats:
+            current = None
+            current = (layer_stats, WhiteningCache(damping).get(layer_stats, name))
         weight = weight_matrix(model.get_submodule(name)).detach()
-        product = weight.to(torch.float64) @ whitenings.get(stats[name], name).root
+        product = weight.to(torch.float64) @ current[1].root
         if priced:
             left, whitened[name], _ = torch.linalg.svd(product, full_matrices=False)
             directions[name] = left
         else:
             whitened[name] = torch.linalg.svdvals(product)
+        del product
         plain.add(name, weight)
     return plain.finish(), whitened, directions
 
@@ -130,7 +138,6 @@ def profile_streamed(
     batch_size: int = 8,
     sensitivity_samples: int = 8,
     damping: float = DEFAULT_DAMPING,
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
     device: torch.device | str = "cpu",
     progress: bool = True,
     name: str | None = None,
@@ -194,7 +201,7 @@ def profile_streamed(
         inputs = store.level(index, n_batches)
         stats = block_stats(model, block, [by_name[n] for n in names], inputs, calls[index], device) if names else {}
         del inputs
-        sigma, whitened, directions = _block_spectra(model, names, stats, damping, batch_bytes, prices)
+        sigma, whitened, directions = _block_spectra(model, names, stats, damping, prices)
         del stats
         price = {}
         if prices:
