@@ -60,9 +60,11 @@ def head_gradient(model: nn.Module, blocks: nn.ModuleList, final: torch.Tensor, 
     """∂(summed next-token loss)/∂(last block's output) for one batch, through the model's own head."""
     holder = [final.to(device).requires_grad_(True)]
     originals = list(blocks)
+    home = model.get_input_embeddings().weight.device
     for i, block in enumerate(originals):
         blocks[i] = _Injector(block, holder, last=i == len(originals) - 1)
     try:
+        model.to(device)  # the modules outside the blocks only: the blocks are out of the tree now
         with torch.enable_grad():
             logits = model(input_ids=batch.to(device), use_cache=False).logits
             loss = nn.functional.cross_entropy(
@@ -70,6 +72,7 @@ def head_gradient(model: nn.Module, blocks: nn.ModuleList, final: torch.Tensor, 
                 reduction="sum")
             (gradient,) = torch.autograd.grad(loss, holder[0])
     finally:
+        model.to(home)
         for i, block in enumerate(originals):
             blocks[i] = block
     return gradient
@@ -115,7 +118,7 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         if current is None or current[0] is not layer_stats:
             current = None
             current = (layer_stats, WhiteningCache(damping).get(layer_stats, name))
-        weight = weight_matrix(model.get_submodule(name)).detach()
+        weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ current[1].root
         if priced:
             left, whitened[name], _ = torch.linalg.svd(product, full_matrices=False)
