@@ -129,7 +129,7 @@ def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None
         raise SystemExit(f"child failed: {done.stderr[-2000:]}")
     numbers = json.loads(done.stdout.strip().splitlines()[-1])
     facts = checkpoint_facts(folder)
-    key = f"{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
                     **numbers}

@@ -1,6 +1,6 @@
 """Streaming keeps memory to one block: its peak resident set stays below a bound the in-memory path exceeds.
 
-Both runs compress the same random checkpoint (hidden 128, MLP 1024, 16 blocks: small weights, but
+Both runs compress the same random checkpoint (hidden 128, MLP 1024, 12 blocks: small weights, but
 an in-memory run holds every block's Grams and out × out output Fishers at once) in a child process
 of their own, which reports its VmHWM from /proc/self/status at the end.
 """
@@ -15,7 +15,7 @@ import pytest
 
 #: Bound on the streamed run's peak; the in-memory run on the same checkpoint passes it (measured:
 #: streamed 0.xx GiB, in-memory 0.xx GiB).
-BOUND_BYTES = 800 * 2**20
+BOUND_BYTES = 850 * 2**20
 
 _RUN = r"""
 import sys, tempfile
@@ -26,7 +26,7 @@ from lowrank.config import CompressConfig
 
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "make":
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=16,
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=12,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                                       architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
@@ -54,4 +54,5 @@ def test_streamed_peak_stays_below_what_the_in_memory_path_needs(tmp_path):
     _run(folder, "make")
     streamed = _run(folder, "stream")
     in_memory = _run(folder, "memory")
+    print(f"peak RSS: streamed {streamed / 2**20:.0f} MiB, in memory {in_memory / 2**20:.0f} MiB")
     assert streamed < BOUND_BYTES < in_memory, (streamed / 2**20, in_memory / 2**20)
