@@ -17,7 +17,7 @@ from .block_source import BlockSource
 from .errors import LowrankError
 from .targets import Target
 
-#: Python, torch and transformers once imported, plus LAPACK work space (a streamed run of a 12 MB model peaks at 577 MiB).
+#: Python, torch and transformers once imported, plus LAPACK work space (a streamed run of a 28 MB model peaked at 577 MiB).
 RUNTIME_BYTES = 576 * 2**20
 GIB = 2**30
 
