@@ -144,13 +144,17 @@ def report() -> None:
              "Synthetic random Llamas (hidden 2048, MLP 5632 unless noted), default compress (sensitivity planner, "
              "sequential, update, ratio 0.8), random token windows. Each row is its own process; peak = VmHWM. "
              "Written by `benchmarks/bench_memory.py`; the machine: 2 shared CPU cores, 24 GiB.", "",
-             "| run | layers | dtype | checkpoint | calibration | peak RSS | wall | stages (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | layers | dtype | checkpoint | calibration | peak RSS | wall | × floor | stages (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    floors = {(r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]): r["wall_seconds"]
+              for r in results.values() if r["mode"] == "floor"}
     for key, r in results.items():
         stages = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("stage_seconds") or {}).items())
+        floor = floors.get((r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]))
+        times = f"{r['wall_seconds'] / floor:.1f}" if floor and r["mode"] != "floor" else "–"
         lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
                      f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
-                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {stages} |")
+                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {times} | {stages} |")
     (REPORTS / "memory.md").write_text("\n".join(lines) + "\n")
 
 
