@@ -155,7 +155,8 @@ def report() -> None:
         lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
                      f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
                      f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {times} | {stages} |")
-    (REPORTS / "memory.md").write_text("\n".join(lines) + "\n")
+    notes = (REPORTS / "memory-notes.md").read_text() if (REPORTS / "memory-notes.md").is_file() else ""
+    (REPORTS / "memory.md").write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
 
 def main() -> None:
