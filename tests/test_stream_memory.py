@@ -1,6 +1,6 @@
 """Streaming keeps memory to one block: its peak resident set stays below a bound the in-memory path exceeds.
 
-Both runs compress the same random checkpoint (hidden 128, MLP 1024, 10 blocks: small weights, but
+Both runs compress the same random checkpoint (hidden 128, MLP 1024, 12 blocks: small weights, but
 an in-memory run holds every block's Grams and out × out output Fishers at once) in a child process
 of their own, which reports its VmHWM from /proc/self/status at the end.
 """
@@ -15,8 +15,8 @@ import pytest
 
 #: Bound on the streamed run's peak; the in-memory run on the same checkpoint passes it. Measured: with
 #: 8 blocks streamed 536 MiB, in memory 891 MiB; with 12 blocks 542 and 1,229 MiB (+85 MiB per block
-#: in memory, flat when streamed). At 10 blocks the bound sits about 200 MiB from either.
-BOUND_BYTES = 750 * 2**20
+#: in memory, flat when streamed). The test runs 12 blocks, measured passing (332 s on 2 loaded cores).
+BOUND_BYTES = 850 * 2**20
 
 _RUN = r"""
 import sys, tempfile
@@ -27,7 +27,7 @@ from lowrank.config import CompressConfig
 
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "make":
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=10,
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=12,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                                       architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
