@@ -22,11 +22,12 @@ from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig,
                      resolve_device, torch_dtype)
 from .errors import LowrankError
 from .evaluation import perplexity
-from .loading import load_model
+from .loading import load_model, load_tokenizer
 from .plan import Plan
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
+from .streaming import check_streamable, compress_streamed
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
@@ -80,6 +81,7 @@ def compress(
     progress: bool = True,
     dry_run: bool = False,
     extra_files: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> Plan:
     """Compress `source` by `config`, calibrated on `calibration`; save it to `output` when given.
 
@@ -87,9 +89,15 @@ def compress(
     windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
+    With `config.stream` a local folder is compressed block by block from disk (lowrank.streaming);
+    `resume` then continues an interrupted streamed run.
     """
 
     config = config or CompressConfig()
+    if (config.stream or resume) and not dry_run:
+        return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
+                                  overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
+                                  progress=progress, extra_files=extra_files)
     plan = Plan.load(config.plan) if config.plan else None
     in_memory = isinstance(source, nn.Module)
     if output is not None:
@@ -124,8 +132,36 @@ def compress(
     if output is not None:
         record = config_record(config, None if isinstance(calibration, torch.Tensor) else texts_config)
         save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
-                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+                        max_shard_size=config.max_shard_size, extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     return plan
+
+
+def _compress_streamed(source, config: CompressConfig, calibration, *, output, tokenizer, overwrite: bool,
+                       resume: bool, trust_remote_code: bool, progress: bool, extra_files) -> Plan:
+    """`compress` for config.stream: a local folder, read block by block, written shard by shard."""
+
+    if not config.stream:
+        raise LowrankError("--resume continues a streamed run; add --stream")
+    if isinstance(source, nn.Module) or output is None:
+        raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
+                           "pass a folder as source and an output folder")
+    check_output_spares_input(output, str(source))
+    check_streamable(source)
+    if isinstance(calibration, torch.Tensor):
+        windows, texts_config = _calibration_windows(None, calibration), None
+        options = {"samples": calibration.shape[0], "seq_len": calibration.shape[1]}
+    else:
+        texts_config = calibration or CalibrationConfig()
+        tokenizer_object = load_tokenizer(str(tokenizer or source), None, trust_remote_code)
+        windows = _calibration_windows(tokenizer_object, texts_config)
+        tokenizer = tokenizer_object
+        options = {"samples": texts_config.samples, "seq_len": texts_config.seq_len, "seed": texts_config.seed,
+                   "calibration": list(texts_config.texts) or ["bundled:hamlet"]}
+    record = config_record(config, texts_config)
+    return compress_streamed(source, config, windows, output=output, tokenizer=tokenizer if not isinstance(
+                                 tokenizer, (str, Path)) else None, overwrite=overwrite, resume=resume,
+                             trust_remote_code=trust_remote_code, progress=progress, plan_options=options,
+                             extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
 
 
 def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: str,

@@ -25,6 +25,7 @@ from .distill import LOSSES
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
+from .shard_writer import parse_size
 
 CONFIG_VERSION = 1
 #: The file, in every output folder, that records the configs the folder was made with.
@@ -176,9 +177,15 @@ class CompressConfig(ConfigBase):
     batch_size: int = 8                 # calibration windows per forward pass
     device: str = "auto"                # where the math runs (auto: CUDA if available)
     dtype: str = "float32"              # precision the model is loaded and saved in
+    stream: bool = False                # read a local checkpoint block by block from disk (lowrank.streaming)
+    offload_dir: str | None = None      # with stream: boundary activations past the memory cap go here
+    max_memory: str | None = None       # with stream: memory the run may use, e.g. 8GB (None: what is free now)
+    max_shard_size: str = "2GB"         # largest output shard
+    save_dtype: str = "source"          # with stream: dtype of the saved weights (source: the checkpoint's own)
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._check_stream()
         if self.method not in METHODS:
             raise LowrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.strategy is not None and self.strategy not in STRATEGIES:
@@ -196,6 +203,26 @@ class CompressConfig(ConfigBase):
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
         _dtype_and_device(self)
+
+    def _check_stream(self) -> None:
+        if self.save_dtype not in ("source",) + DTYPE_NAMES:
+            raise LowrankError(f"compress.save_dtype {self.save_dtype!r} is unknown; choose one of source, "
+                               f"{', '.join(DTYPE_NAMES)}")
+        parse_size(self.max_shard_size, "--max-shard-size")
+        if self.max_memory is not None:
+            parse_size(self.max_memory, "--max-memory")
+        if not self.stream:
+            used = [flag for flag, value in (("--offload-dir", self.offload_dir), ("--max-memory", self.max_memory),
+                                             ("--save-dtype", None if self.save_dtype == "source" else 1))
+                    if value is not None]
+            if used:
+                raise LowrankError(f"{used[0]} applies to streaming compression; add --stream")
+            return
+        if not self.sequential:
+            raise LowrankError("--stream compresses block by block on the compressed path; drop --one-shot")
+        if self.method == "svd":
+            raise LowrankError("--stream calibrates block by block, which method svd does not use; "
+                               "pass --method whiten, or drop --stream")
 
     def limits(self) -> RankLimits:
         return RankLimits(min_rank=self.min_rank, max_rank=self.max_rank, round_to=self.round_to)

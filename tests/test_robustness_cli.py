@@ -640,6 +640,29 @@ ROWS = [
     Row("run-output-is-input", "recipe", "`--set stages.0.output=MODEL --overwrite`: a stage writing over the input",
         command("run", "{recipe_good}", "--set", "stages.0.output={model}", "--overwrite", "-q"),
         r"would overwrite or write into the input"),
+    # Streaming (`lowrank compress --stream`)
+    Row("stream-pickle-folder", "stream", "`--stream` on a checkpoint with only pickle weights",
+        compress("{pickle}", "-o", "OUT", "--stream", "--allow-pickle", *SAMPLES),
+        r"--stream reads a local model folder with safetensors weights"),
+    Row("stream-gguf", "stream", "`--stream` on a .gguf file", compress("{broken_gguf}", "-o", "OUT", "--stream", *SAMPLES),
+        r"--stream reads a local model folder with safetensors weights"),
+    Row("stream-one-shot", "stream", "`--stream --one-shot`", compress("{model}", "-o", "OUT", "--stream", "--one-shot",
+                                                                       *SAMPLES), r"drop --one-shot"),
+    Row("stream-method-svd", "stream", "`--stream --method svd` (no calibration to stream)",
+        compress("{model}", "-o", "OUT", "--stream", "--method", "svd"), r"which method svd does not use"),
+    Row("stream-memory-too-small", "stream", "`--stream --max-memory 1MB`: the estimate does not fit",
+        compress("{model}", "-o", "OUT", "--stream", "--max-memory", "1MB", *SAMPLES),
+        r"streaming needs about .* pass --offload-dir DIR"),
+    Row("stream-memory-not-a-size", "stream", "`--max-memory lots`",
+        compress("{model}", "-o", "OUT", "--stream", "--max-memory", "lots", *SAMPLES), r"--max-memory 'lots' is not a size"),
+    Row("stream-shard-size-zero", "stream", "`--max-shard-size 0`",
+        compress("{model}", "-o", "OUT", "--max-shard-size", "0", *SAMPLES), r"--max-shard-size '0' is not a size"),
+    Row("stream-offload-without-stream", "stream", "`--offload-dir` without `--stream`",
+        compress("{model}", "-o", "OUT", "--offload-dir", "spill", *SAMPLES), r"--offload-dir applies to streaming"),
+    Row("stream-resume-nothing", "stream", "`--stream --resume` with no interrupted run to continue",
+        compress("{model}", "-o", "OUT", "--stream", "--resume", *SAMPLES), r"nothing to resume"),
+    Row("stream-resume-without-stream", "stream", "`--resume` without `--stream`",
+        compress("{model}", "-o", "OUT", "--resume", *SAMPLES), r"--resume continues a streamed run; add --stream"),
 ]
 
 #: What each row printed, collected for the table in docs/robustness.md (see LOWRANK_ROBUSTNESS_TABLE).
@@ -648,7 +671,7 @@ OBSERVED: dict[str, str] = {}
 
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
-          "recipe": "recipes (lowrank run)", "profile": "saved profiles"}
+          "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 

@@ -22,7 +22,7 @@ from .common import calibration_options, model_options, quiet_option, silence_tr
 #: The configs this command builds; every option is one of their fields, except the CLI_ONLY ones.
 CONFIGS = (CompressConfig, CalibrationConfig)
 #: Options that are not config fields: where to read and write, and how loudly.
-CLI_ONLY = ("model", "output", "overwrite", "quiet", "tokenizer_source", "trust_remote_code", "allow_pickle")
+CLI_ONLY = ("model", "output", "overwrite", "quiet", "tokenizer_source", "trust_remote_code", "allow_pickle", "resume")
 DEFAULTS = CompressConfig()
 
 
@@ -74,6 +74,24 @@ def describe(plan) -> str:
 @click.option("--update/--no-update", default=DEFAULTS.update,
               help="With --sequential: refit each layer's second factor by ridge least squares against the dense "
                    "block's outputs (SVD-LLM's parameter update). Default: on with --sequential.")
+@click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
+              help="Read a local safetensors folder block by block from disk and write the output shard by shard: "
+                   "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
+                   "Same factors as without it.")
+@click.option("--offload-dir", default=DEFAULTS.offload_dir, type=click.Path(file_okay=False),
+              help="With --stream: spill calibration activations to this folder once memory would run out.")
+@click.option("--max-memory", default=DEFAULTS.max_memory, metavar="SIZE",
+              help="With --stream: memory the run may use, e.g. 8GB (default: what the machine has free now); "
+                   "a run estimated above it is refused before it starts.")
+@click.option("--max-shard-size", default=DEFAULTS.max_shard_size, show_default=True, metavar="SIZE",
+              help="Largest output weight file; bigger models are sharded with an index file.")
+@click.option("--save-dtype", type=click.Choice(("source", "float32", "float16", "bfloat16")),
+              default=DEFAULTS.save_dtype, show_default=True,
+              help="With --stream: dtype of the saved weights (source: the checkpoint's own; the math runs in "
+                   "float32/float64 either way).")
+@click.option("--resume", is_flag=True,
+              help="With --stream: continue an interrupted run from its last finished block (kept in "
+                   ".<output>.partial beside the output, checked against the inputs).")
 @click.option("-o", "--output", default=None,
               help="Output folder. Default: ./<model>-<method>-r<ratio>.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
@@ -81,8 +99,8 @@ def describe(plan) -> str:
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
-            exclude, sequential, update, output, overwrite, dtype, device, tokenizer_source, trust_remote_code,
-            allow_pickle, quiet):
+            exclude, sequential, update, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
+            overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
 
     MODEL is a built-in name (smollm2-135m), a model folder, a .gguf file, a compressed
@@ -91,12 +109,13 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     """
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
-                            batch_size=batch_size, device=device, dtype=dtype)
+                            batch_size=batch_size, device=device, dtype=dtype, stream=stream, offload_dir=offload_dir,
+                            max_memory=max_memory, max_shard_size=max_shard_size, save_dtype=save_dtype)
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
     output = output or default_output(model, "planned" if plan or budget else ratio, method)
     started = time.perf_counter()
     result = compress(model, config, calibration, output=output, tokenizer=tokenizer_source, overwrite=overwrite,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=not quiet)
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=not quiet, resume=resume)
     if not quiet:
         click.echo(describe(result))
         click.echo(f"saved {output} in {time.perf_counter() - started:.1f} s")

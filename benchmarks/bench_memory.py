@@ -1,0 +1,192 @@
+"""Peak memory and wall time of streamed against in-memory compression, on synthetic random Llamas.
+
+    python benchmarks/bench_memory.py make /tmp/syn-11 --layers 11            # hidden 2048, MLP 5632 (≈0.6B)
+    python benchmarks/bench_memory.py run /tmp/syn-11 --mode stream           # one measured run, in a child
+    python benchmarks/bench_memory.py run /tmp/syn-11 --mode memory
+    python benchmarks/bench_memory.py run /tmp/syn-11 --mode floor            # one dense forward pass
+    python benchmarks/bench_memory.py report                                  # reports/memory.{json,md}
+
+Every `run` is a separate process (`--child`), so its peak resident set (VmHWM in /proc/self/status)
+is its own; the result is merged into reports/memory.json under a key naming the checkpoint and mode.
+The default compress runs: sensitivity planner, sequential, update; calibration 8 windows of 256
+random token ids (seed 0). The floor is one dense forward pass over the same windows, block by block
+from disk (what the profile pass's forward does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+RESULTS = REPORTS / "memory.json"
+
+
+def make_checkpoint(folder: Path, layers: int, hidden: int, mlp: int, dtype: str, vocab: int = 32000) -> None:
+    """A random Llama written shard by shard (one shard per block), never whole in memory."""
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 512),
+                                      vocab_size=vocab, tie_word_embeddings=False, dtype=dtype,
+                                      architectures=["LlamaForCausalLM"])
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch_dtype)
+
+    shards = [{"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+               "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
+                       p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                       p + "mlp.gate_proj.weight": rand(mlp, hidden), p + "mlp.up_proj.weight": rand(mlp, hidden),
+                       p + "mlp.down_proj.weight": rand(hidden, mlp),
+                       p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
+                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype)})
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({key: name for key in tensors})
+        shards[i] = None
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> dict:
+    """One measured run in this process; returns its numbers."""
+    import lowrank
+    from lowrank.config import CompressConfig
+
+    windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    result: dict = {}
+    if mode == "floor":
+        from lowrank.block_capture import capture_block_inputs, run_block
+        from lowrank.block_source import BlockSource
+
+        source = BlockSource(folder)
+        captured = capture_block_inputs(source.model, windows, 8, "cpu")
+        hidden = captured.hidden
+        with torch.no_grad():
+            for index in range(len(source.blocks)):
+                block = source.load_block(index)
+                hidden = [run_block(block, h, c, torch.device("cpu")) for h, c in zip(hidden, captured.calls[index])]
+                source.free_block(index)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="bench-memory-", dir="/tmp")) / "out"
+        config = CompressConfig(stream=mode == "stream", offload_dir=offload)
+        source = str(folder)
+        if mode == "memory":  # today's path: the whole model loaded (no tokenizer in a synthetic folder)
+            import transformers
+
+            source = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        try:
+            plan = lowrank.compress(source, config, windows, output=out, progress=False)
+            result["stage_seconds"] = plan.options.get("stage_seconds")
+            result["target_ratio"] = plan.summary()["target_ratio"]
+            result["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)
+    result.update({"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": vm_hwm_bytes()})
+    return result
+
+
+def checkpoint_facts(folder: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    size = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    return {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
+            "mlp": config["intermediate_size"], "dtype": config.get("dtype"), "checkpoint_bytes": size}
+
+
+def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> None:
+    command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or ""]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed: {done.stderr[-2000:]}")
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    facts = checkpoint_facts(folder)
+    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
+                    **numbers}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(key, json.dumps(results[key]))
+
+
+def report() -> None:
+    results = json.loads(RESULTS.read_text())
+    gib = 2**30
+    lines = ["# Memory and time: streamed against in-memory compression", "",
+             "Synthetic random Llamas (hidden 2048, MLP 5632 unless noted), default compress (sensitivity planner, "
+             "sequential, update, ratio 0.8), random token windows. Each row is its own process; peak = VmHWM. "
+             "Written by `benchmarks/bench_memory.py`; the machine: 2 shared CPU cores, 24 GiB.", "",
+             "| run | layers | dtype | checkpoint | calibration | peak RSS | wall | × floor | stages (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    floors = {(r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]): r["wall_seconds"]
+              for r in results.values() if r["mode"] == "floor"}
+    for key, r in results.items():
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("stage_seconds") or {}).items())
+        floor = floors.get((r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]))
+        times = f"{r['wall_seconds'] / floor:.1f}" if floor and r["mode"] != "floor" else "–"
+        lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
+                     f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
+                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {times} | {stages} |")
+    notes = (REPORTS / "memory-notes.md").read_text() if (REPORTS / "memory-notes.md").is_file() else ""
+    (REPORTS / "memory.md").write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        folder, mode, samples, seq_len, offload = sys.argv[2:7]
+        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make")
+    make.add_argument("folder", type=Path)
+    make.add_argument("--layers", type=int, default=11)
+    make.add_argument("--hidden", type=int, default=2048)
+    make.add_argument("--mlp", type=int, default=5632)
+    make.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    measure = sub.add_parser("run")
+    measure.add_argument("folder", type=Path)
+    measure.add_argument("--mode", choices=("stream", "memory", "floor"), default="stream")
+    measure.add_argument("--samples", type=int, default=8)
+    measure.add_argument("--seq-len", type=int, default=256)
+    measure.add_argument("--offload-dir")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "make":
+        make_checkpoint(args.folder, args.layers, args.hidden, args.mlp, args.dtype)
+    elif args.command == "run":
+        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()

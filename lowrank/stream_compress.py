@@ -1,0 +1,132 @@
+"""The compress pass of streaming compression: block by block from disk into output shards.
+
+Each block is loaded from the checkpoint (`BlockSource`), its statistics are taken on the
+compressed path (the outputs of the blocks already compressed, as `sequential_statistics` does in
+memory), its planned modules are factored and their `up` refitted (`compression.compress_blocks`),
+its tensors go to the `ShardWriter`, and it is freed. When a shard is flushed, the block-boundary
+hidden states are saved beside it, so that `--resume` restarts from the first unwritten block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .block_capture import capture_block_inputs, run_block
+from .block_source import BlockSource
+from .boundary_store import BoundaryStore
+from .compression import compress_blocks
+from .errors import LowrankError
+from .factorize import DEFAULT_DAMPING
+from .folder_guard import GUARD_SHAPE, guard_key
+from .plan import Plan
+from .sequential import BlockWork, block_of, block_stats
+from .shard_writer import ShardWriter
+from .targets import Target
+
+BOUNDARY_FILE = "boundary.safetensors"
+
+
+def block_tensors(source: BlockSource, index: int, factored: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Block `index`'s tensors under their checkpoint names, with a guard for each factored module (format 2)."""
+    prefix = source.block_name(index) + "."
+    tensors = {prefix + name: t for name, t in source.blocks[index].state_dict().items()}
+    for name in factored:
+        if name.startswith(prefix):
+            dtype = tensors[f"{name}.up.weight"].dtype
+            tensors[guard_key(name)] = torch.zeros(GUARD_SHAPE, dtype=dtype)
+    return tensors
+
+
+def outside_tensors(source: BlockSource) -> dict[str, torch.Tensor]:
+    """The tensors outside the blocks (embeddings, norms, head), tied weights stored once under their first name."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in source.model.state_dict(keep_vars=True).items():
+        if name.startswith(source.prefix + ".") or tensor.is_meta:
+            continue
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        tensors[name] = tensor.detach()
+    return tensors
+
+
+def _save_boundary(folder: Path, hidden: list[torch.Tensor], block: int) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder / (BOUNDARY_FILE + ".tmp")
+    save_file({f"batch.{b}": h.contiguous() for b, h in enumerate(hidden)}, str(tmp), metadata={"block": str(block)})
+    tmp.replace(folder / BOUNDARY_FILE)
+
+
+def _load_boundary(folder: Path, block: int) -> list[torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / BOUNDARY_FILE), framework="pt") as handle:
+        if handle.metadata().get("block") != str(block):
+            raise LowrankError(f"{folder}: the saved boundary does not match the finished blocks; "
+                               "rerun without --resume")
+        return [handle.get_tensor(f"batch.{b}") for b in range(len(handle.keys()))]
+
+
+@torch.no_grad()
+def compress_pass(
+    source: BlockSource,
+    plan: Plan,
+    targets: dict[str, Target],
+    windows: torch.Tensor,
+    writer: ShardWriter,
+    store: BoundaryStore,
+    *,
+    batch_size: int = 8,
+    update: bool = True,
+    update_target: str = "dense",
+    damping: float = DEFAULT_DAMPING,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> None:
+    """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc)."""
+    device = torch.device(device)
+    by_block: dict[int, list[str]] = {}
+    for name in plan.factored:
+        index = block_of(name, source.prefix)
+        if index is None:
+            raise LowrankError(f"{name} lies outside the transformer blocks, which streaming compression does not "
+                               "factor; drop it from the plan, or pass --no-stream")
+        by_block.setdefault(index, []).append(name)
+    captured = capture_block_inputs(source.model, windows, batch_size, device)
+    n_batches = len(captured.hidden)
+    done = writer.finished_blocks
+    start = done[-1] + 1 if done else 0
+    hidden = captured.hidden if start == 0 else [] if start == len(source.blocks) else _load_boundary(writer.folder,
+                                                                                                       start)
+    for b, h in enumerate(hidden):
+        store.put(start, b, h)
+    del hidden, captured.hidden
+
+    def save_boundary(last_flushed: int) -> None:
+        if last_flushed + 1 < len(source.blocks):  # after the last block nothing needs a boundary
+            _save_boundary(writer.folder, store.level(last_flushed + 1, n_batches), last_flushed + 1)
+
+    bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
+    for index in bar:
+        block = source.load_block(index).to(device)
+        calls = captured.calls[index]
+        names = by_block.get(index, [])
+        if names:
+            inputs = store.level(index, n_batches)
+            stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
+            work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
+            compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping)
+            del stats, work, inputs
+        if index + 1 < len(source.blocks):
+            for b in range(n_batches):
+                store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
+        writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
+        store.drop_level(index, n_batches)
+        source.free_block(index)
+    writer.add_block(None, outside_tensors(source))
+    store.close()

@@ -1,0 +1,210 @@
+"""Streaming compression of a checkpoint larger than memory: profile pass → plan → compress pass, from disk.
+
+`compress_streamed` is `lowrank.compress` for a local safetensors folder with `config.stream`:
+the model stays on the meta device, blocks are read one at a time (`BlockSource`), the profile
+(`stream_profile`) and the compressed blocks (`stream_compress`) are computed block by block, and
+the output is written shard by shard into `.<output>.partial/` beside the output, renamed into
+place when complete. That folder also keeps the profile, the plan and the finished shards, so
+that `resume=True` continues an interrupted run (after checking it was made from the same inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import hf_integration
+from .block_source import BlockSource, is_streamable
+from .boundary_store import BoundaryStore
+from .budget import RankLimits
+from .compression import check_plan_matches, needs_statistics
+from .config import CompressConfig, resolve_device, torch_dtype
+from .errors import LowrankError
+from .fileio import LOADED_INPUTS, check_output_dir, sha256_file
+from .folder_format import PLAN_FILE, weight_files
+from .model_info import count_parameters
+from .plan import Plan
+from .planner import check_feasible, default_strategy, needs_spectra, plan_targets
+from .profile import Profile
+from .profiling import DEFAULT_SENSITIVITY_SAMPLES
+from .shard_writer import ShardWriter, parse_size
+from .stream_compress import compress_pass
+from .stream_memory import available_bytes, check_fits, estimate
+from .stream_profile import profile_streamed
+from .targets import find_targets
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+PROFILE_FILE = "profile.safetensors"
+PARTIAL_PLAN = "plan.json"
+
+
+def partial_dir(output: str | Path) -> Path:
+    """Where a streamed run writes as it goes: `.<name>.partial` beside the output."""
+    out = Path(output).resolve()
+    return out.parent / f".{out.name}.partial"
+
+
+def run_identity(folder: Path, config: CompressConfig, windows: torch.Tensor) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the checkpoint's files, the config, the windows."""
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(folder.glob("*.safetensors"))}
+    return {"source": str(folder.resolve()), "files": files, "config": config.to_dict(),
+            "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
+
+
+def check_streamable(source: str | Path) -> Path:
+    """The folder `source`, when streaming can read it; else a one-line error naming the fix."""
+    if not is_streamable(str(source)):
+        raise LowrankError(f"--stream reads a local model folder with safetensors weights, and {source} is not one; "
+                           "convert it (save_pretrained) or drop --stream")
+    return Path(source)
+
+
+def _open_partial(output: str | Path, identity: dict, resume: bool) -> Path:
+    """The partial folder: fresh, or (resume) the interrupted run's after checking it matches `identity`."""
+    partial = partial_dir(output)
+    if resume and (partial / RUN_FILE).is_file():
+        recorded = json.loads((partial / RUN_FILE).read_text(encoding="utf-8"))
+        if recorded != identity:
+            changed = next(key for key in identity if recorded.get(key) != identity[key])
+            raise LowrankError(f"{partial} was made from other inputs ({changed} differs); rerun without --resume "
+                               "to start over")
+        return partial
+    if resume:
+        raise LowrankError(f"nothing to resume: {partial} does not exist; rerun without --resume")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    (partial / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n", encoding="utf-8")
+    return partial
+
+
+def _publish(partial: Path, output: str | Path) -> None:
+    """Rename the finished partial folder onto `output` (replacing it, already allowed by check_output_dir)."""
+    out = Path(output)
+    for name in (RUN_FILE, PROFILE_FILE, PARTIAL_PLAN, "boundary.safetensors"):
+        (partial / name).unlink(missing_ok=True)
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.rmdir(backup)
+        os.replace(out, backup)
+        os.replace(partial, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+
+
+def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, windows: torch.Tensor,
+          partial: Path, cap: int | None, device: str, progress: bool, seconds: dict[str, float]) -> Plan:
+    """The plan: from config.plan, or planned on the (saved or freshly streamed) profile; stage times into `seconds`."""
+    model_params = count_parameters(source.model)
+    if config.plan:
+        plan = Plan.load(config.plan)
+        check_plan_matches(plan, targets)
+        return plan
+    budget = config.budget if config.budget is not None else config.ratio
+    check_feasible(targets, budget, model_params, config.limits(), config.overrides)
+    spectra = None
+    if needs_spectra(strategy):
+        if (partial / PROFILE_FILE).is_file():
+            profile = Profile.load(partial / PROFILE_FILE)
+        else:
+            profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
+                                       prices=strategy == "sensitivity", batch_size=config.batch_size,
+                                       damping=config.damping, device=device, progress=progress,
+                                       name=str(source.folder))
+            profile.save(partial / PROFILE_FILE)
+        spectra = {m.name: m for m in profile.matrices}
+        seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
+    started = time.perf_counter()
+    plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=config.method,
+                        limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.folder))
+    seconds["planning"] = round(time.perf_counter() - started, 3)
+    if strategy == "sensitivity":
+        plan.options["sensitivity_samples"] = min(DEFAULT_SENSITIVITY_SAMPLES, windows.shape[0])
+    return plan
+
+
+def compress_streamed(
+    folder: str | Path,
+    config: CompressConfig,
+    windows: torch.Tensor,
+    *,
+    output: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    extra_files: dict[str, str] | None = None,
+    plan_options: dict[str, Any] | None = None,
+) -> Plan:
+    """Compress the checkpoint `folder` into `output`, one block in memory at a time; return the Plan.
+
+    `plan_options` (the calibration's description) are recorded in the saved plan.
+    """
+    folder = check_streamable(folder)
+    if not needs_statistics(config.method) or not config.sequential:
+        raise LowrankError("--stream compresses sequentially with calibration statistics; use --method whiten "
+                           "and --sequential")
+    check_output_dir(output, overwrite or resume)
+    LOADED_INPUTS.add(folder.resolve())
+    source = BlockSource(folder, torch.float32, trust_remote_code=trust_remote_code)
+    targets = find_targets(source.model, config.include, config.exclude)
+    strategy = config.strategy or default_strategy(config.method, source.model)
+    est = estimate(source, targets, windows, strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES)
+    limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else available_bytes()
+    cap = check_fits(est, limit, config.offload_dir is not None)
+    if progress:
+        tqdm.write(est.describe(cap))
+    log.info(est.describe(cap))
+    device = resolve_device(config.device)
+    partial = _open_partial(output, run_identity(folder, config, windows), resume)
+    seconds: dict[str, float] = {}
+    plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
+    plan.method = config.method
+    (partial / PARTIAL_PLAN).write_text(json.dumps(plan.to_dict(), indent=1) + "\n", encoding="utf-8")
+    save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
+    writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)
+    started = time.perf_counter()
+    compress_pass(source, plan, {t.name: t for t in targets}, windows, writer, BoundaryStore(cap, config.offload_dir),
+                  batch_size=config.batch_size, update=config.update is not False, damping=config.damping,
+                  device=device, progress=progress)
+    writer.finish()
+    seconds["compress"] = round(time.perf_counter() - started, 3)
+    plan.options["stage_seconds"] = seconds
+    plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
+    if config.update is not False:
+        plan.options["update_target"] = "dense"
+    plan.options.update(plan_options or {})
+    _write_metadata(source, plan, partial, save_dtype, tokenizer, extra_files)
+    _publish(partial, output)
+    return plan
+
+
+def _write_metadata(source: BlockSource, plan: Plan, partial: Path, save_dtype: torch.dtype, tokenizer,
+                    extra_files: dict[str, str] | None) -> None:
+    """config.json (with the lowrank quantization_config), generation config, tokenizer, plan with sha256s."""
+    hf_integration.attach(source.model, plan.factored, plan.method)
+    source.model.config.dtype = save_dtype
+    source.model.config.save_pretrained(partial)
+    generation = getattr(source.model, "generation_config", None)
+    if generation is not None and source.model.can_generate():
+        generation.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    record = plan.to_dict()
+    record["files"] = {p.name: sha256_file(p) for p in weight_files(partial)}
+    (partial / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (partial / name).write_text(text, encoding="utf-8")

@@ -1,0 +1,166 @@
+"""Streaming compression (lowrank.streaming): the same compressed model as the in-memory path, block by block from disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, random_windows, save_tiny_model
+
+import lowrank
+from lowrank.block_source import INDEX_FILE, BlockSource
+from lowrank.boundary_store import BoundaryStore
+from lowrank.checkpoint import load_compressed
+from lowrank.config import CompressConfig
+from lowrank.errors import LowrankError
+from lowrank.layers import LowRankLinear
+from lowrank.profiling import profile_with_calibration, targets_of
+from lowrank.stream_memory import estimate
+from lowrank.stream_profile import profile_streamed
+from lowrank.streaming import partial_dir
+
+
+def _products(model) -> dict[str, torch.Tensor]:
+    return {name: m.merged_weight() for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _compress_both(tmp_path, arch: str, **stream_options):
+    save_tiny_model(tmp_path / "src", arch)
+    windows = random_windows(12, 24)
+    dense = lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    streamed = lowrank.compress(tmp_path / "src", CompressConfig(stream=True, **stream_options), windows,
+                                output=tmp_path / "str", progress=False)
+    return dense, streamed, windows
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_compression_equals_in_memory(tmp_path, arch):
+    dense, streamed, windows = _compress_both(tmp_path, arch, max_shard_size="30KB")
+    assert streamed.factored == dense.factored and streamed.factored
+    assert (tmp_path / "str" / INDEX_FILE).is_file()  # sharded: blocks of ~80 KB pass the 30 KB cap
+    a, b = load_compressed(tmp_path / "mem"), load_compressed(tmp_path / "str")
+    products_a, products_b = _products(a), _products(b)
+    assert products_a.keys() == products_b.keys()
+    for name in products_a:
+        assert torch.allclose(products_a[name], products_b[name], atol=1e-5, rtol=0), name
+    with torch.no_grad():
+        out_a, out_b = a(input_ids=windows).logits, b(input_ids=windows).logits
+    assert torch.allclose(out_a, out_b, atol=1e-5, rtol=0)
+    assert not partial_dir(tmp_path / "str").exists()
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHITECTURES)
+def test_streamed_prices_equal_fisher_prices(tmp_path, arch):
+    """Σ_t (g_t·u)² from block-by-block backward passes equals uᵀFu from the whole model's Fisher."""
+    model = save_tiny_model(tmp_path, arch)
+    windows = random_windows(12, 24)
+    reference = profile_with_calibration(model, windows, prices=True, progress=False)
+    streamed = profile_streamed(BlockSource(tmp_path), targets_of(model), windows, BoundaryStore(), progress=False)
+    for ref, got in zip(reference.matrices, streamed.matrices):
+        assert ref.name == got.name
+        assert torch.equal(ref.whitened, got.whitened)
+        cost_ref, cost_got = 0.5 * ref.whitened**2 * ref.price, 0.5 * got.whitened**2 * got.price
+        assert ((cost_ref - cost_got).abs() / cost_ref).max() < 1e-6, ref.name
+
+
+def test_offloaded_boundaries_give_the_same_profile(tmp_path):
+    model = save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    kept = profile_streamed(BlockSource(tmp_path / "src"), targets_of(model), windows, BoundaryStore(), progress=False)
+    store = BoundaryStore(cap_bytes=0, offload_dir=tmp_path / "spill")
+    spilled = profile_streamed(BlockSource(tmp_path / "src"), targets_of(model), windows, store, progress=False)
+    assert store.spilled_bytes > 0 and list((tmp_path / "spill").iterdir()) == []  # used, then cleaned up
+    for a, b in zip(kept.matrices, spilled.matrices):
+        assert torch.equal(a.price, b.price) and torch.equal(a.whitened, b.whitened)
+
+
+def test_run_past_memory_spills_with_offload_dir_and_refuses_without(tmp_path):
+    save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    source = BlockSource(tmp_path / "src")
+    est = estimate(source, targets_of(source.model), windows, True, 8)
+    limit = f"{est.total(0) + 1000}B"  # room for everything but the boundary activations
+    with pytest.raises(LowrankError, match="--offload-dir"):
+        lowrank.compress(tmp_path / "src", CompressConfig(stream=True, max_memory=limit), windows,
+                         output=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+    config = CompressConfig(stream=True, max_memory=limit, offload_dir=str(tmp_path / "spill"))
+    plan = lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False)
+    reference = lowrank.compress(tmp_path / "src", CompressConfig(stream=True), windows, output=tmp_path / "ref",
+                                 progress=False)
+    assert plan.factored == reference.factored
+    for name, product in _products(load_compressed(tmp_path / "out")).items():
+        assert torch.equal(product, _products(load_compressed(tmp_path / "ref"))[name])
+
+
+def test_bf16_source_is_saved_in_bf16_unless_asked(tmp_path):
+    model = save_tiny_model(tmp_path / "f32", "llama")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").write_bytes((tmp_path / "f32" / "tokenizer.json").read_bytes())
+    windows = random_windows(12, 24)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=True), windows, output=tmp_path / "bf16", progress=False)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=True, save_dtype="float32"), windows,
+                     output=tmp_path / "f32out", progress=False)
+    lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the math ran in float32 on the bf16 values: saved in float32, it equals the in-memory path exactly
+    wide, memory = _products(load_compressed(tmp_path / "f32out")), _products(load_compressed(tmp_path / "mem"))
+    narrow = _products(load_compressed(tmp_path / "bf16", dtype=torch.float32))
+    for name in memory:
+        assert torch.equal(wide[name], memory[name])
+        assert torch.allclose(narrow[name], memory[name], atol=0.05 * memory[name].abs().max().item())
+
+
+def test_resume_continues_from_the_last_finished_block(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    config = CompressConfig(stream=True, max_shard_size="30KB")  # one shard per block: block 0 is flushed alone
+    lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "whole", progress=False)
+
+    loads = []
+    original = BlockSource.load_block
+
+    def load_then_stop(self, index):
+        loads.append(index)
+        if loads.count(1) == 3:  # profile fwd, profile bwd, then compress block 1
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False)
+    partial = partial_dir(tmp_path / "out")
+    assert (partial / "profile.safetensors").is_file() and not (tmp_path / "out").exists()
+    assert json.loads((partial / "progress.json").read_text())["blocks"] == [0]
+
+    with pytest.raises(LowrankError, match="other inputs"):
+        lowrank.compress(tmp_path / "src", config.replace(ratio=0.6), windows, output=tmp_path / "out",
+                         progress=False, resume=True)
+    loads.clear()
+    lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False, resume=True)
+    assert loads == [1]  # no profile pass again, block 0 not again
+    whole, resumed = _products(load_compressed(tmp_path / "whole")), _products(load_compressed(tmp_path / "out"))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name])
+    assert not partial.exists()
+
+
+def test_streamed_output_reloads_with_from_pretrained(tmp_path):
+    import transformers
+
+    save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=True, max_shard_size="30KB"), windows,
+                     output=tmp_path / "out", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    reference = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=windows).logits.float(), reference(input_ids=windows).logits, atol=0.1)
