@@ -6,6 +6,7 @@ the per-token KL(dense ‖ compressed), and the fraction of prompts whose greedy
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -51,17 +52,23 @@ def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     return -log_q.gather(-1, windows[:, 1:, None]).squeeze(-1)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword that takes the KV cache: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """The first `new_tokens` greedy tokens after each prompt (n, p) → (n, new_tokens), with the KV cache.
 
     No end-of-text stop: every prompt gets exactly `new_tokens` tokens, so continuations compare position by position.
     """
+    keyword = cache_keyword(model)
     output = model(input_ids=prompts, use_cache=True)
     next_token = output.logits[:, -1].argmax(-1)
     generated = [next_token]
     for _ in range(new_tokens - 1):
-        output = model(input_ids=next_token[:, None], past_key_values=output.past_key_values, use_cache=True)
+        output = model(input_ids=next_token[:, None], use_cache=True, **{keyword: output.past_key_values})
         next_token = output.logits[:, -1].argmax(-1)
         generated.append(next_token)
     return torch.stack(generated, dim=1)

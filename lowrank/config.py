@@ -347,6 +347,42 @@ class EvalConfig(ConfigBase):
         _dtype_and_device(self)
 
 
+@dataclass
+class BenchConfig(ConfigBase):
+    """Inference speed, dense against compressed: batch sizes, prompt length, decoded tokens, repeats, precision."""
+
+    SECTION: ClassVar[str] = "bench"
+
+    version: int = CONFIG_VERSION
+    against: str | None = None         # the dense model; None = the source recorded in the folder's plan
+    batch_sizes: list[str] = field(default_factory=lambda: ["1", "8"])
+    seq_len: int = 512                 # prompt tokens (prefill)
+    new_tokens: int = 32               # greedy tokens decoded after the prompt, with the KV cache
+    repeats: int = 5                   # timed repeats per measurement; the median is reported
+    warmup: int = 1                    # untimed runs first
+    memory: bool = True                # peak memory, measured in a fresh child process per model
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_sizes, (tuple, list)):
+            self.batch_sizes = [str(b).strip() for b in self.batch_sizes]
+        self._check_types()
+        for value in self.batch_sizes:
+            if not value.isdigit() or int(value) < 1:
+                raise LowrankError(f"--batch-sizes {value!r} is not a positive integer; give e.g. --batch-sizes 1,8")
+        if not self.batch_sizes:
+            raise LowrankError("--batch-sizes is empty; give e.g. --batch-sizes 1,8")
+        _at_least(self.SECTION, "seq_len", self.seq_len, 1, "--seq-len")
+        _at_least(self.SECTION, "new_tokens", self.new_tokens, 1, "--new-tokens")
+        _at_least(self.SECTION, "repeats", self.repeats, 1, "--repeats")
+        _at_least(self.SECTION, "warmup", self.warmup, 0, "--warmup")
+        _dtype_and_device(self)
+
+    def batches(self) -> list[int]:
+        return [int(b) for b in self.batch_sizes]
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a config's `dtype` name (float32, float16, bfloat16)."""
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
