@@ -267,6 +267,8 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness's zero-shot metrics of `source` on `config.tasks` (needs the extra lowrank[eval])."""
 
+    if config.task_path is not None and not Path(config.task_path).is_dir():
+        raise LowrankError(f"--task-path {config.task_path} is not a folder; give the folder holding the task YAML files")
     require_lm_eval()
     model, tokenizer_object = _open_source(source, tokenizer, config.dtype, resolve_device(config.device),
                                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

@@ -8,6 +8,7 @@ second model's peak behind the first's).
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ class SpeedResult:
     batch_size: int
     seq_len: int
     new_tokens: int
-    prefill_seconds: float            # the prompt's forward pass, building the KV cache
+    prefill_seconds: float            # the prompt's forward pass: KV cache and the last position's logits
     decode_tokens_per_second: float   # batch_size × new_tokens / time of the greedy decode steps
     prefill_runs: list[float] = field(default_factory=list)
     decode_runs: list[float] = field(default_factory=list)
@@ -66,8 +67,10 @@ def time_once(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple
     prompts = prompts.to(device)
     timer = Timer(device)
     keyword = cache_keyword(model)
+    # like generate(): the prompt's pass computes the logits of its last position only, where the model allows it
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with timer:
-        output = model(input_ids=prompts, use_cache=True)
+        output = model(input_ids=prompts, use_cache=True, **last_only)
     prefill = timer.seconds
     next_token = output.logits[:, -1].argmax(-1)
     with timer:

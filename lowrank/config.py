@@ -341,7 +341,7 @@ class EvalConfig(ConfigBase):
         _at_least(self.SECTION, "prompt_tokens", self.prompt_tokens, 1, "--prompt-tokens")
         _at_least(self.SECTION, "generated_tokens", self.generated_tokens, 1, "--generated-tokens")
         _at_least(self.SECTION, "task_limit", self.task_limit, 1, "--task-limit")
-        if self.prompt_tokens > self.seq_len:
+        if self.against is not None and self.prompt_tokens > self.seq_len:
             raise LowrankError(f"--prompt-tokens {self.prompt_tokens} is longer than --seq-len {self.seq_len}; "
                                "prompts are the first tokens of the evaluation windows")
         _dtype_and_device(self)

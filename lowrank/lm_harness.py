@@ -38,13 +38,13 @@ def run_tasks(
 
     `task_path` is a folder of local task YAML files (lm-eval's include_path); `limit` keeps the first N examples.
     """
+    if task_path is not None and not Path(task_path).is_dir():
+        raise LowrankError(f"--task-path {task_path} is not a folder; give the folder holding the task YAML files")
     require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if task_path is not None and not Path(task_path).is_dir():
-        raise LowrankError(f"--task-path {task_path} is not a folder; give the folder holding the task YAML files")
     manager = TaskManager(include_path=str(task_path) if task_path is not None else None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
