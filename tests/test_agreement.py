@@ -123,3 +123,25 @@ def test_against_alone_on_a_dense_folder_is_one_line(tiny_model_folder, capsys):
     code, _, stderr = run_cli(capsys, "eval", tiny_model_folder, "--against", "--seq-len", "32", "--quiet")
     assert code != 0 and stderr.startswith("error: ") and "--against DENSE" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_recipe_eval_stage_with_against(tiny_model_folder, tmp_path, capsys):
+    """`eval: {against: plan}` in a recipe makes its eval stage measure agreement."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""model: {tiny_model_folder}
+compress: {{ratio: 0.5}}
+calibration: {{samples: 4, seq_len: 32}}
+eval: {{seq_len: 32, max_windows: 2, against: plan, prompt_tokens: 8, generated_tokens: 4}}
+stages:
+  - stage: compress
+    output: {tmp_path / 'c'}
+  - stage: eval
+    input: {tmp_path / 'c'}
+    output: {tmp_path / 'e.json'}
+""")
+    code, _, stderr = run_cli(capsys, "run", recipe, "-q")
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "e.json").read_text())
+    direct = json.loads(json.dumps(__import__("lowrank").compare(tmp_path / "c", __import__("lowrank").EvalConfig(
+        seq_len=32, max_windows=2, against="plan", prompt_tokens=8, generated_tokens=4), progress=False).to_dict()))
+    assert {k: record[k] for k in direct} == direct and record["tokens"] == 2 * 31
