@@ -57,6 +57,11 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def kv_cache(output):
+    """The KV cache a forward pass returned (`cache` in newer transformers, `past_key_values` before)."""
+    return output["cache"] if "cache" in output else output.past_key_values
+
+
 @torch.no_grad()
 def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """The first `new_tokens` greedy tokens after each prompt (n, p) → (n, new_tokens), with the KV cache.
@@ -68,7 +73,7 @@ def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> t
     next_token = output.logits[:, -1].argmax(-1)
     generated = [next_token]
     for _ in range(new_tokens - 1):
-        output = model(input_ids=next_token[:, None], use_cache=True, **{keyword: output.past_key_values})
+        output = model(input_ids=next_token[:, None], use_cache=True, **{keyword: kv_cache(output)})
         next_token = output.logits[:, -1].argmax(-1)
         generated.append(next_token)
     return torch.stack(generated, dim=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .agreement import cache_keyword, greedy_tokens
+from .agreement import cache_keyword, greedy_tokens, kv_cache
 
 
 @dataclass
@@ -74,10 +74,10 @@ def time_once(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple
     prefill = timer.seconds
     next_token = output.logits[:, -1].argmax(-1)
     with timer:
-        cache = output.past_key_values
+        cache = kv_cache(output)
         for _ in range(new_tokens):
             output = model(input_ids=next_token[:, None], use_cache=True, **{keyword: cache})
-            cache = output.past_key_values
+            cache = kv_cache(output)
             next_token = output.logits[:, -1].argmax(-1)
     return prefill, timer.seconds
 
