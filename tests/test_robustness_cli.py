@@ -687,7 +687,8 @@ OBSERVED: dict[str, str] = {}
 
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
-          "recipe": "recipes (lowrank run)", "profile": "saved profiles"}
+          "recipe": "recipes (lowrank run)", "profile": "saved profiles",
+          "evaluation": "evaluation and speed (eval --against/--tasks, bench)"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 
