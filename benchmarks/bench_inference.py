@@ -51,8 +51,13 @@ def main() -> None:
         scores = ppl.get(folder)
         quality = (f"perplexity {scores['perplexity']:.2f} (dense {scores['dense_perplexity']:.2f}) on Macbeth, "
                    "reports/agreement.md" if scores else "perplexity: not in reports/agreement.json")
+        macs = record["linear_macs_per_token"]
         lines += [f"## {label}", "", f"`{folder}`; {quality}. Load average before/after: {before} / "
-                  f"{record['load_after']}.", "", record["table"], ""]
+                  f"{record['load_after']}.", "", record["table"], "",
+                  f"Predicted: the linear layers below the head do {macs['compressed']:,} multiply-adds per token "
+                  f"instead of {macs['dense']:,}, a speed-up of ×{record['predicted_linear_speedup']:.2f} for those "
+                  "layers (attention, norms and the head are unchanged); measured prefill ratios are in the table.",
+                  ""]
         print(record["table"], flush=True)
     lines += [f"{runs[0]['device']}, {runs[0]['threads']} threads, float32; prompts of {config.seq_len} tokens; "
               f"{config.new_tokens} decoded; medians of {config.repeats} runs after {config.warmup} warm-up, the two "

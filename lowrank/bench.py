@@ -109,6 +109,17 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token of the model's linear layers below the head (what factoring changes)."""
+    from .layers import LowRankLinear
+
+    factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    skip = {id(model.get_output_embeddings())} | {id(f) for m in factored for f in (m.down, m.up)}
+    dense = sum(m.in_features * m.out_features for m in model.modules()
+                if isinstance(m, nn.Linear) and id(m) not in skip)
+    return dense + sum(m.rank * (m.in_features + m.out_features) for m in factored)
+
+
 def weight_file_bytes(source: str, model: nn.Module) -> tuple[int, str]:
     """Bytes of the safetensors weight files of `source`; for other sources (GGUF, hub), of the model saved as one.
 
@@ -231,6 +242,7 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
     files = {"dense": weight_file_bytes(str(dense_source), dense.model)[0],
              "compressed": weight_file_bytes(str(folder), compressed.model)[0]}
     params = {"dense": parameter_bytes(dense.model), "compressed": parameter_bytes(compressed.model)}
+    macs = {"dense": linear_macs_per_token(dense.model), "compressed": linear_macs_per_token(compressed.model)}
     del dense, compressed, names
     memory = None
     if config.memory:
@@ -240,7 +252,8 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
                                             device, tokenizer)}
     return {"dense": str(dense_source), "compressed": str(folder), "device": device,
             "threads": torch.get_num_threads(), "speed": to_dict(results), "memory": memory, "file_bytes": files,
-            "parameter_bytes": params, "config": config.to_dict(),
+            "parameter_bytes": params, "linear_macs_per_token": macs,
+            "predicted_linear_speedup": macs["dense"] / macs["compressed"], "config": config.to_dict(),
             "table": speed_table(results, memory, files, "dense", "compressed")}
 
 

@@ -73,3 +73,15 @@ def test_bad_bench_config_is_one_line():
         BenchConfig(batch_sizes=["1", "x"])
     with pytest.raises(LowrankError, match="--repeats must be at least 1"):
         BenchConfig(repeats=0)
+
+
+def test_linear_macs_count_factors_by_rank():
+    from lowrank.bench import linear_macs_per_token
+    from lowrank.compression import compress_model
+
+    model = make_tiny_model("llama")  # hidden 48, intermediate 96, 2 layers; k/v project to 2 heads × 12 = 24
+    per_layer = 48 * 48 * 2 + 48 * 24 * 2 + 48 * 96 * 3
+    assert linear_macs_per_token(model) == 2 * per_layer
+    plan = compress_model(model, ratio=0.5, method="svd", strategy="uniform", progress=False)
+    expected = sum(m.params for m in plan.modules.values())  # a matrix's MACs per token are its parameters
+    assert linear_macs_per_token(model) == expected < 2 * per_layer

@@ -56,5 +56,8 @@ def command(folder, against, batch_sizes, seq_len, new_tokens, repeats, warmup, 
     if json_out:
         atomic_write_text(json_out, json.dumps(record, indent=2) + "\n")
     click.echo(record["table"])
+    macs = record["linear_macs_per_token"]
+    click.echo(f"linear layers below the head: {macs['dense']:,} → {macs['compressed']:,} multiply-adds per token "
+               f"(predicted speed-up of those layers ×{record['predicted_linear_speedup']:.2f})")
     click.echo(f"{record['device']}, {record['threads']} threads, {dtype}; medians of {repeats} runs after "
                f"{warmup} warm-up; prompt {seq_len} tokens, {new_tokens} decoded")
