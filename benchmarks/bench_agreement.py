@@ -1,6 +1,7 @@
 """Agreement of compressed SmolLM2-135M folders with the dense model: reports/agreement.{json,md}.
 
 Run:  python benchmarks/bench_agreement.py FOLDER [FOLDER ...] [--against smollm2-135m]
+(rows for other folders already in reports/agreement.json are kept)
 Each folder is scored against the dense model on the benchmark protocol's evaluation windows (the
 first 40 windows of 512 tokens of Macbeth): both perplexities, top-1 next-token agreement, mean and
 95th-percentile KL(dense ‖ compressed), and the fraction of 16 prompts (the first 32 tokens of the
@@ -11,9 +12,10 @@ first 16 windows) whose first 32 greedy tokens match. The same as, per folder:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
-from common import EVAL_WINDOWS, environment, write_report
+from common import EVAL_WINDOWS, REPORTS, environment, write_report
 
 from lowrank import EvalConfig, compare
 
@@ -28,7 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     labels = args.labels.split(",") if args.labels else args.folders
     config = EvalConfig(max_windows=EVAL_WINDOWS, against=args.against)  # texts: Macbeth, the default
-    rows = []
+    previous = REPORTS / f"{NAME}.json"  # rows of earlier runs (other folders) are kept, in their order
+    rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
+    rows = [row for row in rows if row["folder"] not in args.folders]
     for label, folder in zip(labels, args.folders):
         started = time.perf_counter()
         result = compare(folder, config, progress=False)

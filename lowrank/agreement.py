@@ -41,14 +41,21 @@ class AgreementResult:
 
 def token_kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(dense) ‖ softmax(compressed)) per position, over the last axis (float64, nats)."""
-    log_p = torch.log_softmax(dense_logits.double(), dim=-1)
-    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return kl_of_log_probs(log_probs(dense_logits), log_probs(logits))
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last axis, in float64."""
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def kl_of_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per position from log-probabilities, never below 0 (rounding)."""
     return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
 
 
-def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each next token: logits (b, s, v), windows (b, s) → (b, s-1)."""
-    log_q = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+def token_nll(log_q: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each next token: log-probs (b, s-1, v) of positions 0..s-2, windows (b, s)."""
     return -log_q.gather(-1, windows[:, 1:, None]).squeeze(-1)
 
 
@@ -121,12 +128,13 @@ def agreement(
     kls = []
     try:
         for batch in tqdm(windows.split(batch_size), desc="Comparing", unit="batch", disable=not progress):
-            dense_logits = dense(input_ids=batch.to(_device(dense)), use_cache=False).logits.cpu()
-            logits = compressed(input_ids=batch.to(_device(compressed)), use_cache=False).logits.cpu()
-            dense_nll += float(token_nll(dense_logits, batch).sum())
-            nll += float(token_nll(logits, batch).sum())
-            agree += int((dense_logits[:, :-1].argmax(-1) == logits[:, :-1].argmax(-1)).sum())
-            kls.append(token_kl(dense_logits[:, :-1], logits[:, :-1]).flatten())
+            log_p = log_probs(dense(input_ids=batch.to(_device(dense)), use_cache=False).logits[:, :-1].cpu())
+            log_q = log_probs(compressed(input_ids=batch.to(_device(compressed)), use_cache=False).logits[:, :-1].cpu())
+            dense_nll += float(token_nll(log_p, batch).sum())
+            nll += float(token_nll(log_q, batch).sum())
+            agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+            kls.append(kl_of_log_probs(log_p, log_q).flatten())
+            del log_p, log_q
         chosen = windows[:prompts, :prompt_tokens]
         dense_text = greedy_tokens(dense, chosen.to(_device(dense)), generated_tokens).cpu()
         text = greedy_tokens(compressed, chosen.to(_device(compressed)), generated_tokens).cpu()
