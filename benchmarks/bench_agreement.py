@@ -26,9 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--against", default="smollm2-135m")
-    parser.add_argument("--labels", default=None, help="comma-separated row labels (default: the folder names)")
+    parser.add_argument("--labels", default=None, help="semicolon-separated row labels (default: the folder names)")
     args = parser.parse_args()
-    labels = args.labels.split(",") if args.labels else args.folders
+    labels = args.labels.split(";") if args.labels else args.folders
     config = EvalConfig(max_windows=EVAL_WINDOWS, against=args.against)  # texts: Macbeth, the default
     previous = REPORTS / f"{NAME}.json"  # rows of earlier runs (other folders) are kept, in their order
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []

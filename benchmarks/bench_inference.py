@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    labels = args.labels.split(",") if args.labels else args.folders
+    labels = args.labels.split(";") if args.labels else args.folders
     agreement_file = REPORTS / "agreement.json"
     ppl = {}
     if agreement_file.exists():
