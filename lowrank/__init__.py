@@ -27,8 +27,8 @@ from .layers import LowRankLinear  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .plan import Plan  # noqa: E402
 
-from .api import compress, evaluate, recover  # noqa: E402
+from .api import compare, compress, evaluate, recover  # noqa: E402
 
-__all__ = ["__version__", "compress", "recover", "evaluate", "CompressConfig", "CalibrationConfig", "RecoveryConfig",
+__all__ = ["__version__", "compress", "recover", "evaluate", "compare", "CompressConfig", "CalibrationConfig", "RecoveryConfig",
            "EvalConfig", "load", "save_compressed", "compress_model", "load_model", "LowrankError", "LowRankLinear",
            "Plan"]

@@ -20,8 +20,10 @@ from .folder_format import is_compressed_folder
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
                      resolve_device, torch_dtype)
+from .agreement import AgreementResult, agreement
 from .errors import LowrankError
 from .evaluation import perplexity
+from .lm_harness import require_lm_eval, run_tasks
 from .loading import load_model, load_tokenizer
 from .plan import Plan
 from .planner import default_strategy, needs_spectra
@@ -249,6 +251,81 @@ def evaluate(
     if config.max_windows is not None:
         windows = windows[:config.max_windows]
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
+
+
+def compare(
+    source: "str | Path | nn.Module",
+    config: EvalConfig | None = None,
+    *,
+    against: "str | Path | nn.Module | None" = None,
+    tokenizer=None,
+    windows: torch.Tensor | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> AgreementResult:
+    """Agreement of `source` (usually a compressed folder) with a dense model, on the same windows.
+
+    The dense model is `against`, else `config.against`; "plan" (or nothing) means the source recorded in the
+    folder's plan. Returns both perplexities, top-1 agreement, KL(dense ‖ compressed) and generation agreement.
+    """
+
+    config = config or EvalConfig()
+    against = against if against is not None else config.against
+    if against is None or against == "plan":
+        against = plan_source(source)
+    device = resolve_device(config.device)
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, device, trust_remote_code=trust_remote_code,
+                                           allow_pickle=allow_pickle, need_tokenizer=windows is None)
+    check_finite_weights(model)
+    try:
+        dense, _ = _open_source(against, None, config.dtype, device, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle, need_tokenizer=False)
+    except LowrankError as exc:
+        raise LowrankError(f"cannot load the dense model {against} ({exc}); pass --against with its path or name") \
+            from None
+    if windows is None:
+        if tokenizer_object is None:
+            raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
+        windows = text_windows(tokenizer_object, list(config.texts), None, config.seq_len, what="evaluation",
+                               default="macbeth")
+    if config.max_windows is not None:
+        windows = windows[:config.max_windows]
+    return agreement(dense, model, windows, batch_size=config.batch_size, prompts=config.prompts,
+                     prompt_tokens=config.prompt_tokens, generated_tokens=config.generated_tokens, progress=progress)
+
+
+def evaluate_tasks(
+    source: "str | Path | nn.Module",
+    config: EvalConfig,
+    *,
+    tokenizer=None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness's zero-shot metrics of `source` on `config.tasks` (needs the extra lowrank[eval])."""
+
+    if config.task_path is not None and not Path(config.task_path).is_dir():
+        raise LowrankError(f"--task-path {config.task_path} is not a folder; give the folder holding the task YAML files")
+    require_lm_eval()
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, resolve_device(config.device),
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if tokenizer_object is None:
+        raise LowrankError("lm-eval tasks need a tokenizer; pass tokenizer= with the model's tokenizer")
+    check_finite_weights(model)
+    return run_tasks(model, tokenizer_object, list(config.tasks), task_path=config.task_path, limit=config.task_limit,
+                     batch_size=config.batch_size)
+
+
+def plan_source(source) -> str:
+    """The dense model a compressed folder was made from, as its plan records it."""
+    if isinstance(source, nn.Module) or not is_compressed_folder(source):
+        raise LowrankError(f"{source if not isinstance(source, nn.Module) else 'the model'} is not a compressed folder, "
+                           "so it records no dense source; pass --against DENSE")
+    plan, _ = read_plan(source)
+    if not plan.source:
+        raise LowrankError(f"the plan of {source} records no source model; pass --against DENSE")
+    return plan.source
 
 
 def report(

@@ -333,7 +333,7 @@ class RecoveryConfig(ConfigBase):
 
 @dataclass
 class EvalConfig(ConfigBase):
-    """Perplexity measurement: which text, window length, how many windows, batch size, precision."""
+    """Evaluation: perplexity on text, agreement with a dense model, zero-shot tasks; window length, precision."""
 
     SECTION: ClassVar[str] = "eval"
 
@@ -344,16 +344,70 @@ class EvalConfig(ConfigBase):
     batch_size: int = 4
     dtype: str = "float32"
     device: str = "auto"
+    # agreement with the dense model (lowrank.agreement): None = perplexity only; "plan" = the plan's source
+    against: str | None = None
+    prompts: int = 16                  # greedy-generation prompts: the first tokens of the first N windows
+    prompt_tokens: int = 32
+    generated_tokens: int = 32
+    # zero-shot tasks through lm-evaluation-harness (lowrank.lm_harness); [] = none
+    tasks: list[str] = field(default_factory=list)
+    task_path: str | None = None       # a folder of local lm-eval task YAML files (lm-eval's include_path)
+    task_limit: int | None = None      # only the first N examples of each task
 
     def __post_init__(self) -> None:
         if isinstance(self.texts, (tuple, list)):
             self.texts = [str(t) for t in self.texts]
+        if isinstance(self.tasks, str):
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
         self._check_types()
         if self.seq_len < 2:
             raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         _at_least(self.SECTION, "max_windows", self.max_windows, 1, "--max-windows")
         _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
+        _at_least(self.SECTION, "prompts", self.prompts, 1, "--prompts")
+        _at_least(self.SECTION, "prompt_tokens", self.prompt_tokens, 1, "--prompt-tokens")
+        _at_least(self.SECTION, "generated_tokens", self.generated_tokens, 1, "--generated-tokens")
+        _at_least(self.SECTION, "task_limit", self.task_limit, 1, "--task-limit")
+        if self.against is not None and self.prompt_tokens > self.seq_len:
+            raise LowrankError(f"--prompt-tokens {self.prompt_tokens} is longer than --seq-len {self.seq_len}; "
+                               "prompts are the first tokens of the evaluation windows")
         _dtype_and_device(self)
+
+
+@dataclass
+class BenchConfig(ConfigBase):
+    """Inference speed, dense against compressed: batch sizes, prompt length, decoded tokens, repeats, precision."""
+
+    SECTION: ClassVar[str] = "bench"
+
+    version: int = CONFIG_VERSION
+    against: str | None = None         # the dense model; None = the source recorded in the folder's plan
+    batch_sizes: list[str] = field(default_factory=lambda: ["1", "8"])
+    seq_len: int = 512                 # prompt tokens (prefill)
+    new_tokens: int = 32               # greedy tokens decoded after the prompt, with the KV cache
+    repeats: int = 5                   # timed repeats per measurement; the median is reported
+    warmup: int = 1                    # untimed runs first
+    memory: bool = True                # peak memory, measured in a fresh child process per model
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_sizes, (tuple, list)):
+            self.batch_sizes = [str(b).strip() for b in self.batch_sizes]
+        self._check_types()
+        for value in self.batch_sizes:
+            if not value.isdigit() or int(value) < 1:
+                raise LowrankError(f"--batch-sizes {value!r} is not a positive integer; give e.g. --batch-sizes 1,8")
+        if not self.batch_sizes:
+            raise LowrankError("--batch-sizes is empty; give e.g. --batch-sizes 1,8")
+        _at_least(self.SECTION, "seq_len", self.seq_len, 1, "--seq-len")
+        _at_least(self.SECTION, "new_tokens", self.new_tokens, 1, "--new-tokens")
+        _at_least(self.SECTION, "repeats", self.repeats, 1, "--repeats")
+        _at_least(self.SECTION, "warmup", self.warmup, 0, "--warmup")
+        _dtype_and_device(self)
+
+    def batches(self) -> list[int]:
+        return [int(b) for b in self.batch_sizes]
 
 
 def torch_dtype(name: str) -> torch.dtype:

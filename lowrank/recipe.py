@@ -338,9 +338,12 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
             results.append({"stage": stage.kind, "output": stage.output, "steps": result.steps,
                             "eval_ppl_before": result.before, "eval_ppl_after": result.after})
         elif stage.kind == "eval":
-            result = api.evaluate(stage.input, evaluation, progress=progress)
+            measure = api.compare if evaluation.against is not None else api.evaluate  # eval.against: agreement
+            result = measure(stage.input, evaluation, progress=progress)
             record = {"model": stage.input, "texts": list(recipe.eval.texts) or ["bundled:macbeth"],
                       **result.to_dict(), "config": evaluation.to_dict(), "recipe": recipe.to_dict()}
+            if evaluation.tasks:
+                record["tasks"] = api.evaluate_tasks(stage.input, evaluation)
             atomic_write_text(Path(stage.output), json.dumps(record, indent=2) + "\n")
             echo(f"  perplexity {result.perplexity:.3f} over {result.tokens:,} tokens")
             results.append({"stage": stage.kind, "output": stage.output, "perplexity": result.perplexity})

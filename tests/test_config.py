@@ -11,6 +11,7 @@ import pytest
 
 from helpers import run_cli, save_tiny_model
 from lowrank import api
+from lowrank.bench import benchmark
 from lowrank.cli import cli
 from lowrank.config import (CONFIG_CLASSES, CONFIG_FILE, DEFAULT_LR, CalibrationConfig, CompressConfig, EvalConfig,
                             RecoveryConfig)
@@ -19,7 +20,7 @@ from lowrank.errors import LowrankError
 UNSET = getattr(click.core, "UNSET", object())
 
 #: Each command, the entry point it calls (whose keyword defaults its CLI-only options must share).
-COMMANDS = {"compress": api.compress, "recover": api.recover, "eval": api.evaluate}
+COMMANDS = {"compress": api.compress, "recover": api.recover, "eval": api.evaluate, "bench": benchmark}
 #: CLI option name → entry-point keyword, where they differ.
 ENTRY_NAMES = {"tokenizer_source": "tokenizer"}
 
@@ -53,6 +54,8 @@ def test_every_cli_option_is_a_config_field_with_the_same_default(name):
         owners = [cls for cls in module.CONFIGS if param.name in {f.name for f in dataclasses.fields(cls)}]
         assert owners, f"`lowrank {name}` option {param.name} is neither a config field nor listed in CLI_ONLY"
         expected = field_default(owners[0], param.name)
+        if isinstance(expected, list) and isinstance(default, str):  # a comma-separated option (--batch-sizes 1,8)
+            default = default.split(",")
         assert default == expected, f"--{param.name}: CLI default {default!r}, {owners[0].__name__} default {expected!r}"
         checked.append(param.name)
     assert len(checked) >= 4

@@ -306,6 +306,11 @@ def interrupt_saving(monkeypatch, work):
     interrupt_at(monkeypatch, lowrank.checkpoint, "sha256_file")  # weights written to the temporary folder
 
 
+def hide_lm_eval(monkeypatch, work):
+    """lm-evaluation-harness made unimportable the way Python marks a missing module."""
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+
+
 def file_size_limit(monkeypatch, work):
     """RLIMIT_FSIZE: the kernel refuses to grow any file past 64 KiB (EFBIG), as a full disk would.
 
@@ -663,6 +668,43 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--stream", "--resume", *SAMPLES), r"nothing to resume"),
     Row("stream-resume-without-stream", "stream", "`--resume` without `--stream`",
         compress("{model}", "-o", "OUT", "--resume", *SAMPLES), r"--resume continues a streamed run; add --stream"),
+    # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
+    Row("eval-against-dense-folder", "evaluation", "`lowrank eval MODEL --against` on a dense folder (no plan, no source)",
+        command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),
+    Row("eval-against-source-unloadable", "evaluation", "`lowrank eval FOLDER --against` when the plan's source cannot be loaded",
+        command("eval", "{compressed}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "--max-windows", "1", "-q"),
+        r"cannot load the dense model tiny .*pass --against with its path or name"),
+    Row("eval-against-missing", "evaluation", "`lowrank eval FOLDER --against PATH` naming a path that does not exist",
+        command("eval", "{compressed}", "--against", "{model}-missing", "--seq-len", "16", "--prompt-tokens", "8", "-q"),
+        r"cannot load the dense model .*does not exist"),
+    Row("eval-prompt-longer-than-window", "evaluation", "`--prompt-tokens 40 --seq-len 16`: prompts longer than the windows",
+        command("eval", "{compressed}", "--against", "{model}", "--prompt-tokens", "40", "--seq-len", "16", "-q"),
+        r"--prompt-tokens 40 is longer than --seq-len 16"),
+    Row("eval-generated-tokens-zero", "evaluation", "`--generated-tokens 0`",
+        command("eval", "{compressed}", "--against", "{model}", "--generated-tokens", "0", "-q"),
+        r"--generated-tokens must be at least 1"),
+    Row("eval-tasks-extra-missing", "evaluation", "`lowrank eval --tasks` without lm-evaluation-harness installed",
+        command("eval", "{model}", "--tasks", "arc_easy", "-q"), r"pip install 'lowrank\[eval\]'",
+        setup=hide_lm_eval),
+    Row("eval-task-path-missing", "evaluation", "`--task-path` naming a folder that does not exist",
+        command("eval", "{model}", "--tasks", "mine", "--task-path", "{model}-missing", "-q"),
+        r"--task-path .* is not a folder"),
+    Row("eval-task-unknown", "evaluation", "`--tasks no_such_task` (with lm-eval installed)",
+        command("eval", "{model}", "--tasks", "no_such_task", "-q"),
+        r"lm-eval knows no task no_such_task|pip install 'lowrank\[eval\]'"),
+    Row("bench-dense-folder", "evaluation", "`lowrank bench` on a dense folder without --against",
+        command("bench", "{model}", "-q"), r"records no dense source; pass --against DENSE"),
+    Row("bench-folder-missing", "evaluation", "`lowrank bench` on a folder that does not exist",
+        command("bench", "{compressed}-missing", "-q"), r"is not a compressed folder"),
+    Row("bench-against-missing", "evaluation", "`lowrank bench --against PATH` naming a path that does not exist",
+        command("bench", "{compressed}", "--against", "{model}-missing", "-q"), r"cannot load the dense model"),
+    Row("bench-batch-sizes-bad", "evaluation", "`lowrank bench --batch-sizes 1,x`",
+        command("bench", "{compressed}", "--batch-sizes", "1,x", "-q"), r"--batch-sizes 'x' is not a positive integer"),
+    Row("bench-repeats-zero", "evaluation", "`lowrank bench --repeats 0`",
+        command("bench", "{compressed}", "--repeats", "0", "-q"), r"--repeats must be at least 1"),
+    Row("bench-batch-beyond-text", "evaluation", "`lowrank bench --batch-sizes 100000`: more prompts than the text has",
+        command("bench", "{compressed}", "--against", "{model}", "--batch-sizes", "100000", "--no-memory", "-q"),
+        r"fewer than batch 100000; lower --batch-sizes or --seq-len"),
 ]
 
 #: What each row printed, collected for the table in docs/robustness.md (see LOWRANK_ROBUSTNESS_TABLE).
@@ -671,7 +713,8 @@ OBSERVED: dict[str, str] = {}
 
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
-          "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming"}
+          "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
+          "evaluation": "evaluation and speed (eval --against/--tasks, bench)"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 
