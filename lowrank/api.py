@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import text_windows
+from .calibration import load_text, sample_text_path, text_windows
 from .checkpoint import check_output_dir, check_output_spares_input, is_compressed_folder, read_plan, save_compressed
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
                      resolve_device, torch_dtype)
+from .encoder_eval import EncoderAgreement, compare_encoders
+from .encoders import is_encoder
 from .errors import LowrankError
 from .evaluation import perplexity
 from .loading import load_model
@@ -193,6 +195,9 @@ def evaluate(
 ):
     """Perplexity of `source` (a name, folder, .gguf, hub id or a model in memory) on `config.texts`.
 
+    An encoder (BERT and kin) has no perplexity: it is compared with its dense reference on the
+    sentences of the text instead, and an EncoderAgreement is returned (lowrank.encoder_eval).
+
     The text is cut into non-overlapping windows of `config.seq_len` tokens (the first
     `config.max_windows` of them); pass `windows` to score token windows you made yourself.
     Returns the PerplexityResult.
@@ -203,6 +208,9 @@ def evaluate(
                                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                            need_tokenizer=windows is None)
     check_finite_weights(model)
+    if is_encoder(model) and windows is None:
+        return _evaluate_encoder(source, model, tokenizer_object, config, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle, progress=progress)
     if windows is None:
         if tokenizer_object is None:
             raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
@@ -211,6 +219,25 @@ def evaluate(
     if config.max_windows is not None:
         windows = windows[:config.max_windows]
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
+
+
+def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, trust_remote_code: bool,
+                      allow_pickle: bool, progress: bool) -> EncoderAgreement:
+    """An encoder's sentence embeddings against its dense reference (config.reference, else the plan's source)."""
+
+    reference = config.reference
+    if reference is None and not isinstance(source, nn.Module) and is_compressed_folder(str(source)):
+        reference = read_plan(str(source))[0].source
+    if reference is None:
+        raise LowrankError(f"{type(model).__name__} is an encoder, measured against its dense original; "
+                           "pass --reference with the dense model")
+    if tokenizer is None:
+        raise LowrankError("evaluating an encoder needs a tokenizer; pass tokenizer= (or --tokenizer)")
+    dense = _open_source(reference, None, config.dtype, resolve_device(config.device),
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, need_tokenizer=False)[0]
+    text = load_text(list(config.texts) or [sample_text_path("macbeth")])
+    return compare_encoders(model, dense, tokenizer, text, max_sentences=config.max_sentences,
+                            max_length=config.seq_len, batch_size=max(config.batch_size, 1), progress=progress)
 
 
 def report(
