@@ -86,14 +86,16 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], *, ma
     was_training = model.training
     model.eval()
     out = []
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))  # similar lengths share a batch
     try:
-        for batch in tqdm(list(_batches(tokenizer, sentences, max_length, batch_size)), desc="Embedding",
-                          unit="batch", disable=not progress):
+        for batch in tqdm(list(_batches(tokenizer, [sentences[i] for i in order], max_length, batch_size)),
+                          desc="Embedding", unit="batch", disable=not progress):
             out.append(embed(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              pooling).float().cpu())
     finally:
         model.train(was_training)
-    vectors = torch.cat(out)
+    vectors = torch.empty_like(torch.cat(out))
+    vectors[torch.tensor(order)] = torch.cat(out)
     if not torch.isfinite(vectors).all():
         raise LowrankError("the model produced NaN or Inf embeddings; the compressed weights are broken")
     return vectors
