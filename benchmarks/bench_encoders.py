@@ -39,7 +39,7 @@ RECOVERED_GOAL = 0.97
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recovery-steps", type=int, default=300)
+    parser.add_argument("--recovery-steps", type=int, default=120)
     parser.add_argument("--recovery-loss", default="cosine")
     args = parser.parse_args()
     torch.manual_seed(SEED)

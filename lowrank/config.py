@@ -283,8 +283,8 @@ class RecoveryConfig(ConfigBase):
         if self.hidden_layers not in HIDDEN_LAYERS:
             raise LowrankError(f"unknown --hidden-layers {self.hidden_layers!r}; choose one of {', '.join(HIDDEN_LAYERS)}")
         if self.loss in HIDDEN_LOSSES and self.eval_texts:
-            raise LowrankError(f"--eval-text picks the best weights by perplexity, which --loss {self.loss} (an encoder) "
-                               "has not; drop --eval-text and measure with `lowrank eval`")
+            raise LowrankError(f"--eval picks the best weights by perplexity, which --loss {self.loss} (an encoder) "
+                               "has not; drop --eval and measure with `lowrank eval`")
         if self.precision not in PRECISIONS:
             raise LowrankError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "lora_rank"):
