@@ -100,15 +100,12 @@ def measure_output_fisher(
     progress: bool = True,
     objective: str | None = None,
     seed: int = 0,
-    per_sequence: bool = False,
 ) -> dict[str, OutputFisher]:
     """Backpropagate `objective` on `windows` and accumulate every target's output Fisher.
 
     The objective is the next-token loss, random probes of the pooled embedding, or the MLM loss
     (None: `default_objective`). Parameters are frozen during the passes (no weight gradients are
     formed; only activations carry gradients), then restored. The model is left exactly as it was.
-    `per_sequence` sums each window's gradients over its tokens before the outer product: the price
-    of an error that is the same at every token of a window (coherent), instead of independent ones.
     """
     objective = objective or default_objective(model)
     if objective not in OBJECTIVES:
@@ -132,8 +129,7 @@ def measure_output_fisher(
                 return
 
             def accumulate(grad):
-                grad = grad.detach().float()
-                flat = grad.sum(1) if per_sequence and grad.ndim == 3 else grad.reshape(-1, grad.shape[-1])
+                flat = grad.detach().reshape(-1, grad.shape[-1]).float()
                 fishers[name].matrix += (flat.T @ flat).to(device="cpu", dtype=torch.float64)
                 fishers[name].tokens += flat.shape[0]
 

@@ -60,14 +60,12 @@ def test_agreement_of_identical_and_of_swapped_embeddings():
     assert result["mean_cosine"] == pytest.approx((18 + 2 * cos01) / 20, abs=1e-6)
 
 
-@pytest.mark.parametrize("per_sequence", [False, True])
-def test_embedding_fisher_is_the_sum_of_probe_gradient_outer_products(per_sequence):
-    """g = Jᵀr for each probe r at the pooled embedding; F = Σ g gᵀ over tokens (or windows) and probes."""
+def test_embedding_fisher_is_the_sum_of_probe_gradient_outer_products():
+    """g = Jᵀr for each probe r at the pooled embedding; F = Σ g gᵀ over tokens and probes."""
     model = make_tiny_model("bert")
     targets = find_targets(model)
     windows = random_windows(4, 12)
-    fisher = measure_output_fisher(model, targets, windows, batch_size=2, progress=False, seed=3,
-                                   per_sequence=per_sequence)
+    fisher = measure_output_fisher(model, targets, windows, batch_size=2, progress=False, seed=3)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
     name = "bert.encoder.layer.0.attention.self.query"
@@ -83,10 +81,10 @@ def test_embedding_fisher_is_the_sum_of_probe_gradient_outer_products(per_sequen
             for _ in range(EMBEDDING_PROBES):
                 probe = torch.randn(embeddings.shape, generator=generator)
                 (grad,) = torch.autograd.grad((embeddings * probe).sum(), output, retain_graph=True)
-                flat = grad.sum(1).double() if per_sequence else grad.reshape(-1, 48).double()
+                flat = grad.reshape(-1, 48).double()
                 expected += flat.T @ flat
     handle.remove()
-    assert fisher[name].tokens == 4 * (1 if per_sequence else 12) * EMBEDDING_PROBES
+    assert fisher[name].tokens == 4 * 12 * EMBEDDING_PROBES
     torch.testing.assert_close(fisher[name].matrix, expected, rtol=1e-4, atol=1e-10)
 
 

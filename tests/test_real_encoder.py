@@ -50,7 +50,7 @@ def test_compress_eval_recover_eval_on_real_text(tmp_path, capsys, monkeypatch):
                              "-o", "c", "-q")
     assert code == 0, err
     plan = json.loads((tmp_path / "c" / "lowrank_plan.json").read_text())
-    assert plan["strategy"] == "sensitivity" and plan["source"] == MODEL
+    assert plan["strategy"] == "global" and plan["source"] == MODEL  # the encoders' default
     assert json.loads((tmp_path / "c" / "config.json").read_text())["sentence_pooling"] == {"mode": "mean",
                                                                                           "normalize": True}
     eval_args = ["--max-sentences", SENTENCES, "--seq-len", "128", "--batch-size", "32", "-q"]
