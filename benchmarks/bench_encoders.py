@@ -47,15 +47,18 @@ def markdown(record: dict) -> str:
              "self-retrieval of each compressed embedding among all dense ones.", "",
              "| ratio | strategy | parameters | mean cosine | min cosine | top-1 | recall@10 | goal (mean cosine) | "
              "compress s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-    for row in record["rows"] + [record["recovered"]]:
+    for row in record["rows"] + ([record["recovered"]] if record.get("recovered") else []):
         goal = RECOVERED_GOAL if "recovery" in row["strategy"] else GOALS[row["ratio"]]
         met = "met" if row["mean_cosine"] >= goal else f"missed by {goal - row['mean_cosine']:.3f}"
         lines.append(f"| {row['ratio']} | {row['strategy']} | {row['params']:,} | {row['mean_cosine']:.4f} | "
                      f"{row['min_cosine']:.4f} | {row['top1']:.4f} | {row['recall_at_10']:.4f} | ≥ {goal} ({met}) | "
                      f"{row['seconds']} |")
-    lines += ["", "The recovered row's last column is the recovery's training time (seconds, 2 shared CPU cores); "
-              f"its settings: {json.dumps({k: record['recovered']['recovery'][k] for k in ('loss', 'hidden_layers', 'steps', 'lr', 'batch_size', 'seq_len')})}, "
-              "on Julius Caesar and The Tempest.", ""]
+    if record.get("recovered"):
+        settings = {k: record["recovered"]["recovery"][k]
+                    for k in ("loss", "hidden_layers", "steps", "lr", "batch_size", "seq_len")}
+        lines += ["", "The recovered row's last column is the recovery's training time (seconds, 2 shared CPU "
+                  f"cores); its settings: {json.dumps(settings)}, on Julius Caesar and The Tempest."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -64,7 +67,17 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=120)
     parser.add_argument("--recovery-loss", default="cosine")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite encoders.md from encoders.json")
+    parser.add_argument("--from-log", help="build encoders.json from the JSON lines a run printed (a run cut short)")
     args = parser.parse_args()
+    if args.from_log:
+        printed = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith("{")]
+        record = {"model": MODEL, "dense_params": count_parameters(load_model(MODEL, need_tokenizer=False).model),
+                  "calibration": f"hamlet, {CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens",
+                  "evaluation": f"first {EVAL_SENTENCES} sentences of macbeth",
+                  "rows": [r for r in printed if "recovery" not in r["strategy"]],
+                  "recovered": next((r for r in printed if "recovery" in r["strategy"]), None)}
+        (REPORTS / "encoders.json").write_text(json.dumps(record, indent=2) + "\n")
+        args.markdown_only = True
     if args.markdown_only:
         (REPORTS / "encoders.md").write_text(markdown(json.loads((REPORTS / "encoders.json").read_text())))
         return
