@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import text_windows
+from .agreement import AgreementResult, agreement
+from .calibration import load_text, sample_text_path, text_windows
 from .checkpoint import read_plan, save_compressed
-from .fileio import check_output_dir, check_output_spares_input
-from .folder_format import is_compressed_folder
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
                      resolve_device, torch_dtype)
-from .agreement import AgreementResult, agreement
+from .encoder_eval import EncoderAgreement, compare_encoders
+from .encoders import is_encoder
+from .fileio import check_output_dir, check_output_spares_input
+from .folder_format import is_compressed_folder
 from .errors import LowrankError
 from .evaluation import perplexity
 from .lm_harness import require_lm_eval, run_tasks
@@ -233,6 +235,9 @@ def evaluate(
 ):
     """Perplexity of `source` (a name, folder, .gguf, hub id or a model in memory) on `config.texts`.
 
+    An encoder (BERT and kin) has no perplexity: it is compared with its dense reference on the
+    sentences of the text instead, and an EncoderAgreement is returned (lowrank.encoder_eval).
+
     The text is cut into non-overlapping windows of `config.seq_len` tokens (the first
     `config.max_windows` of them); pass `windows` to score token windows you made yourself.
     Returns the PerplexityResult.
@@ -243,6 +248,9 @@ def evaluate(
                                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                            need_tokenizer=windows is None)
     check_finite_weights(model)
+    if is_encoder(model) and windows is None:
+        return _evaluate_encoder(source, model, tokenizer_object, config, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle, progress=progress)
     if windows is None:
         if tokenizer_object is None:
             raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
@@ -326,6 +334,25 @@ def plan_source(source) -> str:
     if not plan.source:
         raise LowrankError(f"the plan of {source} records no source model; pass --against DENSE")
     return plan.source
+
+
+def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, trust_remote_code: bool,
+                      allow_pickle: bool, progress: bool) -> EncoderAgreement:
+    """An encoder's sentence embeddings against its dense reference (config.reference, else the plan's source)."""
+
+    reference = config.reference
+    if reference is None and not isinstance(source, nn.Module) and is_compressed_folder(str(source)):
+        reference = read_plan(str(source))[0].source
+    if reference is None:
+        raise LowrankError(f"{type(model).__name__} is an encoder, measured against its dense original; "
+                           "pass --reference with the dense model")
+    if tokenizer is None:
+        raise LowrankError("evaluating an encoder needs a tokenizer; pass tokenizer= (or --tokenizer)")
+    dense = _open_source(reference, None, config.dtype, resolve_device(config.device),
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, need_tokenizer=False)[0]
+    text = load_text(list(config.texts) or [sample_text_path("macbeth")])
+    return compare_encoders(model, dense, tokenizer, text, max_sentences=config.max_sentences,
+                            max_length=config.seq_len, batch_size=max(config.batch_size, 1), progress=progress)
 
 
 def report(

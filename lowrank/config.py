@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .budget import Budget, RankLimits, parse_overrides
-from .distill import LOSSES
+from .distill import HIDDEN_LAYERS, HIDDEN_LOSSES, LOSSES
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
@@ -265,7 +265,8 @@ class RecoveryConfig(ConfigBase):
 
     version: int = CONFIG_VERSION
     mode: str = "factors"          # "factors": train the factors; "lora": LoRA adapters on them, merged after
-    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher) or "both"
+    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher), "both"; encoders: "cosine", "mse"
+    hidden_layers: str = "last"    # hidden-state losses: match the teacher's "last" layer or "all" layers
     steps: int = 200               # optimizer steps
     lr: float | None = None        # peak learning rate; None: DEFAULT_LR[mode]
     min_lr_ratio: float = 0.1      # the cosine decays to lr·min_lr_ratio
@@ -306,6 +307,11 @@ class RecoveryConfig(ConfigBase):
             raise LowrankError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.loss not in LOSSES:
             raise LowrankError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.hidden_layers not in HIDDEN_LAYERS:
+            raise LowrankError(f"unknown --hidden-layers {self.hidden_layers!r}; choose one of {', '.join(HIDDEN_LAYERS)}")
+        if self.loss in HIDDEN_LOSSES and self.eval_texts:
+            raise LowrankError(f"--eval picks the best weights by perplexity, which --loss {self.loss} (an encoder) "
+                               "has not; drop --eval and measure with `lowrank eval`")
         if self.precision not in PRECISIONS:
             raise LowrankError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "lora_rank"):
@@ -328,12 +334,13 @@ class RecoveryConfig(ConfigBase):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss in ("distill", "both")
+        return self.loss in ("distill", "both") + HIDDEN_LOSSES
 
 
 @dataclass
 class EvalConfig(ConfigBase):
-    """Evaluation: perplexity on text, agreement with a dense model, zero-shot tasks; window length, precision."""
+    """Evaluation: perplexity on text, agreement with a dense model, zero-shot tasks; window length, precision;
+    for an encoder, the dense reference and how many sentences (embedding agreement instead of perplexity)."""
 
     SECTION: ClassVar[str] = "eval"
 
@@ -353,6 +360,8 @@ class EvalConfig(ConfigBase):
     tasks: list[str] = field(default_factory=list)
     task_path: str | None = None       # a folder of local lm-eval task YAML files (lm-eval's include_path)
     task_limit: int | None = None      # only the first N examples of each task
+    reference: str | None = None       # encoders: the dense model to compare with; None: the plan's source
+    max_sentences: int | None = None   # encoders: only the first N sentences (None: all of the text)
 
     def __post_init__(self) -> None:
         if isinstance(self.texts, (tuple, list)):
@@ -363,6 +372,7 @@ class EvalConfig(ConfigBase):
         if self.seq_len < 2:
             raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         _at_least(self.SECTION, "max_windows", self.max_windows, 1, "--max-windows")
+        _at_least(self.SECTION, "max_sentences", self.max_sentences, 2, "--max-sentences")
         _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
         _at_least(self.SECTION, "prompts", self.prompts, 1, "--prompts")
         _at_least(self.SECTION, "prompt_tokens", self.prompt_tokens, 1, "--prompt-tokens")

@@ -1,5 +1,8 @@
 """The losses recovery trains on: next-token cross-entropy and distillation from a dense teacher.
 
+Encoders are distilled on hidden states instead: 1 − cosine or the mean squared error between
+student and teacher token states, on the last layer or averaged over every layer.
+
 Both are plain functions of logits, so they can be tested on small tensors. Distillation is the
 KL divergence KL(teacher ‖ student) between the two next-token distributions, both softened by
 a temperature T and scaled by T² so its gradients keep the size of the cross-entropy's
@@ -11,7 +14,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-LOSSES = ("ce", "distill", "both")
+#: Losses on the hidden states of a dense teacher, for encoders (which have no next-token logits).
+HIDDEN_LOSSES = ("cosine", "mse")
+LOSSES = ("ce", "distill", "both") + HIDDEN_LOSSES
+#: Which teacher hidden states the hidden-state losses match: the last layer's, or every layer's.
+HIDDEN_LAYERS = ("last", "all")
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -50,3 +57,19 @@ def recovery_loss(
     if kind == "distill":
         return distill
     return (1 - distill_weight) * next_token_loss(student_logits, input_ids) + distill_weight * distill
+
+
+def hidden_state_loss(kind: str, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers and tokens of 1 − cos(s, t) ("cosine") or of ‖s − t‖²/d ("mse"); states (b, s, d)."""
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden-state loss {kind!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{len(student)} student and {len(teacher)} teacher hidden states do not pair up")
+    terms = []
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
+        if kind == "cosine":
+            terms.append((1 - F.cosine_similarity(s, t, dim=-1)).mean())
+        else:
+            terms.append(F.mse_loss(s, t))
+    return torch.stack(terms).mean()

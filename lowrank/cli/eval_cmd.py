@@ -14,6 +14,7 @@ from ..agreement import agreement_table
 from ..api import compare, evaluate, evaluate_tasks, plan_source
 from ..fileio import atomic_write_text
 from ..config import EvalConfig
+from ..encoder_eval import EncoderAgreement
 from .common import model_options, quiet_option, silence_transformers, text_options
 
 #: The config this command builds; every option is one of its fields, except the CLI_ONLY ones.
@@ -45,22 +46,30 @@ DEFAULTS = EvalConfig()
 @click.option("--task-path", type=click.Path(), default=DEFAULTS.task_path,
               help="A folder of your own lm-eval task YAML files (lm-eval's include_path).")
 @click.option("--task-limit", type=int, default=DEFAULTS.task_limit, help="Only the first N examples of each task.")
+@click.option("--reference", default=DEFAULTS.reference, metavar="MODEL",
+              help="Encoders: the dense model to compare embeddings with (default: the source in the folder's plan).")
+@click.option("--max-sentences", type=int, default=DEFAULTS.max_sentences,
+              help="Encoders: use only the first N sentences of the text (default: all).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the result as JSON to this file.")
 @model_options
 @quiet_option
 @silence_transformers
 def command(model, texts, seq_len, max_windows, batch_size, against, prompts, prompt_tokens, generated_tokens, tasks,
-            task_path, task_limit, json_out, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
+            task_path, task_limit, reference, max_sentences, json_out, dtype, device, tokenizer_source,
+            trust_remote_code, allow_pickle, quiet):
     """Perplexity of MODEL (built-in name, folder, .gguf, compressed folder or hub id) on text.
 
     The text is cut into non-overlapping windows of --seq-len tokens, each scored on its own.
     With --against, the dense model is scored on the same windows and compared token by token.
+    An encoder (BERT, a sentence encoder) is compared with its dense --reference on the text's
+    sentences instead: cosine of the pooled embeddings, self-retrieval, MLM perplexity where it has a head.
     """
     tasks = [name.strip() for value in tasks for name in value.split(",") if name.strip()]
     config = EvalConfig(texts=list(texts), seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
                         dtype=dtype, device=device, against=against, prompts=prompts, prompt_tokens=prompt_tokens,
-                        generated_tokens=generated_tokens, tasks=tasks, task_path=task_path, task_limit=task_limit)
+                        generated_tokens=generated_tokens, tasks=tasks, task_path=task_path, task_limit=task_limit,
+                        reference=reference, max_sentences=max_sentences)
     loading = dict(tokenizer=tokenizer_source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     task_results = evaluate_tasks(model, config, **loading) if tasks else None
     if against is not None:
@@ -75,6 +84,11 @@ def command(model, texts, seq_len, max_windows, batch_size, against, prompts, pr
         record["tasks"] = task_results
     if json_out:
         atomic_write_text(json_out, json.dumps(record, indent=2) + "\n")
+    if isinstance(result, EncoderAgreement):
+        mlm = f", MLM perplexity {result.mlm_perplexity:.3f}" if result.mlm_perplexity is not None else ""
+        click.echo(f"embedding cosine mean {result.mean_cosine:.4f} min {result.min_cosine:.4f}, self-retrieval "
+                   f"top-1 {result.top1:.4f} recall@10 {result.recall_at_10:.4f} over {result.sentences} sentences{mlm}")
+        return
     if against is not None:
         click.echo(agreement_table(result, name=model, dense_name=f"{dense} (dense)"))
         click.echo(f"over {result.tokens:,} tokens ({result.windows} windows of {result.seq_len}); generation: "

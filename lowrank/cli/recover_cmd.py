@@ -12,7 +12,7 @@ import click
 
 from ..api import recover
 from ..config import DEFAULT_LR, DTYPE_NAMES, MODES, PRECISIONS, RecoveryConfig
-from ..distill import LOSSES
+from ..distill import HIDDEN_LAYERS, LOSSES
 from ..recovery import RecoveryPaths
 from ..training_checkpoint import read_checkpoint_state
 from .common import EXIT_INTERRUPTED, quiet_option, silence_transformers
@@ -50,7 +50,10 @@ def interrupted_message(paths: RecoveryPaths) -> str:
               help="factors: train the factors themselves; lora: train LoRA adapters on them (peft), merged "
                    "back into plain factors before saving. Ranks and parameter counts never change.")
 @click.option("--loss", type=click.Choice(LOSSES), default=DEFAULTS.loss, show_default=True,
-              help="ce: next-token cross-entropy; distill: KL to the dense teacher's logits; both: their mix.")
+              help="ce: next-token cross-entropy; distill: KL to the dense teacher's logits; both: their mix. "
+                   "Encoders: cosine (1 − cosine) or mse between the teacher's and the model's hidden states.")
+@click.option("--hidden-layers", type=click.Choice(HIDDEN_LAYERS), default=DEFAULTS.hidden_layers, show_default=True,
+              help="With --loss cosine or mse: match the teacher's last layer, or all of its layers.")
 @click.option("--teacher", default=DEFAULTS.teacher,
               help="Dense model to distil from. Default: the source model recorded in FOLDER's plan.")
 @click.option("--temperature", type=float, default=DEFAULTS.temperature, show_default=True,
@@ -89,7 +92,7 @@ def interrupted_message(paths: RecoveryPaths) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @quiet_option
 @silence_transformers
-def command(folder, data, eval_texts, eval_windows, output, mode, loss, teacher, temperature, distill_weight, lora_rank,
+def command(folder, data, eval_texts, eval_windows, output, mode, loss, hidden_layers, teacher, temperature, distill_weight, lora_rank,
             lora_alpha, steps, lr, warmup, weight_decay, batch_size, grad_accum, seq_len, clip, eval_every, patience,
             checkpoint_every, resume, gradient_checkpointing, precision, seed, dtype, device, overwrite, quiet):
     """Fine-tune the factors of the compressed checkpoint FOLDER on --data text and save it to -o.
@@ -99,7 +102,7 @@ def command(folder, data, eval_texts, eval_windows, output, mode, loss, teacher,
     are written beside the output. Ctrl-C leaves the last checkpoint; --resume continues it.
     """
     config = RecoveryConfig(
-        mode=mode, loss=loss, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+        mode=mode, loss=loss, hidden_layers=hidden_layers, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, clip=clip, temperature=temperature, distill_weight=distill_weight,
         lora_rank=lora_rank, lora_alpha=lora_alpha, teacher=teacher, eval_texts=list(eval_texts),
         eval_windows=eval_windows, eval_every=eval_every, patience=patience, checkpoint_every=checkpoint_every,

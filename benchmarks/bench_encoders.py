@@ -1,0 +1,120 @@
+"""all-MiniLM-L6-v2 compressed by whiten under uniform, global and sensitivity (embedding probes),
+at ratios 0.9 and 0.8, then 0.8 recovered by hidden-state distillation: one run, one protocol.
+
+Run:  python benchmarks/bench_encoders.py     (writes reports/encoders.json and reports/encoders.md)
+
+Calibration: 64 random windows of 128 tokens of Hamlet (seed 0). Evaluation: the first
+EVAL_SENTENCES sentences of Macbeth (never used for calibration or training), each embedded by
+the compressed and the dense model as the model pools (mean, normalized): mean and min cosine,
+self-retrieval top-1 and recall@10. Recovery trains on Julius Caesar and The Tempest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowrank.api import compress
+from lowrank.calibration import load_text, sample_text_path, text_windows
+from lowrank.config import CompressConfig, RecoveryConfig
+from lowrank.encoder_eval import agreement, sentence_embeddings, split_sentences
+from lowrank.loading import load_model
+from lowrank.model_info import count_parameters
+from lowrank.training import recover
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+MODEL = "all-minilm-l6-v2"
+RATIOS = (0.9, 0.8)
+STRATEGIES = ("uniform", "global", "sensitivity")
+CALIB_SAMPLES, CALIB_SEQ_LEN, SEED = 64, 128, 0
+EVAL_SENTENCES = 400
+GOALS = {0.9: 0.97, 0.8: 0.93}
+RECOVERED_GOAL = 0.97
+
+
+def markdown(record: dict) -> str:
+    """reports/encoders.md from the run's record: every strategy at both ratios, then recovery, against the goals."""
+    lines = [f"# Encoders: {record['model']} ({record['dense_params']:,} parameters)", "",
+             f"Written by `benchmarks/bench_encoders.py` from one run. Calibration: {record['calibration']}; "
+             f"evaluation: {record['evaluation']} (never calibrated or trained on), each embedded by the "
+             "compressed and the dense model (mean pooling, normalized, as the model's sentence-transformers "
+             "config says). Cosine: between the two embeddings of the same sentence. Recall@10 / top-1: "
+             "self-retrieval of each compressed embedding among all dense ones.", "",
+             "| ratio | strategy | parameters | mean cosine | min cosine | top-1 | recall@10 | goal (mean cosine) | "
+             "compress s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for row in record["rows"] + ([record["recovered"]] if record.get("recovered") else []):
+        goal = RECOVERED_GOAL if "recovery" in row["strategy"] else GOALS[row["ratio"]]
+        met = "met" if row["mean_cosine"] >= goal else f"missed by {goal - row['mean_cosine']:.3f}"
+        lines.append(f"| {row['ratio']} | {row['strategy']} | {row['params']:,} | {row['mean_cosine']:.4f} | "
+                     f"{row['min_cosine']:.4f} | {row['top1']:.4f} | {row['recall_at_10']:.4f} | ≥ {goal} ({met}) | "
+                     f"{row['seconds']} |")
+    if record.get("recovered"):
+        settings = {k: record["recovered"]["recovery"][k]
+                    for k in ("loss", "hidden_layers", "steps", "lr", "batch_size", "seq_len")}
+        lines += ["", "The recovered row's last column is the recovery's training time (seconds, 2 shared CPU "
+                  f"cores); its settings: {json.dumps(settings)}, on Julius Caesar and The Tempest."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recovery-steps", type=int, default=120)
+    parser.add_argument("--recovery-loss", default="cosine")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite encoders.md from encoders.json")
+    parser.add_argument("--from-log", help="build encoders.json from the JSON lines a run printed (a run cut short)")
+    args = parser.parse_args()
+    if args.from_log:
+        printed = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith("{")]
+        record = {"model": MODEL, "dense_params": count_parameters(load_model(MODEL, need_tokenizer=False).model),
+                  "calibration": f"hamlet, {CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens",
+                  "evaluation": f"first {EVAL_SENTENCES} sentences of macbeth",
+                  "rows": [r for r in printed if "recovery" not in r["strategy"]],
+                  "recovered": next((r for r in printed if "recovery" in r["strategy"]), None)}
+        (REPORTS / "encoders.json").write_text(json.dumps(record, indent=2) + "\n")
+        args.markdown_only = True
+    if args.markdown_only:
+        (REPORTS / "encoders.md").write_text(markdown(json.loads((REPORTS / "encoders.json").read_text())))
+        return
+    torch.manual_seed(SEED)
+    dense = load_model(MODEL)
+    tokenizer = dense.tokenizer
+    windows = text_windows(tokenizer, None, CALIB_SAMPLES, CALIB_SEQ_LEN, SEED, default="hamlet")
+    sentences = split_sentences(load_text([sample_text_path("macbeth")]))[:EVAL_SENTENCES]
+    reference = sentence_embeddings(dense.model, tokenizer, sentences)
+    rows, compressed = [], {}
+    for ratio in RATIOS:
+        for strategy in STRATEGIES:
+            model = copy.deepcopy(dense.model)
+            started = time.perf_counter()
+            compress(model, CompressConfig(ratio=ratio, strategy=strategy), windows, progress=False)
+            seconds = time.perf_counter() - started
+            row = {"ratio": ratio, "strategy": strategy, "params": count_parameters(model), "seconds": round(seconds, 1),
+                   **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
+            rows.append(row)
+            compressed[(ratio, strategy)] = model
+            print(json.dumps(row), flush=True)
+    best = max((r for r in rows if r["ratio"] == 0.8), key=lambda r: r["mean_cosine"])
+    model = compressed[(0.8, best["strategy"])]
+    train = text_windows(tokenizer, [sample_text_path("julius_caesar"), sample_text_path("tempest")], None, 128)
+    config = RecoveryConfig(loss=args.recovery_loss, steps=args.recovery_steps, batch_size=8, seq_len=128, lr=3e-4,
+                            checkpoint_every=0)
+    result = recover(model, train, config, teacher=dense.model, progress=False)
+    recovered = {"ratio": 0.8, "strategy": best["strategy"] + " + recovery", "params": count_parameters(model),
+                 "seconds": round(result.seconds, 1), "recovery": config.to_dict(),
+                 **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
+    print(json.dumps(recovered), flush=True)
+    record = {"model": MODEL, "dense_params": count_parameters(dense.model), "calibration": "hamlet, 64 x 128 tokens",
+              "evaluation": f"first {len(sentences)} sentences of macbeth", "rows": rows, "recovered": recovered}
+    (REPORTS / "encoders.json").write_text(json.dumps(record, indent=2) + "\n")
+    (REPORTS / "encoders.md").write_text(markdown(record))
+    print("wrote", REPORTS / "encoders.json")
+
+
+if __name__ == "__main__":
+    main()
