@@ -17,8 +17,8 @@ from .agreement import AgreementResult, agreement
 from .calibration import load_text, sample_text_path, text_windows
 from .checkpoint import read_plan, save_compressed
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
-from .config import (CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record,
-                     resolve_device, torch_dtype)
+from .config import CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
+from .config_base import resolve_device, torch_dtype
 from .encoder_eval import EncoderAgreement, compare_encoders
 from .encoders import is_encoder
 from .fileio import check_output_dir, check_output_spares_input

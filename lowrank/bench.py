@@ -144,7 +144,7 @@ def _status_mib(key: str) -> float:
 
 def _child_peak_memory(request: dict) -> dict:
     """Run in a child: load the model, then one generation per batch size; the peak memory each needed."""
-    from .config import torch_dtype
+    from .config_base import torch_dtype
     from .loading import load_model
 
     device = request["device"]
@@ -217,7 +217,8 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
     """
     from .api import plan_source
     from .calibration import text_windows
-    from .config import BenchConfig, resolve_device, torch_dtype
+    from .config import BenchConfig
+    from .config_base import resolve_device, torch_dtype
     from .errors import LowrankError
     from .loading import load_model
 

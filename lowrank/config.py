@@ -8,147 +8,27 @@ through plain dicts (`to_dict` / `from_dict`), which refuse unknown keys and wro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from .budget import Budget, RankLimits, parse_overrides
+from .config_base import CONFIG_VERSION, DTYPE_NAMES, ConfigBase, at_least, check_dtype_and_device, check_regex
 from .distill import HIDDEN_LAYERS, HIDDEN_LOSSES, LOSSES
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
 from .shard_writer import parse_size
 
-CONFIG_VERSION = 1
 #: The file, in every output folder, that records the configs the folder was made with.
 CONFIG_FILE = "lowrank_config.json"
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 MODES = ("factors", "lora")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 #: Peak learning rates that work without tuning: the factors themselves move gently, LoRA adapters start at zero.
 DEFAULT_LR = {"factors": 1e-4, "lora": 1e-3}
-
-
-# ---- typed fields, checked the same way from Python, the CLI and YAML -------------------------
-
-def _type_name(hint: Any) -> str:
-    """'an integer', 'a number or null', 'a list of strings', ... for error messages."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(hint) is list:
-        return "a list of strings"
-    if typing.get_origin(hint) is dict:
-        return "a mapping of pattern to rank"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is not None and origin not in (list, dict):  # a Union
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _wants_float(hint: Any) -> bool:
-    """A float field (possibly optional) that takes no int of its own: ints given to it become floats."""
-    args = typing.get_args(hint) if typing.get_origin(hint) not in (list, dict) else ()
-    return hint is float or (float in args and int not in args)
-
-
-class ConfigBase:
-    """Type checks, dict round trips and one-line errors shared by every stage's config."""
-
-    SECTION: ClassVar[str] = "config"
-
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-    def _check_types(self) -> None:
-        for name, hint in self.field_types().items():
-            value = getattr(self, name)
-            if not _matches(value, hint):
-                raise LowrankError(f"{self.SECTION}.{name} must be {_type_name(hint)}, got {value!r}")
-            if _wants_float(hint) and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))  # YAML's `lr: 1` is the number 1.0
-            if isinstance(value, tuple):
-                object.__setattr__(self, name, list(value))
-        if self.version != CONFIG_VERSION:
-            raise LowrankError(f"{self.SECTION}.version {self.version} is not supported (this lowrank reads version "
-                               f"{CONFIG_VERSION}); upgrade lowrank or write version: {CONFIG_VERSION}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-ready values, every field included (defaults filled in)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str | None = None):
-        """The config from a plain dict; unknown keys and wrong types are one-line errors."""
-        where = where or cls.SECTION
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise LowrankError(f"{where} must be a mapping of settings, got {type(data).__name__}; "
-                               f"valid keys: {', '.join(cls.field_types())}")
-        valid = cls.field_types()
-        for key in data:
-            if key not in valid:
-                raise LowrankError(f"unknown key {where}.{key}; valid keys: {', '.join(valid)}")
-        try:
-            return cls(**data)
-        except LowrankError as exc:
-            text = str(exc)
-            if where != cls.SECTION and text.startswith(f"{cls.SECTION}."):
-                text = where + text[len(cls.SECTION):]
-            raise LowrankError(text) from None
-
-    def replace(self, **changes):
-        """A copy with `changes`, validated like a new config."""
-        return dataclasses.replace(self, **changes)
-
-
-def _at_least(section: str, name: str, value: int | None, low: int, flag: str | None = None) -> None:
-    if value is not None and value < low:
-        what = flag or f"{section}.{name}"
-        raise LowrankError(f"{what} must be at least {low}, got {value}")
-
-
-def _regex(section: str, flag: str, pattern: str | None) -> None:
-    try:
-        re.compile(pattern or "")
-    except re.error as exc:
-        raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
-
-
-def _dtype_and_device(config) -> None:
-    if config.dtype not in DTYPE_NAMES:
-        raise LowrankError(f"{config.SECTION}.dtype {config.dtype!r} is unknown; choose one of {', '.join(DTYPE_NAMES)}")
-    if not config.device:
-        raise LowrankError(f"{config.SECTION}.device is empty; write auto, cpu, cuda or cuda:N")
 
 
 # ---- the stages ---------------------------------------------------------------------------------
@@ -197,12 +77,12 @@ class CompressConfig(ConfigBase):
             raise LowrankError("--plan already fixes every rank; drop --budget (or drop --plan to plan inline)")
         self.limits()  # min_rank / max_rank / round_to messages
         parse_overrides(self.overrides)
-        _regex(self.SECTION, "--include", self.include)
-        _regex(self.SECTION, "--exclude", self.exclude)
-        _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
+        check_regex(self.SECTION, "--include", self.include)
+        check_regex(self.SECTION, "--exclude", self.exclude)
+        at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
-        _dtype_and_device(self)
+        check_dtype_and_device(self)
 
     def _check_stream(self) -> None:
         if self.save_dtype not in ("source",) + DTYPE_NAMES:
@@ -244,7 +124,7 @@ class CalibrationConfig(ConfigBase):
         if isinstance(self.texts, (tuple, list)):
             self.texts = [str(t) for t in self.texts]
         self._check_types()
-        _at_least(self.SECTION, "samples", self.samples, 1, "--samples")
+        at_least(self.SECTION, "samples", self.samples, 1, "--samples")
         if self.seq_len < 2:
             raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
 
@@ -330,7 +210,7 @@ class RecoveryConfig(ConfigBase):
             raise LowrankError(f"--temperature must be positive, got {self.temperature}")
         if not 0 <= self.distill_weight <= 1:
             raise LowrankError(f"--distill-weight must lie in [0, 1], got {self.distill_weight}")
-        _dtype_and_device(self)
+        check_dtype_and_device(self)
 
     @property
     def needs_teacher(self) -> bool:
@@ -371,17 +251,17 @@ class EvalConfig(ConfigBase):
         self._check_types()
         if self.seq_len < 2:
             raise LowrankError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
-        _at_least(self.SECTION, "max_windows", self.max_windows, 1, "--max-windows")
-        _at_least(self.SECTION, "max_sentences", self.max_sentences, 2, "--max-sentences")
-        _at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
-        _at_least(self.SECTION, "prompts", self.prompts, 1, "--prompts")
-        _at_least(self.SECTION, "prompt_tokens", self.prompt_tokens, 1, "--prompt-tokens")
-        _at_least(self.SECTION, "generated_tokens", self.generated_tokens, 1, "--generated-tokens")
-        _at_least(self.SECTION, "task_limit", self.task_limit, 1, "--task-limit")
+        at_least(self.SECTION, "max_windows", self.max_windows, 1, "--max-windows")
+        at_least(self.SECTION, "max_sentences", self.max_sentences, 2, "--max-sentences")
+        at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
+        at_least(self.SECTION, "prompts", self.prompts, 1, "--prompts")
+        at_least(self.SECTION, "prompt_tokens", self.prompt_tokens, 1, "--prompt-tokens")
+        at_least(self.SECTION, "generated_tokens", self.generated_tokens, 1, "--generated-tokens")
+        at_least(self.SECTION, "task_limit", self.task_limit, 1, "--task-limit")
         if self.against is not None and self.prompt_tokens > self.seq_len:
             raise LowrankError(f"--prompt-tokens {self.prompt_tokens} is longer than --seq-len {self.seq_len}; "
                                "prompts are the first tokens of the evaluation windows")
-        _dtype_and_device(self)
+        check_dtype_and_device(self)
 
 
 @dataclass
@@ -410,28 +290,14 @@ class BenchConfig(ConfigBase):
                 raise LowrankError(f"--batch-sizes {value!r} is not a positive integer; give e.g. --batch-sizes 1,8")
         if not self.batch_sizes:
             raise LowrankError("--batch-sizes is empty; give e.g. --batch-sizes 1,8")
-        _at_least(self.SECTION, "seq_len", self.seq_len, 1, "--seq-len")
-        _at_least(self.SECTION, "new_tokens", self.new_tokens, 1, "--new-tokens")
-        _at_least(self.SECTION, "repeats", self.repeats, 1, "--repeats")
-        _at_least(self.SECTION, "warmup", self.warmup, 0, "--warmup")
-        _dtype_and_device(self)
+        at_least(self.SECTION, "seq_len", self.seq_len, 1, "--seq-len")
+        at_least(self.SECTION, "new_tokens", self.new_tokens, 1, "--new-tokens")
+        at_least(self.SECTION, "repeats", self.repeats, 1, "--repeats")
+        at_least(self.SECTION, "warmup", self.warmup, 0, "--warmup")
+        check_dtype_and_device(self)
 
     def batches(self) -> list[int]:
         return [int(b) for b in self.batch_sizes]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a config's `dtype` name (float32, float16, bfloat16)."""
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def resolve_device(device: str) -> str:
-    """`auto` becomes cuda when a GPU is present, else cpu; a GPU asked for but absent is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LowrankError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
-    return device
 
 
 def read_config_record(folder: str | Path) -> dict[str, Any]:

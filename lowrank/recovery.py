@@ -18,7 +18,8 @@ from .calibration import load_text, text_windows, token_windows, tokenize
 from .checkpoint import read_plan, save_compressed
 from .fileio import check_output_dir, check_output_spares_input
 from .folder_format import is_compressed_folder
-from .config import CONFIG_FILE, RecoveryConfig, read_config_record, resolve_device, torch_dtype
+from .config import CONFIG_FILE, RecoveryConfig, read_config_record
+from .config_base import resolve_device, torch_dtype
 from .errors import LowrankError
 from .loading import load_model
 from .training import RecoveryResult, recover

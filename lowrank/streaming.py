@@ -28,7 +28,8 @@ from .block_source import BlockSource, is_streamable
 from .boundary_store import BoundaryStore
 from .budget import RankLimits
 from .compression import check_plan_matches, needs_statistics
-from .config import CompressConfig, resolve_device, torch_dtype
+from .config import CompressConfig
+from .config_base import resolve_device, torch_dtype
 from .errors import LowrankError
 from .fileio import LOADED_INPUTS, check_output_dir, sha256_file
 from .folder_format import PLAN_FILE, weight_files

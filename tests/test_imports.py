@@ -93,7 +93,7 @@ def test_lowrank_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
-LEAVES = ("version", "ranks", "fileio", "folder_format", "model_info", "errors")
+LEAVES = ("version", "ranks", "fileio", "folder_format", "folder_guard", "model_info", "config_base", "errors")
 
 
 def test_leaf_modules_import_only_errors():

@@ -18,7 +18,7 @@ from ..report import write_analysis_report
 from ..profile import Profile
 from ..profiling import profile_model, targets_of
 from ..targets import name_filter
-from ..config import resolve_device
+from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
 
 

@@ -23,7 +23,7 @@ from ..planner import DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spec
 from ..profile import Profile
 from ..profiling import DEFAULT_SENSITIVITY_SAMPLES
 from ..targets import find_targets, name_filter
-from ..config import resolve_device
+from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
 from .compress_cmd import describe
 

@@ -18,7 +18,7 @@ from ..errors import LowrankError
 from ..loading import DEFAULT_MODEL, load_model
 from ..model_info import is_causal_lm
 from ..profiling import DEFAULT_SENSITIVITY_SAMPLES, profile_with_calibration
-from ..config import resolve_device
+from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
 
 

@@ -11,7 +11,8 @@ import time
 import click
 
 from ..api import recover
-from ..config import DEFAULT_LR, DTYPE_NAMES, MODES, PRECISIONS, RecoveryConfig
+from ..config import DEFAULT_LR, MODES, PRECISIONS, RecoveryConfig
+from ..config_base import DTYPE_NAMES
 from ..distill import HIDDEN_LAYERS, LOSSES
 from ..recovery import RecoveryPaths
 from ..training_checkpoint import read_checkpoint_state
