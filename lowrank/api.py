@@ -223,6 +223,16 @@ def recover(
                           extra_files=extra_files)
 
 
+def _evaluation_windows(tokenizer, config: EvalConfig, windows: torch.Tensor | None) -> torch.Tensor:
+    """The windows to score: `windows` as given, else non-overlapping windows of the config's text; at most max_windows."""
+    if windows is None:
+        if tokenizer is None:
+            raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
+        windows = text_windows(tokenizer, list(config.texts), None, config.seq_len, what="evaluation",
+                               default="macbeth")
+    return windows if config.max_windows is None else windows[:config.max_windows]
+
+
 def evaluate(
     source: "str | Path | nn.Module",
     config: EvalConfig | None = None,
@@ -251,13 +261,7 @@ def evaluate(
     if is_encoder(model) and windows is None:
         return _evaluate_encoder(source, model, tokenizer_object, config, trust_remote_code=trust_remote_code,
                                  allow_pickle=allow_pickle, progress=progress)
-    if windows is None:
-        if tokenizer_object is None:
-            raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
-        windows = text_windows(tokenizer_object, list(config.texts), None, config.seq_len, what="evaluation",
-                               default="macbeth")
-    if config.max_windows is not None:
-        windows = windows[:config.max_windows]
+    windows = _evaluation_windows(tokenizer_object, config, windows)
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
 
 
@@ -292,13 +296,7 @@ def compare(
     except LowrankError as exc:
         raise LowrankError(f"cannot load the dense model {against} ({exc}); pass --against with its path or name") \
             from None
-    if windows is None:
-        if tokenizer_object is None:
-            raise LowrankError("evaluating text needs a tokenizer; pass tokenizer=, or token windows as windows=")
-        windows = text_windows(tokenizer_object, list(config.texts), None, config.seq_len, what="evaluation",
-                               default="macbeth")
-    if config.max_windows is not None:
-        windows = windows[:config.max_windows]
+    windows = _evaluation_windows(tokenizer_object, config, windows)
     return agreement(dense, model, windows, batch_size=config.batch_size, prompts=config.prompts,
                      prompt_tokens=config.prompt_tokens, generated_tokens=config.generated_tokens, progress=progress)
 
