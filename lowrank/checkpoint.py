@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = "2GB"
 
 
+def write_plan_and_extras(folder: Path, plan: Plan, extra_files: dict[str, str] | None = None) -> None:
+    """The plan, with the sha256 of every weight file already in `folder`, and the extra text files."""
+    record = plan.to_dict()
+    record["files"] = {p.name: sha256_file(p) for p in weight_files(folder)}
+    (folder / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
 def save_compressed(
     model: nn.Module,
     tokenizer,
@@ -45,11 +54,7 @@ def save_compressed(
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = plan.to_dict()
-        record["files"] = {p.name: sha256_file(p) for p in weight_files(tmp)}
-        (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        write_plan_and_extras(tmp, plan, extra_files)
     log.info("wrote %s", out_dir)
     return Path(out_dir)
 

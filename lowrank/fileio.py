@@ -56,6 +56,18 @@ def check_output_spares_inputs(out_dir: str | Path) -> None:
         check_output_spares_input(out_dir, source)
 
 
+def replace_folder(finished: Path, out: Path) -> None:
+    """Move the finished folder to `out` by renames; an existing `out` is swapped aside first, then deleted."""
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.rmdir(backup)
+        os.replace(out, backup)
+        os.replace(finished, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(finished, out)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by a rename.
@@ -68,14 +80,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rmdir(backup)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_write_failure(exc):

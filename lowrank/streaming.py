@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,13 @@ from tqdm.auto import tqdm
 from . import hf_integration
 from .block_source import BlockSource, is_streamable
 from .boundary_store import BoundaryStore
+from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
 from .compression import check_plan_matches, needs_statistics
 from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
 from .errors import LowrankError
-from .fileio import LOADED_INPUTS, check_output_dir, sha256_file
-from .folder_format import PLAN_FILE, weight_files
+from .fileio import LOADED_INPUTS, check_output_dir, replace_folder
 from .model_info import count_parameters
 from .plan import Plan
 from .planner import check_feasible, default_strategy, needs_spectra, plan_targets
@@ -95,14 +93,7 @@ def _publish(partial: Path, output: str | Path) -> None:
     out = Path(output)
     for name in (RUN_FILE, PROFILE_FILE, PARTIAL_PLAN, "boundary.safetensors"):
         (partial / name).unlink(missing_ok=True)
-    if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-        os.rmdir(backup)
-        os.replace(out, backup)
-        os.replace(partial, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+    replace_folder(partial, out)
 
 
 def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, windows: torch.Tensor,
@@ -204,8 +195,4 @@ def _write_metadata(source: BlockSource, plan: Plan, partial: Path, save_dtype: 
         generation.save_pretrained(partial)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
-    record = plan.to_dict()
-    record["files"] = {p.name: sha256_file(p) for p in weight_files(partial)}
-    (partial / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    for name, text in (extra_files or {}).items():
-        (partial / name).write_text(text, encoding="utf-8")
+    write_plan_and_extras(partial, plan, extra_files)

@@ -113,3 +113,12 @@ def compressed(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     with torch.no_grad():
         reference = lowrank.load(folder)(input_ids=torch.tensor(PROBE)).logits
     return folder, reference
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise-repeatable CPU runs and no fight over the shared cores (files opt in with usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,12 +18,7 @@ from lowrank.config import CONFIG_FILE
 from lowrank.errors import LowrankError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_readme_pipeline_runs_on_a_tiny_model(tmp_path, monkeypatch):

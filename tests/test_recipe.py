@@ -31,13 +31,7 @@ TINY = {
 SMALL = ["calibration.samples=4", "calibration.seq_len=32", "eval.seq_len=32", "eval.max_windows=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise-repeatable CPU runs and no fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sets(*assignments: str) -> list[str]:

@@ -22,13 +22,7 @@ from lowrank.recovery import RecoveryPaths
 from lowrank.training import ranks_of, recover
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise-repeatable CPU runs and no fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -19,13 +19,7 @@ from lowrank.layers import LowRankLinear
 from lowrank.training import batch_indices, factor_layers, learning_rate, ranks_of, recover
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise-repeatable CPU runs and no fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compressed_pair(arch: str = "llama", ratio: float = 0.4):
