@@ -26,7 +26,7 @@ from .folder_format import is_compressed_folder
 from .errors import LowrankError
 from .evaluation import perplexity
 from .lm_harness import require_lm_eval, run_tasks
-from .loading import load_model, load_tokenizer
+from .loading import load_model, load_tokenizer, local_checkpoint
 from .plan import Plan
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
@@ -142,13 +142,15 @@ def compress(
 
 def _compress_streamed(source, config: CompressConfig, calibration, *, output, tokenizer, overwrite: bool,
                        resume: bool, trust_remote_code: bool, progress: bool, extra_files) -> Plan:
-    """`compress` for config.stream: a local folder, read block by block, written shard by shard."""
+    """`compress` for config.stream: a folder, .gguf file or hub id, read block by block, written shard by shard."""
 
     if not config.stream:
         raise LowrankError("--resume continues a streamed run; add --stream")
     if isinstance(source, nn.Module) or output is None:
         raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
                            "pass a folder as source and an output folder")
+    location = local_checkpoint(str(source))  # a hub id is downloaded here; a built-in name is its GGUF
+    source = Path(location.path, location.gguf_file or "")
     check_output_spares_input(output, str(source))
     check_streamable(source)
     if isinstance(calibration, torch.Tensor):
@@ -156,7 +158,8 @@ def _compress_streamed(source, config: CompressConfig, calibration, *, output, t
         options = {"samples": calibration.shape[0], "seq_len": calibration.shape[1]}
     else:
         texts_config = calibration or CalibrationConfig()
-        tokenizer_object = load_tokenizer(str(tokenizer or source), None, trust_remote_code)
+        tokenizer_object = load_tokenizer(str(tokenizer or location.path), None if tokenizer else location.gguf_file,
+                                          trust_remote_code)
         windows = _calibration_windows(tokenizer_object, texts_config)
         tokenizer = tokenizer_object
         options = {"samples": texts_config.samples, "seq_len": texts_config.seq_len, "seed": texts_config.seed,

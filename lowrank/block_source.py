@@ -1,10 +1,11 @@
-"""A checkpoint folder read block by block: the model skeleton on the meta device, tensors from disk on demand.
+"""A checkpoint read block by block: the model skeleton on the meta device, tensors from disk on demand.
 
 `BlockSource` builds the model with accelerate's `init_empty_weights` (no memory for weights),
 loads what lives outside the transformer blocks (embeddings, final norm, head) once, and
-materializes one block at a time from the safetensors shards, tensor by tensor (`safe_open`), in
-the compute dtype (float32 for bf16/fp16 sources). `free_block` sends a block back to the meta
-device. Nothing else of the checkpoint is ever in memory.
+materializes one block at a time, tensor by tensor, in the compute dtype (float32 for bf16/fp16
+sources). `free_block` sends a block back to the meta device. Nothing else of the checkpoint is
+ever in memory. The tensors come from a reader: `SafetensorsTensors` for a model folder
+(`safe_open`), `gguf_source.GGUFTensors` for a .gguf file (dequantized one tensor at a time).
 """
 
 from __future__ import annotations
@@ -42,31 +43,81 @@ def tensor_locations(folder: Path) -> dict[str, Path]:
 
 
 def is_streamable(source: str) -> bool:
-    """True for a local dense checkpoint folder with safetensors weights (what BlockSource reads)."""
-    folder = Path(source)
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+    """True for what BlockSource reads: a local dense folder with safetensors weights, or a .gguf file."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return True
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return False
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return "quantization_config" not in config
 
 
-class BlockSource:
-    """One checkpoint folder: a meta-device model whose non-block tensors are loaded and whose blocks load on demand."""
+class SafetensorsTensors:
+    """The tensors of a safetensors checkpoint folder, read one at a time (one file handle per shard)."""
 
-    def __init__(self, folder: str | Path, compute_dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False):
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        self.locations = tensor_locations(self.path)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.locations.values()))
+
+    def config(self, trust_remote_code: bool = False):
         import transformers
+
+        return transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+
+    def bind(self, model: nn.Module) -> None:
+        """Nothing to learn: the folder stores transformers' own names."""
+
+    def names(self) -> set[str]:
+        return set(self.locations)
+
+    def read(self, names: list[str]):
+        """Yield (name, tensor) for each of `names`, in its stored dtype."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.locations[name], []).append(name)
+        for file, members in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for name in members:
+                    yield name, handle.get_tensor(name)
+
+
+def open_tensors(path: str | Path):
+    """The tensor reader for `path`: a .gguf file, else a safetensors folder."""
+    path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf_source import GGUFTensors
+
+        return GGUFTensors(path)
+    return SafetensorsTensors(path)
+
+
+class BlockSource:
+    """One checkpoint (folder or .gguf file): a meta-device model whose non-block tensors are loaded and whose
+    blocks load on demand."""
+
+    def __init__(self, path: str | Path, compute_dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False):
         from accelerate import init_empty_weights
 
-        self.folder = Path(folder)
+        self.path = Path(path)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
         self.compute_dtype = compute_dtype
-        self.config = transformers.AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.tensors = open_tensors(self.path)
+        self.config = self.tensors.config(trust_remote_code)
         model_class = model_class_for(self.config)
         with init_empty_weights():  # an Auto class (config without `architectures`) builds through from_config
             self.model = (model_class.from_config(self.config) if hasattr(model_class, "from_config")
                           else model_class(self.config))
         self.model.eval()
-        self.locations = tensor_locations(self.folder)
+        self.tensors.bind(self.model)
+        self.available = self.tensors.names()
         self.prefix, self.blocks = find_block_list(self.model)
         self.source_dtype = self._stored_dtype()
         outside = [name for name, _ in self._tensors(self.model) if not self._in_blocks(name)]
@@ -74,8 +125,8 @@ class BlockSource:
         self.model.tie_weights()
         for name, tensor in self._tensors(self.model):
             if not self._in_blocks(name) and tensor.is_meta:
-                raise LowrankError(f"{self.folder}: tensor {name} is missing from the checkpoint; "
-                                   "the folder is incomplete or not a transformers checkpoint")
+                raise LowrankError(f"{self.path}: tensor {name} is missing from the checkpoint; "
+                                   "the checkpoint is incomplete or not a transformers checkpoint")
 
     # ---- what the checkpoint holds --------------------------------------------------------------
     def _in_blocks(self, name: str) -> bool:
@@ -86,16 +137,18 @@ class BlockSource:
         yield from module.named_parameters(remove_duplicate=False)
         yield from ((name, buffer) for name, buffer in module.named_buffers() if buffer.is_meta)
 
-    def _stored_dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's first block weight (float32, bfloat16 or float16)."""
-        from safetensors import safe_open
+    @property
+    def files(self) -> list[Path]:
+        """The checkpoint's weight files (what a resumed run checks for changes)."""
+        return self.tensors.files
 
-        name = next((n for n in self.locations if n.startswith(self.prefix + ".") and n.endswith(".weight")), None)
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first block weight (float32, bfloat16 or float16; float32 if quantized)."""
+        name = next((n for n in sorted(self.available) if self._in_blocks(n) and n.endswith(".weight")), None)
         if name is None:
-            raise LowrankError(f"{self.folder}: no weights of {self.prefix} in the checkpoint; it does not match "
-                               "its config.json")
-        with safe_open(str(self.locations[name]), framework="pt") as handle:
-            return handle.get_tensor(name).dtype
+            raise LowrankError(f"{self.path}: no weights of {self.prefix} in the checkpoint; it does not match "
+                               "its config")
+        return next(iter(self.tensors.read([name])))[1].dtype
 
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -115,25 +168,24 @@ class BlockSource:
 
     # ---- loading and freeing -----------------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str, names: list[str] | None = None) -> None:
-        """Fill `module`'s meta tensors from the shards (one file handle per shard, tensor by tensor)."""
-        from safetensors import safe_open
-
+        """Fill `module`'s meta tensors from the checkpoint, tensor by tensor."""
         wanted = names if names is not None else [name for name, _ in self._tensors(module)]
-        by_file: dict[Path, list[str]] = {}
+        present = []
         for name in wanted:
-            full = prefix + name
-            if full in self.locations:
-                by_file.setdefault(self.locations[full], []).append(name)
+            if prefix + name in self.available:
+                present.append(prefix + name)
             elif names is None:
-                raise LowrankError(f"{self.folder}: tensor {full} is missing from the checkpoint; "
-                                   "the folder is incomplete or does not match its config.json")
-        for file, members in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
-                for name in members:
-                    tensor = handle.get_tensor(prefix + name)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(self.compute_dtype)
-                    _set_tensor(module, name, tensor)
+                raise LowrankError(f"{self.path}: tensor {prefix + name} is missing from the checkpoint; "
+                                   "the checkpoint is incomplete or does not match its config")
+        for full, tensor in self.tensors.read(present):
+            name = full[len(prefix):]
+            expected = _get_tensor(module, name).shape
+            if tensor.shape != expected:
+                raise LowrankError(f"{self.path}: tensor {full} has shape {list(tensor.shape)} but the config asks "
+                                   f"for {list(expected)}; the checkpoint does not match its config")
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.compute_dtype)
+            _set_tensor(module, name, tensor)
 
     def load_block(self, index: int) -> nn.Module:
         """Materialize block `index` from disk (compute dtype, CPU) and return it."""
@@ -144,6 +196,12 @@ class BlockSource:
     def free_block(self, index: int) -> None:
         """Send block `index` back to the meta device: its memory is released."""
         self.blocks[index].to("meta")
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
 
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -147,6 +147,20 @@ def locate(source: str, allow_pickle: bool = False) -> ModelLocation:
     return ModelLocation(source, local=False)
 
 
+def local_checkpoint(source: str) -> ModelLocation:
+    """`source` on this machine: a built-in name's GGUF, a folder or .gguf file, or a hub id's downloaded snapshot.
+
+    A hub id is fetched with huggingface_hub (safe files only, `hub_source`), so that a streamed run
+    reads it from disk like any local folder.
+    """
+    location = locate(source, allow_pickle=True)  # pickle-only folders are refused by the reader with its own line
+    if location.local:
+        return location
+    from .hub_source import download_checkpoint
+
+    return locate(str(download_checkpoint(source)), allow_pickle=True)
+
+
 def forget_gguf_origin(model) -> None:
     """A GGUF checkpoint arrives dequantized to plain floats; drop transformers' GGUF marker so
     the model saves (save_pretrained) and compresses like any float model."""

@@ -55,18 +55,18 @@ def partial_dir(output: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def run_identity(folder: Path, config: CompressConfig, windows: torch.Tensor) -> dict[str, Any]:
+def run_identity(source: BlockSource, config: CompressConfig, windows: torch.Tensor) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: the checkpoint's files, the config, the windows."""
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(folder.glob("*.safetensors"))}
-    return {"source": str(folder.resolve()), "files": files, "config": config.to_dict(),
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in source.files}
+    return {"source": str(source.path.resolve()), "files": files, "config": config.to_dict(),
             "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
 
 
 def check_streamable(source: str | Path) -> Path:
-    """The folder `source`, when streaming can read it; else a one-line error naming the fix."""
+    """The folder or .gguf file `source`, when streaming can read it; else a one-line error naming the fix."""
     if not is_streamable(str(source)):
-        raise LowrankError(f"--stream reads a local model folder with safetensors weights, and {source} is not one; "
-                           "convert it (save_pretrained) or drop --stream")
+        raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
+                           f"{source} is none of them; convert it (save_pretrained) or drop --stream")
     return Path(source)
 
 
@@ -114,13 +114,13 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
             profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
-                                       name=str(source.folder))
+                                       name=str(source.path))
             profile.save(partial / PROFILE_FILE)
         spectra = {m.name: m for m in profile.matrices}
         seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
     started = time.perf_counter()
     plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=config.method,
-                        limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.folder))
+                        limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.path))
     seconds["planning"] = round(time.perf_counter() - started, 3)
     if strategy == "sensitivity":
         plan.options["sensitivity_samples"] = min(DEFAULT_SENSITIVITY_SAMPLES, windows.shape[0])
@@ -161,7 +161,7 @@ def compress_streamed(
         tqdm.write(est.describe(cap))
     log.info(est.describe(cap))
     device = resolve_device(config.device)
-    partial = _open_partial(output, run_identity(folder, config, windows), resume)
+    partial = _open_partial(output, run_identity(source, config, windows), resume)
     seconds: dict[str, float] = {}
     plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
     plan.method = config.method

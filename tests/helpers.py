@@ -231,3 +231,58 @@ else:
 
 def load_script(folder: Path, out: Path, **kwargs) -> str:
     return f"FOLDER, OUT, PROBE, KWARGS = {str(folder)!r}, {str(out)!r}, {PROBE!r}, {kwargs!r}\n" + LOAD_AND_REPORT
+
+
+# ---- a tiny GGUF file, written as llama.cpp would ---------------------------------------------
+
+def tiny_gguf_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model whose widths suit GGUF's 32-wide quantization blocks (hidden 64, MLP 128)."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](**common)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def write_tiny_gguf(path, model: torch.nn.Module, gguf_arch: str = "llama", quantized: str | None = None) -> Path:
+    """Write `model` as a GGUF file the way llama.cpp's converter does: its tensor names, query/key rows in the
+    rotary order of llama.cpp for Llama, 2-D weights quantized to `quantized` (e.g. "Q8_0") if given."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), gguf_arch)
+    writer.add_name("tiny")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), gguf.MODEL_ARCH.LLAMA)
+    table = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        module, _, kind = name.rpartition(".")
+        values = tensor.detach().float().numpy()
+        if gguf_arch == "llama" and module.endswith(("q_proj", "k_proj")):
+            heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
+            values = values.reshape(heads, 2, values.shape[0] // heads // 2, *values.shape[1:])
+            values = values.swapaxes(1, 2).reshape(tensor.shape)  # transformers' halves → llama.cpp's pairs
+        values = np.ascontiguousarray(values)
+        gguf_name = f"{table.get_name(module)}.{kind}"
+        if quantized and values.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[quantized]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
