@@ -179,6 +179,8 @@ def compress_streamed(
     if config.update is not False:
         plan.options["update_target"] = "dense"
     plan.options.update(plan_options or {})
+    for name in (PROFILE_FILE, "boundary.safetensors"):  # working files, not weights: keep them out of the plan's sha256s
+        (partial / name).unlink(missing_ok=True)
     _write_metadata(source, plan, partial, save_dtype, tokenizer, extra_files)
     _publish(partial, output)
     return plan

@@ -286,3 +286,16 @@ def write_tiny_gguf(path, model: torch.nn.Module, gguf_arch: str = "llama", quan
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def hub_cache(cache_dir, repo_id: str, files_from, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay the files of folder `files_from` out as huggingface_hub caches a download of `repo_id` (refs/main →
+    snapshots/COMMIT), so the real huggingface_hub code finds them offline; return the snapshot folder."""
+    import shutil
+
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(files_from, snapshot)
+    return snapshot
