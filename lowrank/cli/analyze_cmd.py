@@ -18,7 +18,9 @@ from ..report import write_analysis_report
 from ..profile import Profile
 from ..profiling import profile_model, targets_of
 from ..targets import name_filter
+from ..config import CalibrationConfig
 from ..config_base import resolve_device
+from ..stream_analyze import analyze_streamed
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
 
 
@@ -52,11 +54,17 @@ def describe(analysis: Profile) -> str:
 @click.option("-o", "--output", default=None,
               help="Report folder (report.md, report.json, PNG plots). Default: ./<model>-analysis[-whitened].")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
+@click.option("--stream", is_flag=True, help="With --calib: read the checkpoint one block at a time (folder, .gguf "
+              "or hub id), as `compress --stream` does; the model is never whole in memory.")
+@click.option("--offload-dir", default=None, metavar="DIR",
+              help="With --stream: spill calibration activations to this folder once memory would run out.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="With --stream: memory the run may use, e.g. 8GB (default: what the machine has free now).")
 @model_options
 @quiet_option
 @silence_transformers
-def command(model, profile_file, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, dtype, device,
-            tokenizer_source, trust_remote_code, allow_pickle, quiet):
+def command(model, profile_file, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, stream,
+            offload_dir, max_memory, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Analyze the singular-value spectra of MODEL's matrices (default: smollm2-135m) and write a report.
 
     With --profile FILE (from `lowrank profile`) the report comes from that saved profile, without
@@ -66,8 +74,15 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     Without --calib the analysis is data-free: σ(W) only, and a folder with safetensors weights is
     read one tensor at a time without building the model. With --calib it also computes the
     whitened spectra σ(W·S), whose squares are the output error each dropped direction costs.
+    With --calib --stream the checkpoint is read one block at a time (docs/scale.md).
     """
     started = time.perf_counter()
+    if (offload_dir or max_memory) and not stream:
+        raise LowrankError(f"{'--offload-dir' if offload_dir else '--max-memory'} applies to a streamed analysis; "
+                           "add --stream")
+    if stream and (profile_file is not None or not texts):
+        raise LowrankError("--stream streams the calibration pass: pass --calib TEXT (without --calib the analysis "
+                           "of a folder already reads one tensor at a time), or drop --stream")
     if profile_file is not None:
         if model is not None or texts:
             raise LowrankError("--profile reports on a saved profile; drop MODEL and --calib, or drop --profile")
@@ -87,7 +102,13 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     output = output or default_output(model, whitened)
     check_output_dir(output, overwrite)
     check_output_spares_input(output, model)
-    if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
+    if stream:
+        analysis = analyze_streamed(model, CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len,
+                                                             seed=seed), tokenizer=tokenizer_source, include=include,
+                                    exclude=exclude, batch_size=batch_size, device=resolve_device(device),
+                                    offload_dir=offload_dir, max_memory=max_memory,
+                                    trust_remote_code=trust_remote_code, progress=not quiet)
+    elif not whitened and (is_compressed_folder(model) or has_safetensors(model)):
         analysis = profile_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
                                   source=model)
     else:

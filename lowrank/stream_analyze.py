@@ -1,0 +1,69 @@
+"""The analyzer on a checkpoint read block by block: `lowrank analyze --calib --stream`.
+
+It is the profile pass of streaming compression without the loss prices (`stream_profile`): each
+block is read from disk, run on the calibration windows, its inputs' Grams give σ(W·S) of its
+matrices, and it is freed. The Profile holds the same numbers as the in-memory analyzer's
+(`calibration.collect_stats` then `profiling.profile_model`); memory holds one block, not the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .block_source import BlockSource, is_streamable
+from .boundary_store import BoundaryStore
+from .calibration import text_windows
+from .config import CalibrationConfig
+from .errors import LowrankError
+from .factorize import DEFAULT_DAMPING
+from .loading import load_tokenizer, local_checkpoint
+from .profile import Profile
+from .profiling import targets_of
+from .shard_writer import parse_size
+from .stream_memory import available_bytes, check_fits, estimate
+from .stream_profile import profile_streamed
+
+
+def analyze_streamed(
+    source: str,
+    calibration: CalibrationConfig | torch.Tensor,
+    *,
+    tokenizer: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    batch_size: int = 8,
+    damping: float = DEFAULT_DAMPING,
+    device: str = "cpu",
+    offload_dir: str | None = None,
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Profile:
+    """The whitened Profile of `source` (folder, .gguf, built-in name or hub id), one block in memory at a time.
+
+    `calibration` is text (drawn into windows with the model's tokenizer, or `tokenizer`) or token windows.
+    """
+    location = local_checkpoint(source)
+    path = Path(location.path, location.gguf_file or "")
+    if not is_streamable(str(path)):
+        raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
+                           f"{source} is none of them; drop --stream")
+    if isinstance(calibration, torch.Tensor):
+        windows = calibration
+    else:
+        loaded = load_tokenizer(tokenizer or location.path, None if tokenizer else location.gguf_file,
+                                trust_remote_code)
+        windows = text_windows(loaded, list(calibration.texts), calibration.samples, calibration.seq_len,
+                               calibration.seed)
+    blocks = BlockSource(path, torch.float32, trust_remote_code=trust_remote_code)
+    targets = targets_of(blocks.model, include, exclude)
+    limit = parse_size(max_memory, "--max-memory") if max_memory else available_bytes()
+    cap = check_fits(estimate(blocks, targets, windows, False, 0), limit, offload_dir is not None)
+    profile = profile_streamed(blocks, targets, windows, BoundaryStore(cap, offload_dir), prices=False,
+                               batch_size=batch_size, damping=damping, device=device, progress=progress, name=source)
+    if not isinstance(calibration, torch.Tensor):
+        profile.options.update({"calibration": list(calibration.texts), "samples": calibration.samples,
+                                "seq_len": calibration.seq_len, "seed": calibration.seed})
+    return profile
