@@ -164,3 +164,23 @@ def test_streamed_output_reloads_with_from_pretrained(tmp_path):
     reference = load_compressed(tmp_path / "out")
     with torch.no_grad():
         assert torch.allclose(model(input_ids=windows).logits.float(), reference(input_ids=windows).logits, atol=0.1)
+
+
+def test_streamed_output_reloads_with_device_map_auto_in_bf16(tmp_path):
+    """What a user with accelerate does: from_pretrained(folder, device_map="auto", dtype=bfloat16)."""
+    import transformers
+
+    save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=True, max_shard_size="30KB"), windows,
+                     output=tmp_path / "out", progress=False)
+    narrow = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="auto",
+                                                               dtype=torch.bfloat16)
+    wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    factors = [m for m in narrow.modules() if isinstance(m, LowRankLinear)]
+    assert factors and all(p.dtype == torch.bfloat16 for m in factors for p in m.parameters())
+    with torch.no_grad():
+        low = narrow(input_ids=windows.to(narrow.device)).logits.float().cpu()
+        high = wide(input_ids=windows).logits
+    assert (low - high).abs().max() < 0.05 * high.abs().max()
+    assert torch.nn.functional.cosine_similarity(low.flatten(), high.flatten(), dim=0) > 0.999
