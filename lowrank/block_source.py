@@ -37,8 +37,12 @@ def tensor_locations(folder: Path) -> dict[str, Path]:
         raise LowrankError(f"{folder} holds no .safetensors weights; streaming reads safetensors checkpoints only")
     locations = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            locations.update({name: file for name in handle.keys()})
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                locations.update({name: file for name in handle.keys()})
+        except Exception as exc:  # safetensors' own error type: a damaged or truncated header
+            raise LowrankError(f"{file} is not a readable safetensors file ({str(exc).splitlines()[0][:160]}); "
+                               "check the download or re-save the checkpoint") from None
     return locations
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .block_source import BlockSource, is_streamable
+from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .calibration import text_windows
 from .config import CalibrationConfig
@@ -50,6 +50,7 @@ def analyze_streamed(
     if not is_streamable(str(path)):
         raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
                            f"{source} is none of them; drop --stream")
+    open_tensors(path)  # a damaged file or a GGUF architecture the reader cannot map: refused before any work
     if isinstance(calibration, torch.Tensor):
         windows = calibration
     else:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hf_integration
-from .block_source import BlockSource, is_streamable
+from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
@@ -67,6 +67,7 @@ def check_streamable(source: str | Path) -> Path:
     if not is_streamable(str(source)):
         raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
                            f"{source} is none of them; convert it (save_pretrained) or drop --stream")
+    open_tensors(source)  # a damaged file or a GGUF architecture the reader cannot map: refused before any work
     return Path(source)
 
 

@@ -299,3 +299,18 @@ def hub_cache(cache_dir, repo_id: str, files_from, commit: str = "0123456789abcd
     snapshot = repo / "snapshots" / commit
     shutil.copytree(files_from, snapshot)
     return snapshot
+
+
+def write_foreign_gguf(path, gguf_arch: str = "gpt2") -> Path:
+    """A small valid GGUF file of architecture `gguf_arch` (one embedding tensor): for refusals by architecture."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), gguf_arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

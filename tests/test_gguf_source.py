@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers import make_tiny_tokenizer, random_windows, tiny_gguf_model, write_tiny_gguf
+from helpers import make_tiny_tokenizer, random_windows, tiny_gguf_model, write_foreign_gguf, write_tiny_gguf
 
 import lowrank
 from lowrank.block_source import BlockSource
@@ -79,16 +79,7 @@ def test_corrupt_gguf_is_one_line(tmp_path):
 
 
 def test_unsupported_gguf_architecture_is_refused(tmp_path):
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_foreign_gguf(tmp_path / "gpt2.gguf", "gpt2")
     with pytest.raises(LowrankError, match="streaming reads GGUF architectures llama, qwen2, qwen3, not 'gpt2'"):
         lowrank.compress(tmp_path / "gpt2.gguf", CompressConfig(stream=True), random_windows(2, 8),
                          output=tmp_path / "out", progress=False)

@@ -36,7 +36,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_ARCHITECTURES, VOCAB, make_tiny_model
+from helpers import (TINY_ARCHITECTURES, VOCAB, hub_cache, make_tiny_model, tiny_gguf_model, write_foreign_gguf,
+                     write_tiny_gguf)
 from lowrank.checkpoint import save_compressed
 from lowrank.folder_format import PLAN_FILE
 from lowrank.cli import main
@@ -137,6 +138,11 @@ def build_inputs(root: Path) -> Inputs:
     (p["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     p["broken_gguf"] = root / "broken.gguf"
     p["broken_gguf"].write_bytes(b"GGUF" + os.urandom(2048))
+    p["cut_gguf"] = root / "cut.gguf"
+    whole = write_tiny_gguf(root / "tiny.gguf", tiny_gguf_model("llama"), "llama").read_bytes()
+    p["cut_gguf"].write_bytes(whole[: len(whole) // 2])
+    (root / "tiny.gguf").unlink()
+    p["gpt2_gguf"] = write_foreign_gguf(root / "gpt2.gguf", "gpt2")
     p["pickle"] = copy_model(p["model"], root / "pickle", drop=("*.safetensors",))
     torch.save(load_file(p["model"] / "model.safetensors"), p["pickle"] / "pytorch_model.bin")
     p["evil_pickle"] = copy_model(p["model"], root / "evil_pickle", drop=("*.safetensors",))
@@ -307,6 +313,20 @@ def interrupt_saving(monkeypatch, work):
     import lowrank.checkpoint
 
     interrupt_at(monkeypatch, lowrank.checkpoint, "sha256_file")  # weights written to the temporary folder
+
+
+def offline_hub(monkeypatch, work):
+    """huggingface_hub offline (HF_HUB_OFFLINE=1) with a cache beside the work folder holding one pickle-only repo."""
+    from huggingface_hub import constants
+
+    cache, repo = work.parent / "hf-cache", work.parent / "pickle-repo"
+    if not cache.exists():
+        repo.mkdir()
+        (repo / "config.json").write_text('{"model_type": "llama"}')
+        (repo / "pytorch_model.bin").write_bytes(b"never unpickled")
+        hub_cache(cache, "lowrank-test/pickles", repo)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 def hide_lm_eval(monkeypatch, work):
@@ -668,9 +688,37 @@ ROWS = [
     # Streaming (`lowrank compress --stream`)
     Row("stream-pickle-folder", "stream", "`--stream` on a checkpoint with only pickle weights",
         compress("{pickle}", "-o", "OUT", "--stream", "--allow-pickle", *SAMPLES),
-        r"--stream reads a local model folder with safetensors weights"),
-    Row("stream-gguf", "stream", "`--stream` on a .gguf file", compress("{broken_gguf}", "-o", "OUT", "--stream", *SAMPLES),
-        r"--stream reads a local model folder with safetensors weights"),
+        r"--stream reads a model folder with safetensors weights, a .gguf file or a hub id"),
+    Row("stream-corrupt-safetensors", "stream", "`--stream` on a folder whose model.safetensors is random bytes",
+        compress("{corrupt}", "-o", "OUT", "--stream", *SAMPLES), r"is not a readable safetensors file"),
+    Row("stream-gguf", "stream", "`--stream` on a .gguf file that is not GGUF",
+        compress("{broken_gguf}", "-o", "OUT", "--stream", *SAMPLES), r"broken.gguf is not a readable GGUF file"),
+    Row("stream-gguf-truncated", "stream", "`--stream` on a GGUF file cut to half its length",
+        compress("{cut_gguf}", "-o", "OUT", "--stream", *SAMPLES), r"cut.gguf is not a readable GGUF file"),
+    Row("stream-gguf-architecture", "stream", "`--stream` on a GGUF of an architecture the reader does not map (gpt2)",
+        compress("{gpt2_gguf}", "-o", "OUT", "--stream", *SAMPLES),
+        r"streaming reads GGUF architectures llama, qwen2, qwen3, not 'gpt2'; drop --stream"),
+    Row("stream-hub-not-cached", "stream", "`--stream` on a hub id that is not cached, offline",
+        compress("lowrank-test/not-cached", "-o", "OUT", "--stream", *SAMPLES),
+        r"hub model lowrank-test/not-cached is not in the local cache and the Hub cannot be reached",
+        setup=offline_hub),
+    Row("stream-hub-pickle-only", "stream", "`--stream` on a hub repository whose weights are pickles only",
+        compress("lowrank-test/pickles", "-o", "OUT", "--stream", *SAMPLES),
+        r"hub model lowrank-test/pickles has only pickle weights", setup=offline_hub),
+    Row("stream-hub-id-malformed", "stream", "`--stream` on a name that is neither a path nor a hub id (a/b/c)",
+        compress("owner/name/extra", "-o", "OUT", "--stream", *SAMPLES),
+        r"neither a local path nor a valid hub id", setup=offline_hub),
+    Row("analyze-stream-without-calib", "stream", "`lowrank analyze --stream` without --calib",
+        command("analyze", "{model}", "--stream", "-o", "OUT", "-q"), r"--stream streams the calibration pass"),
+    Row("analyze-offload-without-stream", "stream", "`lowrank analyze --calib --offload-dir` without --stream",
+        command("analyze", "{model}", "--calib", "{good_text}", "--offload-dir", "spill", "-o", "OUT", *SAMPLES, "-q"),
+        r"--offload-dir applies to a streamed analysis; add --stream"),
+    Row("analyze-stream-memory-too-small", "stream", "`lowrank analyze --calib --stream --max-memory 1MB`",
+        command("analyze", "{model}", "--calib", "{good_text}", "--stream", "--max-memory", "1MB", "-o", "OUT",
+                *SAMPLES, "-q"), r"streaming needs about .* pass --offload-dir DIR"),
+    Row("analyze-stream-gguf-architecture", "stream", "`lowrank analyze --calib --stream` on a gpt2 GGUF",
+        command("analyze", "{gpt2_gguf}", "--calib", "{good_text}", "--stream", "-o", "OUT", *SAMPLES, "-q"),
+        r"streaming reads GGUF architectures llama, qwen2, qwen3, not 'gpt2'"),
     Row("stream-one-shot", "stream", "`--stream --one-shot`", compress("{model}", "-o", "OUT", "--stream", "--one-shot",
                                                                        *SAMPLES), r"drop --one-shot"),
     Row("stream-method-svd", "stream", "`--stream --method svd` (no calibration to stream)",
