@@ -47,10 +47,13 @@ def tensor_locations(folder: Path) -> dict[str, Path]:
 
 
 def is_streamable(source: str) -> bool:
-    """True for what BlockSource reads: a local dense folder with safetensors weights, or a .gguf file."""
+    """True for what BlockSource reads: a local dense folder with safetensors weights, or a .gguf file of an
+    architecture it maps (llama, qwen2, qwen3)."""
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
-        return True
+        from .gguf_source import is_streamable_gguf
+
+        return is_streamable_gguf(path)
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return False
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -96,9 +99,9 @@ def open_tensors(path: str | Path):
     """The tensor reader for `path`: a .gguf file, else a safetensors folder."""
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
-        from .gguf_source import GGUFTensors
+        from .gguf_source import open_gguf
 
-        return GGUFTensors(path)
+        return open_gguf(path)
     return SafetensorsTensors(path)
 
 

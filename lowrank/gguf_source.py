@@ -10,6 +10,7 @@ file at once.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -125,3 +126,25 @@ class GGUFTensors:
             if name in self._heads:
                 values = rotary_rows_to_transformers(values, self._heads[name])
             yield name, values
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFTensors:
+    return GGUFTensors(path)
+
+
+def open_gguf(path: str | Path) -> GGUFTensors:
+    """The GGUFTensors of `path`, parsed once per process (gguf parses every metadata field up front, seconds
+    for a large vocabulary), so that checking a source and then streaming it read the header once."""
+    resolved = Path(path).resolve()
+    info = resolved.stat()
+    return _open_cached(str(resolved), info.st_size, info.st_mtime_ns)
+
+
+def is_streamable_gguf(path: str | Path) -> bool:
+    """True for a readable GGUF file of an architecture this reader maps."""
+    try:
+        open_gguf(path)
+    except (LowrankError, OSError):
+        return False
+    return True

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .block_source import BlockSource, is_streamable, open_tensors
+from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .calibration import text_windows
 from .config import CalibrationConfig
-from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING
 from .loading import load_tokenizer, local_checkpoint
 from .profile import Profile
@@ -24,6 +23,7 @@ from .profiling import targets_of
 from .shard_writer import parse_size
 from .stream_memory import available_bytes, check_fits, estimate
 from .stream_profile import profile_streamed
+from .streaming import check_streamable
 
 
 def analyze_streamed(
@@ -47,10 +47,7 @@ def analyze_streamed(
     """
     location = local_checkpoint(source)
     path = Path(location.path, location.gguf_file or "")
-    if not is_streamable(str(path)):
-        raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
-                           f"{source} is none of them; drop --stream")
-    open_tensors(path)  # a damaged file or a GGUF architecture the reader cannot map: refused before any work
+    check_streamable(path)
     if isinstance(calibration, torch.Tensor):
         windows = calibration
     else:

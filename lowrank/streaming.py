@@ -64,10 +64,12 @@ def run_identity(source: BlockSource, config: CompressConfig, windows: torch.Ten
 
 def check_streamable(source: str | Path) -> Path:
     """The folder or .gguf file `source`, when streaming can read it; else a one-line error naming the fix."""
+    if Path(source).suffix == ".gguf" and Path(source).is_file():
+        open_tensors(source)  # a damaged GGUF or an architecture the reader cannot map: its own one line
     if not is_streamable(str(source)):
         raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
                            f"{source} is none of them; convert it (save_pretrained) or drop --stream")
-    open_tensors(source)  # a damaged file or a GGUF architecture the reader cannot map: refused before any work
+    open_tensors(source)  # a damaged safetensors shard: refused before any work
     return Path(source)
 
 

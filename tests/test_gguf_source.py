@@ -109,3 +109,14 @@ def test_real_smollm2_streamed_from_gguf_gives_the_in_memory_factors(smollm2, tm
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), name
+
+
+def test_is_streamable_knows_which_gguf_files_it_reads(tmp_path):
+    from lowrank.block_source import is_streamable
+    from lowrank.gguf_source import open_gguf
+
+    llama = write_tiny_gguf(tmp_path / "llama.gguf", tiny_gguf_model("llama"), "llama")
+    gpt2 = write_foreign_gguf(tmp_path / "gpt2.gguf", "gpt2")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(64))
+    assert is_streamable(str(llama)) and not is_streamable(str(gpt2)) and not is_streamable(str(tmp_path / "junk.gguf"))
+    assert open_gguf(llama) is open_gguf(tmp_path / "." / "llama.gguf")  # the header is parsed once per process
