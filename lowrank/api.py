@@ -93,7 +93,7 @@ def compress(
     windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
-    With `config.stream` a local folder is compressed block by block from disk (lowrank.streaming);
+    With `config.stream` a folder, .gguf file or hub id is compressed block by block from disk (lowrank.streaming);
     `resume` then continues an interrupted streamed run.
     """
 

@@ -1,6 +1,6 @@
 """Streaming compression of a checkpoint larger than memory: profile pass → plan → compress pass, from disk.
 
-`compress_streamed` is `lowrank.compress` for a local safetensors folder with `config.stream`:
+`compress_streamed` is `lowrank.compress` for a checkpoint folder or .gguf file with `config.stream`:
 the model stays on the meta device, blocks are read one at a time (`BlockSource`), the profile
 (`stream_profile`) and the compressed blocks (`stream_compress`) are computed block by block, and
 the output is written shard by shard into `.<output>.partial/` beside the output, renamed into

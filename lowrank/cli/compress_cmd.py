@@ -75,7 +75,8 @@ def describe(plan) -> str:
               help="With --sequential: refit each layer's second factor by ridge least squares against the dense "
                    "block's outputs (SVD-LLM's parameter update). Default: on with --sequential.")
 @click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
-              help="Read a local safetensors folder block by block from disk and write the output shard by shard: "
+              help="Read the checkpoint (safetensors folder, .gguf file or hub id) block by block from disk and write "
+                   "the output shard by shard: "
                    "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
                    "Same factors as without it.")
 @click.option("--offload-dir", default=DEFAULTS.offload_dir, type=click.Path(file_okay=False),
