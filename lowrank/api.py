@@ -149,7 +149,7 @@ def _compress_streamed(source, config: CompressConfig, calibration, *, output, t
     if isinstance(source, nn.Module) or output is None:
         raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
                            "pass a folder as source and an output folder")
-    location = local_checkpoint(str(source))  # a hub id is downloaded here; a built-in name is its GGUF
+    location = local_checkpoint(str(source), progress)  # a hub id is downloaded here; a built-in name is its GGUF
     source = Path(location.path, location.gguf_file or "")
     check_output_spares_input(output, str(source))
     check_streamable(source)

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .errors import LowrankError
 
 #: What a checkpoint needs, in safe formats: config, generation config, tokenizer, safetensors shards and index.
 SAFE_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "vocab.*", "merges.txt"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class _SilentBar(tqdm):
+    """A progress bar that never shows (`--quiet`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -33,15 +43,15 @@ def _remote_files(repo_id: str, revision: str | None, fallback: Path) -> list[st
 
 
 def download_checkpoint(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
-                        local_files_only: bool = False) -> Path:
+                        local_files_only: bool = False, progress: bool = True) -> Path:
     """The local snapshot folder of hub model `repo_id` (downloaded if not cached), holding safetensors weights."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
-
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SAFE_FILES,
-                                        local_files_only=local_files_only))
+                                        local_files_only=local_files_only, **({} if progress else
+                                                                              {"tqdm_class": _SilentBar})))
     except HFValidationError:
         raise LowrankError(f"{repo_id!r} is neither a local path nor a valid hub id (owner/name); check the "
                            "spelling") from None

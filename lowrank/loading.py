@@ -147,7 +147,7 @@ def locate(source: str, allow_pickle: bool = False) -> ModelLocation:
     return ModelLocation(source, local=False)
 
 
-def local_checkpoint(source: str) -> ModelLocation:
+def local_checkpoint(source: str, progress: bool = True) -> ModelLocation:
     """`source` on this machine: a built-in name's GGUF, a folder or .gguf file, or a hub id's downloaded snapshot.
 
     A hub id is fetched with huggingface_hub (safe files only, `hub_source`), so that a streamed run
@@ -158,7 +158,7 @@ def local_checkpoint(source: str) -> ModelLocation:
         return location
     from .hub_source import download_checkpoint
 
-    return locate(str(download_checkpoint(source)), allow_pickle=True)
+    return locate(str(download_checkpoint(source, progress=progress)), allow_pickle=True)
 
 
 def forget_gguf_origin(model) -> None:

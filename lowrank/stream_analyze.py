@@ -45,7 +45,7 @@ def analyze_streamed(
 
     `calibration` is text (drawn into windows with the model's tokenizer, or `tokenizer`) or token windows.
     """
-    location = local_checkpoint(source)
+    location = local_checkpoint(source, progress)
     path = Path(location.path, location.gguf_file or "")
     check_streamable(path)
     if isinstance(calibration, torch.Tensor):
