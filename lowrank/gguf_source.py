@@ -110,7 +110,7 @@ class GGUFTensors:
         return set(self._gguf_name)
 
     def read(self, names: list[str]):
-        """Yield (name, tensor) for each of `names`: dequantized to float32 (F16/BF16 kept), in transformers' layout."""
+        """Yield (name, tensor) for each of `names`: dequantized to float32 (F16 kept), in transformers' layout."""
         from gguf import GGMLQuantizationType, dequantize
 
         for name in names:

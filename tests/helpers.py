@@ -239,7 +239,10 @@ def tiny_gguf_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     """A tiny random model whose widths suit GGUF's 32-wide quantization blocks (hidden 64, MLP 128)."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](**common)
+    if arch == "qwen3":  # transformers reads a Qwen3 GGUF with its default head_dim, 128
+        common.update(num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config}[arch](**common)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -264,7 +267,10 @@ def write_tiny_gguf(path, model: torch.nn.Module, gguf_arch: str = "llama", quan
     writer.add_vocab_size(config.vocab_size)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), gguf.MODEL_ARCH.LLAMA)
     table = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for name, tensor in model.state_dict().items():

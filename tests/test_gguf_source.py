@@ -38,7 +38,7 @@ def test_rotary_rows_undo_llama_cpp_order():
     assert torch.equal(rotary_rows_to_transformers(llama_cpp[:, 0], heads=2), rows[:, 0])  # a bias too
 
 
-@pytest.mark.parametrize("arch,quantized", [("llama", None), ("llama", "Q8_0"), ("qwen2", None)])
+@pytest.mark.parametrize("arch,quantized", [("llama", None), ("llama", "Q8_0"), ("qwen2", None), ("qwen3", "Q8_0")])
 def test_gguf_read_tensor_by_tensor_equals_transformers_load(tmp_path, arch, quantized):
     model = tiny_gguf_model(arch)
     write_tiny_gguf(tmp_path / "tiny.gguf", model, arch, quantized)
