@@ -158,18 +158,28 @@ def predicted_seconds(modules: dict[str, tuple[tuple[int, int], int | None]], ta
 
 # ---- measuring --------------------------------------------------------------------------------------
 
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock to time with: this thread's CPU time when torch computes on it alone (one CPU thread), else wall time.
+
+    CPU time leaves out the time other processes hold the core, so timings taken on a busy machine
+    stay those of the matmul itself.
+    """
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of `run()` after `warmup` calls (synchronizing CUDA around each call)."""
+    """Median time of `run()` after `warmup` calls (synchronizing CUDA around each call), on `clock(device)`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = clock(device)
     for _ in range(warmup):
         run()
     sync()
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = now()
         run()
         sync()
-        times.append(time.perf_counter() - started)
+        times.append(now() - started)
     return statistics.median(times)
 
 
