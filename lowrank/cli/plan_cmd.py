@@ -62,6 +62,9 @@ from .compress_cmd import describe
 @click.option("--speed", is_flag=True,
               help="Keep a matrix dense where its factored form would not be faster, judged from matmul timings "
                    "measured once on --device (stored in the plan).")
+@click.option("--speed-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Rows per matmul when timing for --speed and --round-to auto: the tokens of one forward pass "
+                   "the model will serve (prompt tokens × batch for prefill, the batch for decoding).")
 @click.option("--timings", default=None, metavar="PLAN",
               help="With --speed or --round-to auto: reuse the timings stored in this plan (or timings JSON) "
                    "instead of measuring, so planning again gives the same ranks.")
@@ -74,7 +77,7 @@ from .compress_cmd import describe
 @quiet_option
 @silence_transformers
 def command(model, profile_file, budget, strategy, method, texts, samples, seq_len, seed, batch_size, sensitivity_samples,
-            overrides, min_rank, max_rank, round_to, speed, timings, include, exclude, output, overwrite, dtype, device,
+            overrides, min_rank, max_rank, round_to, speed, speed_tokens, timings, include, exclude, output, overwrite, dtype, device,
             tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Write a plan for MODEL (default: smollm2-135m): the rank of every matrix under --budget.
 
@@ -91,7 +94,8 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     if speed and max_rank is not None:
         raise LowrankError("--max-rank factors every matrix, while --speed keeps slow ones dense; drop one of them")
     limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=1 if round_to == "auto" else round_to)
-    timing = SpeedPlanning(round_to == "auto", speed, timings, resolve_device(device), DTYPES[dtype], not quiet)
+    timing = SpeedPlanning(round_to == "auto", speed, timings, resolve_device(device), DTYPES[dtype], speed_tokens,
+                           not quiet)
     started = time.perf_counter()
     if profile_file is not None:
         if texts:
@@ -167,9 +171,9 @@ def plan_from_profile_file(profile_file, model, budget, strategy, method, limits
 class SpeedPlanning:
     """--round-to auto and --speed: the timings (measured once on the device, or read back) and what they decide."""
 
-    def __init__(self, auto: bool, speed: bool, timings: str | None, device: str, dtype, progress: bool):
-        self.auto, self.speed, self.timings, self.device, self.dtype, self.progress = \
-            auto, speed, timings, device, dtype, progress
+    def __init__(self, auto: bool, speed: bool, timings: str | None, device: str, dtype, tokens: int, progress: bool):
+        self.auto, self.speed, self.timings, self.device, self.dtype, self.tokens, self.progress = \
+            auto, speed, timings, device, dtype, tokens, progress
         self.table: SpeedTable | None = None
 
     def resolve(self, limits: RankLimits, shapes: list[tuple[int, int]]) -> tuple[RankLimits, SpeedTable | None]:
@@ -179,7 +183,7 @@ class SpeedPlanning:
         if self.timings is not None:
             self.table = load_timings(self.timings)
         else:
-            self.table = measure_table(shapes, self.device, self.dtype, progress=self.progress)
+            self.table = measure_table(shapes, self.device, self.dtype, tokens=self.tokens, progress=self.progress)
         if self.auto:
             limits = RankLimits(min_rank=limits.min_rank, max_rank=limits.max_rank, round_to=self.table.round_to())
         return limits, self.table if self.speed else None
