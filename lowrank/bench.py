@@ -167,6 +167,8 @@ def _child_peak_memory(request: dict) -> dict:
             torch.cuda.synchronize()
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
+            with torch.no_grad():  # fault in every weight page first: safetensors are memory-mapped, read on first use
+                model(input_ids=prompts[:1, :8])
             Path("/proc/self/clear_refs").write_text("5")  # restart the peak-RSS watermark (VmHWM) from now
             base = _status_mib("VmRSS")
             greedy_tokens(model, prompts, request["new_tokens"])
