@@ -77,6 +77,8 @@ def main() -> None:
               "models alternating run by run. Prefill: the prompt's forward pass building the KV cache and the last "
               "position's logits (as generate() does). Peak memory: the weights plus the peak growth of resident "
               "memory during one generation, in a fresh process per model and batch.", "",
+              "Where the time goes, rank alignment, the speed caps and the default plan: "
+              "[inference-notes.md](inference-notes.md).", "",
               "```bash"] + [f"lowrank bench {r['compressed']} --against {args.against} --device {args.device}"
                             + (f" --threads {args.threads}" if args.threads else "") + f" --repeats {args.repeats}"
                             for r in runs] + ["```", "", f"Produced by `python benchmarks/bench_inference.py` "
