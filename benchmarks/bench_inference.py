@@ -54,15 +54,15 @@ def main() -> None:
         quality = (f"perplexity {scores['perplexity']:.2f} (dense {scores['dense_perplexity']:.2f}) on Macbeth, "
                    "reports/agreement.md" if scores else "perplexity: not in reports/agreement.json")
         macs = record["linear_macs_per_token"]
-        files, params = record["file_bytes"], record["parameter_bytes"]
-        file_ratio, param_ratio = files["compressed"] / files["dense"], params["compressed"] / params["dense"]
-        lines += [f"Weight files: {file_ratio:.4f} of dense; parameters (tied weights once): {param_ratio:.4f} of "
-                  f"dense; the files' overhead over the parameter ratio: {100 * (file_ratio / param_ratio - 1):+.2f}%.", ""]
         lines += [f"## {label}", "", f"`{folder}`; {quality}. Load average before/after: {before} / "
                   f"{record['load_after']}.", "", record["table"], "",
                   f"Predicted: the linear layers below the head do {macs['compressed']:,} multiply-adds per token "
                   f"instead of {macs['dense']:,}, a speed-up of ×{record['predicted_linear_speedup']:.2f} for those "
                   "layers (attention, norms and the head are unchanged).", ""]
+        files, params = record["file_bytes"], record["parameter_bytes"]
+        file_ratio, param_ratio = files["compressed"] / files["dense"], params["compressed"] / params["dense"]
+        lines += [f"Weight files: {file_ratio:.4f} of dense; parameters (tied weights once): {param_ratio:.4f} of "
+                  f"dense; the files' overhead over the parameter ratio: {100 * (file_ratio / param_ratio - 1):+.2f}%.", ""]
         if record["predicted"]:
             lines += ["| batch | linear layers, timed alone: dense (s) | factored (s) | ratio | prefill ratio "
                       "predicted | measured |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
