@@ -38,17 +38,21 @@ class SpeedResult:
 
 
 class Timer:
-    """Wall time of a block: perf_counter on CPU, CUDA events (after synchronizing) on GPU."""
+    """Time of a block: CUDA events (after synchronizing) on GPU; on CPU `speed_model.clock`, the computing
+    thread's CPU time when torch runs on one thread (immune to other processes on a shared machine), else wall time."""
 
     def __init__(self, device: torch.device):
+        from .speed_model import clock
+
         self.cuda = device.type == "cuda"
+        self.now = clock(device)
 
     def __enter__(self) -> "Timer":
         if self.cuda:
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
         else:
-            self.began = time.perf_counter()
+            self.began = self.now()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -57,7 +61,7 @@ class Timer:
             torch.cuda.synchronize()
             self.seconds = self.start.elapsed_time(self.end) / 1000
         else:
-            self.seconds = time.perf_counter() - self.began
+            self.seconds = self.now() - self.began
 
 
 @torch.no_grad()
@@ -163,6 +167,8 @@ def _child_peak_memory(request: dict) -> dict:
             torch.cuda.synchronize()
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
+            with torch.no_grad():  # fault in every weight page first: safetensors are memory-mapped, read on first use
+                model(input_ids=prompts[:1, :8])
             Path("/proc/self/clear_refs").write_text("5")  # restart the peak-RSS watermark (VmHWM) from now
             base = _status_mib("VmRSS")
             greedy_tokens(model, prompts, request["new_tokens"])
@@ -215,14 +221,25 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
 
     Returns a JSON-ready record with the medians, every timed run, and a markdown table under "table".
     """
+    from .config import BenchConfig
+
+    config = config or BenchConfig()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _benchmark(folder, config, tokenizer, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _benchmark(folder: str, config, tokenizer: str | None, progress: bool) -> dict:
     from .api import plan_source
     from .calibration import text_windows
-    from .config import BenchConfig
     from .config_base import resolve_device, torch_dtype
     from .errors import LowrankError
     from .loading import load_model
 
-    config = config or BenchConfig()
     dense_source = config.against or plan_source(folder)
     device = resolve_device(config.device)
     load = dict(dtype=torch_dtype(config.dtype), device=device, tokenizer_source=tokenizer)
@@ -245,6 +262,8 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
     params = {"dense": parameter_bytes(dense.model), "compressed": parameter_bytes(compressed.model)}
     macs = {"dense": linear_macs_per_token(dense.model), "compressed": linear_macs_per_token(compressed.model)}
     del dense, compressed, names
+    predicted = predict_prefill(folder, results, device, torch_dtype(config.dtype), config.seq_len,
+                                min(config.repeats, 3)) if config.predict else None
     memory = None
     if config.memory:
         memory = {"dense": peak_memory(str(dense_source), batches, config.seq_len, config.new_tokens, config.dtype,
@@ -252,10 +271,45 @@ def benchmark(folder: str, config=None, *, tokenizer: str | None = None, progres
                   "compressed": peak_memory(str(folder), batches, config.seq_len, config.new_tokens, config.dtype,
                                             device, tokenizer)}
     return {"dense": str(dense_source), "compressed": str(folder), "device": device,
-            "threads": torch.get_num_threads(), "speed": to_dict(results), "memory": memory, "file_bytes": files,
+            "threads": torch.get_num_threads(), "clock": clock_name(torch.device(device)), "speed": to_dict(results), "memory": memory, "file_bytes": files,
             "parameter_bytes": params, "linear_macs_per_token": macs,
-            "predicted_linear_speedup": macs["dense"] / macs["compressed"], "config": config.to_dict(),
+            "predicted_linear_speedup": macs["dense"] / macs["compressed"], "predicted": predicted,
+            "config": config.to_dict(),
             "table": speed_table(results, memory, files, "dense", "compressed")}
+
+
+def predict_prefill(folder: str, results: dict[str, list[SpeedResult]], device: str, dtype: torch.dtype,
+                    seq_len: int, repeats: int) -> list[dict]:
+    """Per batch size: the prefill ratio predicted from the plan's matmuls timed alone, beside the measured one.
+
+    The rest of the prefill (attention, norms, embeddings) is the same in both models, so the prediction is
+    (dense prefill − dense linear time + factored linear time) / dense prefill.
+    """
+    from .checkpoint import read_plan
+    from .speed_model import measure_ranks, predicted_seconds
+
+    plan, _ = read_plan(folder)
+    modules = {name: (m.shape, m.rank) for name, m in plan.modules.items()}
+    rows = []
+    for dense_run, compressed_run in zip(results["dense"], results["compressed"]):
+        tokens = dense_run.batch_size * seq_len
+        table = measure_ranks(modules, device, dtype, tokens=tokens, repeats=repeats)
+        linear_dense, linear_planned = predicted_seconds(modules, table)
+        total = dense_run.prefill_seconds
+        rows.append({"batch_size": dense_run.batch_size, "tokens": tokens, "linear_dense_seconds": linear_dense,
+                     "linear_planned_seconds": linear_planned, "linear_ratio": linear_planned / linear_dense,
+                     "predicted_prefill_ratio": (total - linear_dense + linear_planned) / total,
+                     "measured_prefill_ratio": compressed_run.prefill_seconds / total})
+    return rows
+
+
+def clock_name(device: torch.device) -> str:
+    """What the timings measure, for the record (see Timer)."""
+    from .speed_model import clock
+
+    if device.type == "cuda":
+        return "CUDA events"
+    return "CPU time of the computing thread" if clock(device) is time.thread_time else "wall time"
 
 
 def to_dict(results: dict[str, list[SpeedResult]]) -> dict[str, list[dict]]:

@@ -114,6 +114,7 @@ def plan_model(
     damping: float = DEFAULT_DAMPING,
     source: str | None = None,
     progress: bool = True,
+    speed: "SpeedTable | None" = None,
 ) -> tuple[Plan, dict[str, ActivationStats] | None]:
     """Profile `targets` where the strategy needs it (calibrate, measure sensitivity), then plan.
 
@@ -141,7 +142,7 @@ def plan_model(
         spectra = {m.name: m for m in profile.matrices}
         del profile, fisher
     plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=method, limits=limits,
-                        overrides=overrides, source=source)
+                        overrides=overrides, source=source, speed=speed)
     plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
     if prices:
         plan.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])

@@ -280,6 +280,8 @@ class BenchConfig(ConfigBase):
     memory: bool = True                # peak memory, measured in a fresh child process per model
     dtype: str = "float32"
     device: str = "auto"
+    threads: int | None = None         # CPU threads for torch (None: torch's default); 1 times with CPU time
+    predict: bool = True               # also time the plan's matmuls alone: the predicted prefill ratio
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_sizes, (tuple, list)):
@@ -294,6 +296,8 @@ class BenchConfig(ConfigBase):
         at_least(self.SECTION, "new_tokens", self.new_tokens, 1, "--new-tokens")
         at_least(self.SECTION, "repeats", self.repeats, 1, "--repeats")
         at_least(self.SECTION, "warmup", self.warmup, 0, "--warmup")
+        if self.threads is not None:
+            at_least(self.SECTION, "threads", self.threads, 1, "--threads")
         check_dtype_and_device(self)
 
     def batches(self) -> list[int]:

@@ -37,6 +37,7 @@ from .model_info import is_causal_lm
 from .plan import ModulePlan, Plan, module_plan
 from .profile import MatrixProfile, Profile
 from .ranks import check_ratio, uniform_rank
+from .speed_model import SpeedTable, speed_caps
 from .version import __version__
 
 class Matrix(Protocol):
@@ -114,10 +115,16 @@ class Options:
     losses: np.ndarray | None = None  # loss left by each option (None for uniform)
 
 
-def matrix_options(shape: tuple[int, int], limits: RankLimits, loss: np.ndarray | None = None) -> Options:
-    """Every allowed rank (and dense) of an m×n matrix, with cost k(m+n) (mn) and tail loss Σ_{j≥k}."""
+def matrix_options(shape: tuple[int, int], limits: RankLimits, loss: np.ndarray | None = None,
+                   speed_cap: int | None = None) -> Options:
+    """Every allowed rank (and dense) of an m×n matrix, with cost k(m+n) (mn) and tail loss Σ_{j≥k}.
+
+    `speed_cap` (plan --speed): ranks above it are slower than dense on the device, so dense replaces them.
+    """
     m, n = shape
     ranks: list[int | None] = list(limits.ranks(shape))
+    if speed_cap is not None and limits.allows_dense():
+        ranks = [k for k in ranks if k <= speed_cap]
     if limits.allows_dense():
         ranks.append(None)
     costs = np.array([m * n if k is None else k * (m + n) for k in ranks], dtype=np.int64)
@@ -301,10 +308,12 @@ def allocate(
     overrides: "list[Override] | dict | list[str] | None" = None,
     budget: Budget | None = None,
     model_params: int | None = None,
+    speed: SpeedTable | None = None,
 ) -> dict[str, ModulePlan]:
     """Ranks for `targets` that keep at most `allowance` target parameters, chosen by `strategy`.
 
-    `spectra` (a Profile's matrices by name) are needed by every strategy but uniform. Raises a
+    `spectra` (a Profile's matrices by name) are needed by every strategy but uniform. With `speed`
+    (measured timings), no matrix gets a rank whose factored form is slower than dense. Raises a
     BudgetError naming the smallest feasible budget when `allowance` is too small.
     """
     if strategy not in STRATEGIES:
@@ -321,13 +330,18 @@ def allocate(
     if not free:
         plans = {}
     elif strategy == "uniform":
+        if speed is not None:
+            raise LowrankError("--speed trades ranks between matrices, which the uniform strategy does not; "
+                               "pass --strategy sensitivity, global or energy")
         exact = budget is not None and budget.scope == "target" and budget.kind == "fraction" and not fixed
         plans = allocate_uniform(free, left, limits, budget.value if exact else None)
     else:
         if spectra is None:
             raise LowrankError(f"strategy {strategy} needs the matrices' spectra; profile the model first "
                                "(lowrank.profiling.profile_model, or `lowrank profile`)")
-        options = {t.name: matrix_options(t.shape, limits, direction_loss(spectra[t.name], strategy)) for t in free}
+        caps = speed_caps(free, speed)
+        options = {t.name: matrix_options(t.shape, limits, direction_loss(spectra[t.name], strategy), caps[t.name])
+                   for t in free}
         if strategy == "energy":
             plans = allocate_energy(free, options, spectra, left)
         else:
@@ -351,6 +365,7 @@ def plan_targets(
     limits: RankLimits | None = None,
     overrides: "list[Override] | dict | list[str] | None" = None,
     source: str | None = None,
+    speed: SpeedTable | None = None,
 ) -> Plan:
     """A Plan for `targets` (name and shape each) under `budget`, recording the budget, limits and planning time.
 
@@ -366,8 +381,10 @@ def plan_targets(
                            "measure them with lowrank.sensitivity.measure_output_fisher")
     target_params = sum(t.params for t in targets)
     allowance = budget.allowance(target_params, model_params)
-    modules = allocate(targets, allowance, strategy, spectra, limits, overrides, budget, model_params)
+    modules = allocate(targets, allowance, strategy, spectra, limits, overrides, budget, model_params, speed)
     options: dict[str, Any] = {**limits.to_dict(), "planning_seconds": round(time.perf_counter() - started, 3)}
+    if speed is not None:  # the table is stored, so planning again from it gives the same ranks
+        options.update(speed=True, timings=speed.to_dict())
     if overrides:
         options["overrides"] = [o.to_dict() for o in overrides]
     return Plan(
@@ -390,6 +407,7 @@ def plan_profile(
     method: str = "whiten",
     limits: RankLimits | None = None,
     overrides: "list[Override] | dict | list[str] | None" = None,
+    speed: SpeedTable | None = None,
 ) -> Plan:
     """Plan from a saved or fresh Profile: numbers in, ranks out; no model, no calibration."""
     if strategy not in STRATEGIES:
@@ -406,7 +424,7 @@ def plan_profile(
                            "pass --strategy global or profile with --calib")
     plan = plan_targets(matrices, profile.model_params, budget, strategy,
                         spectra={m.name: m for m in matrices}, method=method, limits=limits,
-                        overrides=overrides, source=profile.source)
+                        overrides=overrides, source=profile.source, speed=speed)
     for key in ("samples", "seq_len", "seed", "calibration", "sensitivity_samples"):
         if key in profile.options:
             plan.options[key] = profile.options[key]

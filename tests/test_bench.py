@@ -55,6 +55,24 @@ def test_bench_cli_dense_against_compressed(compressed_folder, tiny_model_folder
         assert [row["batch_size"] for row in record["speed"][name]] == [1, 2]
         assert all(len(row["prefill_runs"]) == 2 and row["prefill_seconds"] > 0 for row in record["speed"][name])
     assert stdout.count("| compressed |") == 2 and "| dense | 2 |" in stdout
+    assert [row["batch_size"] for row in record["predicted"]] == [1, 2]
+    assert record["clock"] == ("CPU time of the computing thread" if torch.get_num_threads() == 1 else "wall time")
+    for row, dense in zip(record["predicted"], record["speed"]["dense"]):
+        # the prediction swaps the linear layers' timed dense total for their factored total inside the dense prefill
+        expected = (dense["prefill_seconds"] - row["linear_dense_seconds"] + row["linear_planned_seconds"]) \
+            / dense["prefill_seconds"]
+        assert row["predicted_prefill_ratio"] == pytest.approx(expected) and row["tokens"] == 16 * row["batch_size"]
+        assert row["linear_ratio"] == pytest.approx(row["linear_planned_seconds"] / row["linear_dense_seconds"])
+
+
+def test_bench_on_one_thread_times_cpu_time_and_restores_threads(compressed_folder, capsys):
+    before = torch.get_num_threads()
+    code, stdout, stderr = run_cli(capsys, "bench", compressed_folder, "--batch-sizes", "1", "--seq-len", "8",
+                                   "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--no-memory",
+                                   "--no-predict", "--threads", "1", "--quiet")
+    assert code == 0, stderr
+    assert "1 threads (CPU time of the computing thread)" in stdout and "prefill predicted" not in stdout
+    assert torch.get_num_threads() == before
 
 
 def test_peak_memory_is_at_least_the_weights(compressed_folder):
@@ -73,6 +91,8 @@ def test_bad_bench_config_is_one_line():
         BenchConfig(batch_sizes=["1", "x"])
     with pytest.raises(LowrankError, match="--repeats must be at least 1"):
         BenchConfig(repeats=0)
+    with pytest.raises(LowrankError, match="--threads must be at least 1"):
+        BenchConfig(threads=0)
 
 
 def test_linear_macs_count_factors_by_rank():

@@ -773,6 +773,24 @@ ROWS = [
     Row("bench-batch-beyond-text", "evaluation", "`lowrank bench --batch-sizes 100000`: more prompts than the text has",
         command("bench", "{compressed}", "--against", "{model}", "--batch-sizes", "100000", "--no-memory", "-q"),
         r"fewer than batch 100000; lower --batch-sizes or --seq-len"),
+    Row("bench-threads-zero", "evaluation", "`lowrank bench --threads 0`",
+        command("bench", "{compressed}", "--threads", "0", "-q"), r"--threads must be at least 1"),
+    # Speed-aware plans (`lowrank plan --speed`, `--round-to auto`, `--timings`)
+    Row("plan-round-to-word", "commands", "`lowrank plan --round-to fast`: neither a number nor auto",
+        command("plan", "--profile", "{profile}", "--round-to", "fast", "-o", "OUT", "-q"),
+        r"--round-to must be a positive integer or auto"),
+    Row("plan-timings-alone", "commands", "`lowrank plan --timings FILE` without --speed or --round-to auto",
+        command("plan", "--profile", "{profile}", "--timings", "{good_text}", "-o", "OUT", "-q"),
+        r"--timings feeds --speed or --round-to auto"),
+    Row("plan-timings-not-json", "commands", "`lowrank plan --speed --timings FILE` naming a file that is not JSON",
+        command("plan", "--profile", "{profile}", "--speed", "--timings", "{good_text}", "-o", "OUT", "-q"),
+        r"cannot read timings from .* pass a plan written by `lowrank plan --speed`"),
+    Row("plan-speed-max-rank", "commands", "`lowrank plan --speed --max-rank 4`: every matrix factored, yet slow ones dense",
+        command("plan", "--profile", "{profile}", "--speed", "--max-rank", "4", "-o", "OUT", "-q"),
+        r"--max-rank factors every matrix, while --speed keeps slow ones dense"),
+    Row("plan-speed-uniform", "commands", "`lowrank plan --speed --strategy uniform`",
+        command("plan", "--profile", "{profile}", "--speed", "--strategy", "uniform", "--device", "cpu", "-o", "OUT",
+                "-q"), r"--speed trades ranks between matrices, which the uniform strategy does not"),
 ]
 
 #: What each row printed, collected for the table in docs/robustness.md (see LOWRANK_ROBUSTNESS_TABLE).

@@ -22,6 +22,7 @@ from ..folder_profile import model_targets_from_config
 from ..planner import DEFAULT_STRATEGY, STRATEGIES, default_strategy, needs_spectra, plan_profile
 from ..profile import Profile
 from ..profiling import DEFAULT_SENSITIVITY_SAMPLES
+from ..speed_model import SpeedTable, load_timings, measure_table, parse_round_to
 from ..targets import find_targets, name_filter
 from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
@@ -55,8 +56,18 @@ from .compress_cmd import describe
 @click.option("--min-rank", type=int, default=1, show_default=True, help="Smallest rank any factored matrix gets.")
 @click.option("--max-rank", type=int, default=None,
               help="Largest rank any matrix gets; with it every matrix is factored (none kept dense). Default: none.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Every rank a multiple of this (e.g. 8 for tensor cores).")
+@click.option("--round-to", default="1", show_default=True, metavar="N|auto",
+              help="Every rank a multiple of this (e.g. 8 for tensor cores). auto: the multiple the --device's "
+                   "matrix multiply runs fastest at, measured there (8 on CUDA).")
+@click.option("--speed", is_flag=True,
+              help="Keep a matrix dense where its factored form would not be faster, judged from matmul timings "
+                   "measured once on --device (stored in the plan).")
+@click.option("--speed-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Rows per matmul when timing for --speed and --round-to auto: the tokens of one forward pass "
+                   "the model will serve (prompt tokens × batch for prefill, the batch for decoding).")
+@click.option("--timings", default=None, metavar="PLAN",
+              help="With --speed or --round-to auto: reuse the timings stored in this plan (or timings JSON) "
+                   "instead of measuring, so planning again gives the same ranks.")
 @click.option("--include", default=None, help="Regex: plan only modules whose name matches (default: every "
               "linear layer in the transformer blocks).")
 @click.option("--exclude", default=None, help="Regex: leave out modules whose name matches.")
@@ -66,7 +77,7 @@ from .compress_cmd import describe
 @quiet_option
 @silence_transformers
 def command(model, profile_file, budget, strategy, method, texts, samples, seq_len, seed, batch_size, sensitivity_samples,
-            overrides, min_rank, max_rank, round_to, include, exclude, output, overwrite, dtype, device,
+            overrides, min_rank, max_rank, round_to, speed, speed_tokens, timings, include, exclude, output, overwrite, dtype, device,
             tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Write a plan for MODEL (default: smollm2-135m): the rank of every matrix under --budget.
 
@@ -77,14 +88,21 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
         raise LowrankError(f"{output} already exists; pass --overwrite to replace it or choose another -o")
     if output.is_dir():
         raise LowrankError(f"{output} is a folder; -o names the plan file to write")
-    limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=round_to)
+    round_to = parse_round_to(round_to)
+    if timings is not None and not (speed or round_to == "auto"):
+        raise LowrankError("--timings feeds --speed or --round-to auto; add one of them, or drop --timings")
+    if speed and max_rank is not None:
+        raise LowrankError("--max-rank factors every matrix, while --speed keeps slow ones dense; drop one of them")
+    limits = RankLimits(min_rank=min_rank, max_rank=max_rank, round_to=1 if round_to == "auto" else round_to)
+    timing = SpeedPlanning(round_to == "auto", speed, timings, resolve_device(device), DTYPES[dtype], speed_tokens,
+                           not quiet)
     started = time.perf_counter()
     if profile_file is not None:
         if texts:
             raise LowrankError("--profile plans from the calibration the profile was measured with; drop --calib "
                                "(or profile again with it)")
         plan = plan_from_profile_file(profile_file, model, budget, strategy, method, limits, list(overrides),
-                                      include, exclude, trust_remote_code)
+                                      include, exclude, trust_remote_code, timing)
         plan.save(output)
         seconds = time.perf_counter() - started
         if quiet:
@@ -103,9 +121,11 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     targets = find_targets(loaded.model, include, exclude)
     needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
     windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if needs_text else None
+    limits, table = timing.resolve(limits, [t.shape for t in targets])
     plan, _ = plan_model(loaded.model, targets, budget, strategy, windows=windows, method=method, limits=limits,
                          overrides=list(overrides), batch_size=batch_size, sensitivity_samples=sensitivity_samples,
-                         source=model, progress=not quiet)
+                         source=model, progress=not quiet, speed=table)
+    timing.record(plan)
     if windows is not None:
         plan.options.update({"samples": samples, "seq_len": seq_len, "seed": seed,
                              "calibration": list(map(str, texts)) or ["bundled:hamlet"]})
@@ -120,7 +140,7 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
 
 
 def plan_from_profile_file(profile_file, model, budget, strategy, method, limits, overrides, include, exclude,
-                           trust_remote_code):
+                           trust_remote_code, timing: "SpeedPlanning | None" = None):
     """Load a saved profile (checked against MODEL's architecture when MODEL is given) and plan from it."""
     profile = Profile.load(profile_file)
     if model is not None:
@@ -139,4 +159,36 @@ def plan_from_profile_file(profile_file, model, budget, strategy, method, limits
         strategy = default_strategy(method)
         if strategy == "sensitivity" and not profile.priced:
             strategy = "uniform"
-    return plan_profile(profile, budget, strategy, method=method, limits=limits, overrides=overrides)
+    table = None
+    if timing is not None:
+        limits, table = timing.resolve(limits, [m.shape for m in profile.matrices])
+    plan = plan_profile(profile, budget, strategy, method=method, limits=limits, overrides=overrides, speed=table)
+    if timing is not None:
+        timing.record(plan)
+    return plan
+
+
+class SpeedPlanning:
+    """--round-to auto and --speed: the timings (measured once on the device, or read back) and what they decide."""
+
+    def __init__(self, auto: bool, speed: bool, timings: str | None, device: str, dtype, tokens: int, progress: bool):
+        self.auto, self.speed, self.timings, self.device, self.dtype, self.tokens, self.progress = \
+            auto, speed, timings, device, dtype, tokens, progress
+        self.table: SpeedTable | None = None
+
+    def resolve(self, limits: RankLimits, shapes: list[tuple[int, int]]) -> tuple[RankLimits, SpeedTable | None]:
+        """The limits with round_to decided, and the table for the planner's speed caps (None without --speed)."""
+        if not (self.auto or self.speed):
+            return limits, None
+        if self.timings is not None:
+            self.table = load_timings(self.timings)
+        else:
+            self.table = measure_table(shapes, self.device, self.dtype, tokens=self.tokens, progress=self.progress)
+        if self.auto:
+            limits = RankLimits(min_rank=limits.min_rank, max_rank=limits.max_rank, round_to=self.table.round_to())
+        return limits, self.table if self.speed else None
+
+    def record(self, plan) -> None:
+        """Store the timings in the plan, so that `--timings PLAN` plans the same ranks again."""
+        if self.table is not None:
+            plan.options.update(timings=self.table.to_dict(), round_to_auto=self.auto, speed=self.speed)
