@@ -30,7 +30,7 @@ from .planner import (DEFAULT_STRATEGY, STRATEGIES, check_feasible, default_stra
                       plan_uniform)
 from .profiling import DEFAULT_SENSITIVITY_SAMPLES, measure, profile_model
 from .ranks import check_ratio
-from .refinement import RefineOptions, refine_block
+from .refinement import Average, RefineOptions, refine_block
 from .sequential import BlockWork, dense_statistics, peak_memory_mib, sequential_statistics
 from .targets import Target, find_targets, weight_matrix
 from .update import update_block
@@ -188,13 +188,15 @@ def compress_blocks(
     damping: float = DEFAULT_DAMPING,
     progress: bool = False,
     refine: RefineOptions | None = None,
+    refine_average: Average | None = None,
 ) -> None:
     """Factor each group of modules the producer `work` yields, refit `up` where `update`, then mark the model.
 
     `update` needs the block a group lives in (sequential producers give it): every factor `up` is
     refitted by ridge least squares against the dense block (see `update.update_block`). `refine`
     then trains the block's factors against the dense block's outputs, where the producer gives
-    them (`BlockWork.dense_outputs`; see `refinement.refine_block`).
+    them (`BlockWork.dense_outputs`; see `refinement.refine_block`); in a distributed run
+    `refine_average` averages its gradients and errors across ranks (an all-reduce).
     """
     if plan.method not in METHODS:
         raise LowrankError(f"unknown method {plan.method!r}; choose one of {', '.join(METHODS)}")
@@ -211,7 +213,7 @@ def compress_blocks(
                 del dense_block
             if refine is not None and refine.enabled and block_work.dense_outputs is not None:
                 result = refine_block(block_work.dense_outputs, block_work.block, block_work.inputs, block_work.calls,
-                                      refine, block_work.device)
+                                      refine, block_work.device, average=refine_average)
                 if result is not None:
                     plan.options.setdefault("refine_errors", {})[block_work.prefix.rstrip(".")] = [
                         float(f"{result.before:.6g}"), float(f"{result.after:.6g}")]

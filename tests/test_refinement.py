@@ -208,3 +208,29 @@ def test_memory_estimate_counts_the_dense_stream(tmp_path):
     assert refined.boundaries_compress == plain.boundaries_compress + 2 * per_level
     assert refined.refinement > 3 * refined.block and plain.refinement == 0
     assert refined.compress_peak == plain.compress_peak + 2 * per_level + refined.refinement
+
+
+def test_streamed_refinement_resumes_with_both_streams(tmp_path, monkeypatch):
+    """An interrupted streamed run with refinement resumes from the saved boundary (compressed and dense)."""
+    save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    config = CompressConfig(stream=True, max_shard_size="30KB", refine_steps=6, refine_lr=1e-3)
+    lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "whole", progress=False)
+    loads = []
+    original = BlockSource.load_block
+
+    def load_then_stop(self, index):
+        loads.append(index)
+        if loads.count(1) == 3:  # profile forward, profile backward, then compress block 1
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False)
+    loads.clear()
+    lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False, resume=True)
+    assert loads == [1]
+    whole, resumed = load_compressed(tmp_path / "whole").state_dict(), load_compressed(tmp_path / "out").state_dict()
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
