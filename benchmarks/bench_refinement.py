@@ -27,6 +27,7 @@ from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_w
                     evaluation_windows, fresh_copy, load_smollm2, reset_peak_rss, stage_peak_rss_mib, write_report)
 
 from lowrank.block_capture import capture_block_inputs, run_block
+from lowrank.checkpoint import read_plan
 from lowrank.compression import compress_with_plan, plan_model
 from lowrank.plan import Plan
 from lowrank.planner import default_strategy
@@ -67,7 +68,7 @@ def floor_seconds(model, windows: torch.Tensor, lock: str | None) -> float:
 def plan_for(model, windows, ratio: float, saved: str | None, lock: str | None) -> tuple[Plan, float, str]:
     """The default plan at `ratio`: made here (timed), or read from a saved folder (its recorded planning time)."""
     if saved:
-        plan = Plan.load(Path(saved) / "lowrank_plan.json")
+        plan = read_plan(saved)[0]
         return Plan(modules=dict(plan.modules)), float(plan.options.get("planning_seconds", 0.0)), saved
     with timed_lock(lock):
         started = time.perf_counter()
