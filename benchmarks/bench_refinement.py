@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import time
-from pathlib import Path
 
 import torch
 from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_windows, environment, eval_ppl,
@@ -96,6 +95,17 @@ def run_variant(dense, plan: Plan, calib, evaluation, steps: int, options: dict,
             if reduction else None, "summary": done.summary()}
 
 
+def saved_default(folder: str, evaluation) -> dict:
+    """Today's default read from a folder it compressed (same plan; steps 0 is bit-identical): perplexity only."""
+    from lowrank.checkpoint import load_compressed
+
+    model = load_compressed(folder)
+    plan = read_plan(folder)[0]
+    return {"steps": 0, "perplexity": round(eval_ppl(model, evaluation), 3), "compress_seconds": None,
+            "peak_rss_mib": None, "block_error_after_over_before": None, "summary": plan.summary(),
+            "folder": folder}
+
+
 def markdown(data: dict) -> str:
     floor = data["floor_seconds"]
     lines = ["# Block refinement on SmolLM2-135M", "",
@@ -110,12 +120,16 @@ def markdown(data: dict) -> str:
              "| ratio | variant | refine steps | perplexity | goal | compression (s) | × floor | planning (s) | "
              "peak RSS (MiB) | block error after/before |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in data["rows"]:
-        total = row["compress_seconds"] + row["planning_seconds"]
+    def cell(value, form: str) -> str:
+        return "–" if value is None else format(value, form)
+
+    for row in sorted(data["rows"], key=lambda r: (-r["ratio"], r["steps"])):
+        seconds = row["compress_seconds"]
+        ratio_to_floor = None if seconds is None else (seconds + row["planning_seconds"]) / floor
         lines.append(f"| {row['ratio']} | {row['variant']} | {row['steps']} | {row['perplexity']:.2f} | "
-                     f"≤ {GOALS.get(row['ratio'], float('nan')):g} | {row['compress_seconds']:.0f} | "
-                     f"{total / floor:.1f} | {row['planning_seconds']:.0f} | {row['peak_rss_mib']:,} | "
-                     f"{row['block_error_after_over_before'] if row['block_error_after_over_before'] is not None else '–'} |")
+                     f"≤ {GOALS.get(row['ratio'], float('nan')):g} | {cell(seconds, '.0f')} | "
+                     f"{cell(ratio_to_floor, '.1f')} | {row['planning_seconds']:.0f} | {cell(row['peak_rss_mib'], ',')} | "
+                     f"{cell(row['block_error_after_over_before'], '.3f')} |")
     lines += ["", "Compression (s) is the compress stage alone (the plan is shared by a ratio's variants); × floor "
               "counts planning + compression. Planning time comes from the run that made the plan "
               "(see `plan_source` in the JSON).", ""]
@@ -157,17 +171,22 @@ def main() -> None:
     parser.add_argument("--sweep-steps", type=int, nargs="*", default=[], help="extra step counts at --sweep-ratio")
     parser.add_argument("--plan-from", nargs="*", default=[], metavar="RATIO=FOLDER",
                         help="read a ratio's plan from a folder compressed with today's default")
+    parser.add_argument("--default-from", nargs="*", default=[], metavar="RATIO=FOLDER",
+                        help="evaluate a folder compressed with today's default instead of compressing it again")
     parser.add_argument("--lock", default="/work/wt/timed.lock", help="flock file held while timing ('' : none)")
     args = parser.parse_args()
     lock = args.lock or None
     saved = {float(k): v for k, v in (item.split("=", 1) for item in args.plan_from)}
+    defaults = {float(k): v for k, v in (item.split("=", 1) for item in args.default_from)}
     options = {"lr": args.lr, "share": args.share, "train_norms": args.norms}
     command = "python benchmarks/bench_refinement.py " + " ".join(
         [f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}", f"--steps {args.steps}", f"--lr {args.lr:g}",
          f"--share {args.share:g}"] + (["--norms"] if args.norms else [])
         + ([f"--sweep-ratio {args.sweep_ratio:g} --sweep-steps {' '.join(map(str, args.sweep_steps))}"]
            if args.sweep_ratio is not None else [])
-        + ([f"--plan-from {' '.join(args.plan_from)}"] if args.plan_from else []))
+        + ([f"--plan-from {' '.join(args.plan_from)}"] if args.plan_from else [])
+        + ([f"--default-from {' '.join(args.default_from)}"] if args.default_from else [])
+        + ([f"--lock '{args.lock}'"] if args.lock != "/work/wt/timed.lock" else []))
 
     loaded = load_smollm2()
     dense, tokenizer = loaded.model, loaded.tokenizer
@@ -179,19 +198,24 @@ def main() -> None:
     print(f"dense {data['dense_perplexity']}, floor {data['floor_seconds']} s", flush=True)
 
     ratios = list(dict.fromkeys(args.ratios + ([args.sweep_ratio] if args.sweep_ratio is not None else [])))
-    for ratio in ratios:
-        plan, planning, source = plan_for(dense, calib, ratio, saved.get(ratio), lock)
-        steps = ([0, args.steps] if ratio in args.ratios else []) + (args.sweep_steps if ratio == args.sweep_ratio else [])
-        for count in sorted(set(steps)):
+    plans = {ratio: plan_for(dense, calib, ratio, saved.get(ratio), lock) for ratio in ratios}
+    # the refined rows first, then today's default, then the sweep: the headline numbers exist soonest
+    main_ratios = args.ratios + ([args.sweep_ratio] if args.sweep_ratio not in (None, *args.ratios) else [])
+    order = ([(r, args.steps) for r in main_ratios] + [(r, 0) for r in main_ratios]
+             + [(args.sweep_ratio, s) for s in args.sweep_steps if s not in (0, args.steps)])
+    for ratio, count in order:
+        plan, planning, source = plans[ratio]
+        if count == 0 and ratio in defaults:
+            row = saved_default(defaults[ratio], evaluation)
+        else:
             row = run_variant(dense, plan, calib, evaluation, count, options, lock)
-            row.update({"ratio": ratio, "variant": "today's default" if count == 0 else "+ refinement",
-                        "planning_seconds": round(planning, 1), "plan_source": source})
-            data["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
-            write_report(NAME, data, markdown(data))  # every number is kept as soon as it exists
-    if data["sweep"]:
-        plot(data)
-    write_report(NAME, data, markdown(data))
+        row.update({"ratio": ratio, "variant": "today's default" if count == 0 else "+ refinement",
+                    "planning_seconds": round(planning, 1), "plan_source": source})
+        data["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
+        if data["sweep"] and sum(r["ratio"] == args.sweep_ratio for r in data["rows"]) >= 2:
+            plot(data)
+        write_report(NAME, data, markdown(data))  # every number is kept as soon as it exists
 
 
 if __name__ == "__main__":
