@@ -19,7 +19,11 @@ import argparse
 import contextlib
 import fcntl
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_windows, environment, eval_ppl,
@@ -173,6 +177,9 @@ def main() -> None:
                         help="read a ratio's plan from a folder compressed with today's default")
     parser.add_argument("--default-from", nargs="*", default=[], metavar="RATIO=FOLDER",
                         help="evaluate a folder compressed with today's default instead of compressing it again")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run each ratio in its own process at once (peak memory is then per process)")
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lock", default="/work/wt/timed.lock", help="flock file held while timing ('' : none)")
     args = parser.parse_args()
     lock = args.lock or None
@@ -188,6 +195,8 @@ def main() -> None:
         + ([f"--default-from {' '.join(args.default_from)}"] if args.default_from else [])
         + ([f"--lock '{args.lock}'"] if args.lock != "/work/wt/timed.lock" else []))
 
+    if args.parallel and len(args.ratios) > 1:
+        return run_parallel(args, command)
     loaded = load_smollm2()
     dense, tokenizer = loaded.model, loaded.tokenizer
     calib, evaluation = calibration_windows(tokenizer), evaluation_windows(tokenizer)
@@ -213,9 +222,42 @@ def main() -> None:
                     "planning_seconds": round(planning, 1), "plan_source": source})
         data["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
+        if args.child_out:
+            Path(args.child_out).write_text(json.dumps(data))
+            continue
         if data["sweep"] and sum(r["ratio"] == args.sweep_ratio for r in data["rows"]) >= 2:
             plot(data)
         write_report(NAME, data, markdown(data))  # every number is kept as soon as it exists
+
+
+def run_parallel(args, command: str) -> None:
+    """One child process per ratio (this script, --ratios R), run at once; their rows merged into one report."""
+    argv = [a for a in sys.argv[1:] if a != "--parallel"]
+    at = argv.index("--ratios")
+    end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+    folder = Path(tempfile.mkdtemp(prefix="bench-refinement-"))
+    children = []
+    for ratio in args.ratios:
+        rest = argv[:at] + argv[end:]
+        if args.sweep_ratio is not None and ratio != args.sweep_ratio:
+            rest = [a for i, a in enumerate(rest) if not _is_sweep_arg(rest, i)]
+        out = folder / f"{ratio:g}.json"
+        children.append((out, subprocess.Popen([sys.executable, __file__, "--ratios", f"{ratio:g}", *rest,
+                                                "--child-out", str(out)])))
+    for _, child in children:
+        child.wait()
+    parts = [json.loads(out.read_text()) for out, _ in children if out.is_file()]
+    data = dict(parts[0], command=command + " --parallel", rows=[row for part in parts for row in part["rows"]],
+                floor_seconds=min(part["floor_seconds"] for part in parts))
+    if data["sweep"]:
+        plot(data)
+    write_report(NAME, data, markdown(data))
+
+
+def _is_sweep_arg(argv: list[str], i: int) -> bool:
+    """Whether argv[i] belongs to --sweep-ratio/--sweep-steps (they go to the sweep ratio's child only)."""
+    owner = next((argv[j] for j in range(i, -1, -1) if argv[j].startswith("--")), "")
+    return owner in ("--sweep-ratio", "--sweep-steps")
 
 
 if __name__ == "__main__":

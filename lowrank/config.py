@@ -64,8 +64,8 @@ class CompressConfig(ConfigBase):
     max_shard_size: str = "2GB"         # largest output shard
     save_dtype: str = "source"          # with stream: dtype of the saved weights (source: the checkpoint's own)
     refine_steps: int = 0               # Adam steps per block on its factors against the dense block (0: off)
-    refine_lr: float = 1e-4             # the refinement's learning rate
-    refine_share: float = 0.25          # fraction of the calibration batches in each refinement step
+    refine_lr: float = 3e-3             # the refinement's learning rate, relative to each tensor's RMS
+    refine_share: float = 0.125         # fraction of the calibration batches in each refinement step
     refine_norms: bool = False          # the refinement also trains the block's biases and norm weights
 
     def __post_init__(self) -> None:

@@ -36,8 +36,8 @@ class RefineOptions:
     """How a block is refined: `steps` Adam steps at `lr`, each on `share` of the calibration batches."""
 
     steps: int = 0               # 0: no refinement (the result is bit-identical to compressing without it)
-    lr: float = 1e-4             # Adam's learning rate (constant)
-    share: float = 0.25          # fraction of the calibration batches in each step's mini-batch (at least one)
+    lr: float = 3e-3             # Adam's learning rate relative to each tensor's RMS (see `relative_groups`)
+    share: float = 0.125         # fraction of the calibration batches in each step's mini-batch (at least one)
     train_norms: bool = False    # also train the block's biases and normalization weights
     seed: int = 0                # order in which the batches are visited
 
@@ -84,6 +84,21 @@ def trainable_parameters(block: nn.Module, train_norms: bool = False) -> list[nn
                 if name == "bias" or _is_norm(module):
                     chosen[id(param)] = param
     return list(chosen.values())
+
+
+def relative_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
+    """One Adam parameter group per tensor, its learning rate `lr` × the tensor's RMS (1 for an all-zero tensor).
+
+    Whitened factors differ in scale by orders of magnitude (a `down` of RMS 0.02 beside an `up`
+    of RMS 1): one absolute rate either leaves the large ones still or wrecks the small ones.
+    Adam moves every coordinate by about its learning rate per step, so this moves each tensor by
+    about `lr` of its own size per step.
+    """
+    groups = []
+    for p in params:
+        rms = p.detach().float().pow(2).mean().sqrt().item()
+        groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
+    return groups
 
 
 def batch_schedule(n_batches: int, options: RefineOptions) -> list[list[int]]:
@@ -156,7 +171,7 @@ def refine_block(
         for p in params:
             p.requires_grad_(True)
         block.eval()  # no dropout: the loss compares deterministic outputs
-        optimizer = torch.optim.Adam(params, lr=options.lr)
+        optimizer = torch.optim.Adam(relative_groups(params, options.lr))
         with torch.enable_grad():
             for step in batch_schedule(len(inputs), options):
                 optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from lowrank.targets import find_block_list, find_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REFINE = RefineOptions(steps=30, lr=1e-3, share=0.5)
+REFINE = RefineOptions(steps=30, lr=1e-2, share=0.5)
 
 
 def _compress(model, windows, refine=None, ratio=0.5):
@@ -66,7 +66,7 @@ def test_refinement_lowers_the_block_output_error_and_keeps_ranks(arch):
     errors = plan.options["refine_errors"]
     assert len(errors) == len(find_block_list(dense)[1])
     assert all(after < before for before, after in errors.values())
-    assert plan.options["refine"] == {"steps": 30, "lr": 1e-3, "share": 0.5, "train_norms": False, "seed": 0}
+    assert plan.options["refine"] == {"steps": 30, "lr": 1e-2, "share": 0.5, "train_norms": False, "seed": 0}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -87,7 +87,7 @@ def test_only_factors_train_unless_norms_are_asked_for():
     windows = random_windows(8, 24)
     factors_only, with_norms = copy.deepcopy(dense), copy.deepcopy(dense)
     _compress(factors_only, windows, REFINE)
-    _compress(with_norms, windows, RefineOptions(steps=30, lr=1e-3, share=0.5, train_norms=True))
+    _compress(with_norms, windows, RefineOptions(steps=30, lr=1e-2, share=0.5, train_norms=True))
     dense_state, state, state_norms = dense.state_dict(), factors_only.state_dict(), with_norms.state_dict()
     norm_keys = [k for k in dense_state if "norm" in k]
     assert norm_keys
@@ -115,7 +115,7 @@ def test_a_step_that_makes_the_block_worse_is_undone():
     windows = random_windows(8, 24)
     plain, wild = copy.deepcopy(dense), copy.deepcopy(dense)
     _compress(plain, windows)
-    plan = _compress(wild, windows, RefineOptions(steps=3, lr=10.0, share=0.5))
+    plan = _compress(wild, windows, RefineOptions(steps=3, lr=100.0, share=0.5))
     assert any(before == after for before, after in plan.options["refine_errors"].values())
     state_plain, state_wild = plain.state_dict(), wild.state_dict()
     assert all(torch.equal(state_plain[k], state_wild[k]) for k in state_plain)
@@ -133,7 +133,7 @@ def test_refine_block_direct_call_and_distributed_hook():
     with torch.no_grad():
         targets = [run_block(dense_block, h, c, "cpu") for h, c in zip(captured.hidden, calls)]
     seen = []
-    options = RefineOptions(steps=4, lr=1e-3, share=0.5)
+    options = RefineOptions(steps=4, lr=1e-2, share=0.5)
     result = refine_block(targets, block, captured.hidden, calls, options, average=lambda t: seen.append(t.shape))
     n_params = len(trainable_parameters(block))
     assert len(seen) == 4 * n_params + 2  # every gradient of every step, and the errors before and after
@@ -179,7 +179,7 @@ def test_config_carries_the_options_and_refuses_one_shot():
 def test_streamed_refinement_equals_in_memory(tmp_path):
     save_tiny_model(tmp_path / "src", "llama")
     windows = random_windows(12, 24)
-    config = CompressConfig(refine_steps=10, refine_lr=1e-3, refine_share=0.5)
+    config = CompressConfig(refine_steps=10, refine_lr=1e-2, refine_share=0.5)
     memory = lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "mem", progress=False)
     source = BlockSource(tmp_path / "src")
     est = estimate(source, targets_of(source.model), windows, True, 8, refine=True)
@@ -214,7 +214,7 @@ def test_streamed_refinement_resumes_with_both_streams(tmp_path, monkeypatch):
     """An interrupted streamed run with refinement resumes from the saved boundary (compressed and dense)."""
     save_tiny_model(tmp_path / "src", "llama")
     windows = random_windows(12, 24)
-    config = CompressConfig(stream=True, max_shard_size="30KB", refine_steps=6, refine_lr=1e-3)
+    config = CompressConfig(stream=True, max_shard_size="30KB", refine_steps=6, refine_lr=1e-2)
     lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "whole", progress=False)
     loads = []
     original = BlockSource.load_block

@@ -78,7 +78,8 @@ def describe(plan) -> str:
               help="With --sequential: after each block is factored (and updated), this many Adam steps on its "
                    "factors so that its output matches the dense block's on the dense path's inputs (0: off).")
 @click.option("--refine-lr", type=float, default=DEFAULTS.refine_lr, show_default=True,
-              help="Learning rate of the block refinement.")
+              help="Learning rate of the block refinement, relative to each tensor's size: each moves about this "
+                   "fraction of its RMS per step.")
 @click.option("--refine-share", type=float, default=DEFAULTS.refine_share, show_default=True,
               help="Fraction of the calibration batches each refinement step trains on, in (0, 1].")
 @click.option("--refine-norms/--no-refine-norms", default=DEFAULTS.refine_norms, show_default=True,
