@@ -18,7 +18,7 @@ from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.model_info import count_parameters
 from lowrank.profiling import targets_of
-from lowrank.refinement import RefineOptions, batch_schedule, refine_block, trainable_parameters
+from lowrank.refinement import RefineOptions, batch_schedule, refine_block, relative_groups, trainable_parameters
 from lowrank.stream_memory import estimate
 from lowrank.targets import find_block_list, find_targets
 
@@ -142,6 +142,13 @@ def test_refine_block_direct_call_and_distributed_hook():
                     for h, c, t in zip(captured.hidden, calls, targets)) / len(targets)
     assert result.after == pytest.approx(after, rel=1e-5) and result.after < result.before
     assert refine_block(targets, block, captured.hidden, calls, RefineOptions()) is None  # steps 0: nothing
+
+
+def test_learning_rate_is_relative_to_each_tensor():
+    small, large, zero = (torch.nn.Parameter(torch.full((3, 4), v)) for v in (0.02, 2.0, 0.0))
+    groups = relative_groups([small, large, zero], 1e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([2e-5, 2e-3, 1e-3])
+    assert [g["params"][0] is p for g, p in zip(groups, (small, large, zero))] == [True] * 3
 
 
 def test_batch_schedule_visits_every_batch_before_repeating():
