@@ -57,9 +57,11 @@ def main() -> None:
     for name, steps in (("default", 0), ("refined", args.steps)):
         model = fresh_copy(dense)
         started = time.perf_counter()
-        compress_sequential(model, Plan(modules=dict(modules)), calib, update=True, progress=False,
-                            refine=RefineOptions(steps=steps, lr=args.lr, share=args.share))
+        done = compress_sequential(model, Plan(modules=dict(modules)), calib, update=True, progress=False,
+                                   refine=RefineOptions(steps=steps, lr=args.lr, share=args.share))
         result[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+        if steps:  # each block's output error (mean squared, all 64 windows) before and after refinement
+            result["block_errors_before_after"] = done.options["refine_errors"]
         print(name, result[f"{name}_seconds"], flush=True)
     result["default_over_floor"] = round(result["default_seconds"] / result["floor_seconds"], 2)
     result["refined_over_floor"] = round(result["refined_seconds"] / result["floor_seconds"], 2)
