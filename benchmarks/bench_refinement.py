@@ -247,6 +247,8 @@ def run_parallel(args, command: str) -> None:
     for _, child in children:
         child.wait()
     parts = [json.loads(out.read_text()) for out, _ in children if out.is_file()]
+    if not parts:
+        raise SystemExit("no ratio finished a row; nothing to report")
     data = dict(parts[0], command=command + " --parallel", rows=[row for part in parts for row in part["rows"]],
                 floor_seconds=min(part["floor_seconds"] for part in parts))
     if data["sweep"]:
