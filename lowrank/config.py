@@ -67,6 +67,7 @@ class CompressConfig(ConfigBase):
     refine_lr: float = 3e-3             # the refinement's learning rate, relative to each tensor's RMS
     refine_share: float = 0.125         # fraction of the calibration batches in each refinement step
     refine_norms: bool = False          # the refinement also trains the block's biases and norm weights
+    refine_dense: bool = False          # the refinement also trains the block's linear layers the plan kept dense
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -95,7 +96,7 @@ class CompressConfig(ConfigBase):
     def refinement(self) -> RefineOptions:
         """The block refinement's options (lowrank.refinement); steps 0 means none."""
         return RefineOptions(steps=self.refine_steps, lr=self.refine_lr, share=self.refine_share,
-                             train_norms=self.refine_norms)
+                             train_norms=self.refine_norms, train_dense=self.refine_dense)
 
     def _check_stream(self) -> None:
         if self.save_dtype not in ("source",) + DTYPE_NAMES:

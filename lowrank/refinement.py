@@ -7,7 +7,8 @@ block_compressed(X_c)‖² over the calibration windows, in mini-batches of whol
 batches. Unlike the least-squares update, which fits one factor of one matrix at a time, this
 fits both factors of every matrix together through the attention, the MLP, the norms and the
 residual (AA-SVD; BRECQ's block reconstruction). Ranks never change; only the factors train
-(and, with `train_norms`, the block's biases and norm weights).
+(and, with `train_norms`, the block's biases and norm weights; with `train_dense`, the linear
+layers the plan kept dense, whose shapes do not change either).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from .block_capture import BlockCall, run_block
 from .errors import LowrankError
 from .layers import LowRankLinear
+from .targets import is_linear
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class RefineOptions:
     lr: float = 3e-3             # Adam's learning rate relative to each tensor's RMS (see `relative_groups`)
     share: float = 0.125         # fraction of the calibration batches in each step's mini-batch (at least one)
     train_norms: bool = False    # also train the block's biases and normalization weights
+    train_dense: bool = False    # also train the block's linear layers the plan kept dense (their shapes stay)
     seed: int = 0                # order in which the batches are visited
 
     def __post_init__(self) -> None:
@@ -72,13 +75,19 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def trainable_parameters(block: nn.Module, train_norms: bool = False) -> list[nn.Parameter]:
-    """The factors of every LowRankLinear in `block` (bias excluded); with `train_norms`, also every bias and norm weight."""
+def trainable_parameters(block: nn.Module, train_norms: bool = False, train_dense: bool = False) -> list[nn.Parameter]:
+    """What refinement trains in `block`: the factors of every LowRankLinear (not their bias); with `train_norms`,
+    also every bias and norm weight; with `train_dense`, also the weight of every linear layer the plan kept dense."""
     chosen: dict[int, nn.Parameter] = {}
+    factor_layers: set[int] = set()
     for module in block.modules():
         if isinstance(module, LowRankLinear):
             chosen[id(module.down.weight)] = module.down.weight
             chosen[id(module.up.weight)] = module.up.weight
+            factor_layers.update((id(module.down), id(module.up)))
+    for module in block.modules():
+        if train_dense and is_linear(module) and id(module) not in factor_layers:
+            chosen[id(module.weight)] = module.weight
         if train_norms:
             for name, param in module.named_parameters(recurse=False):
                 if name == "bias" or _is_norm(module):
@@ -158,7 +167,7 @@ def refine_block(
         raise LowrankError("block refinement needs the dense outputs of every calibration batch; "
                            "this is a bug in the producer of the block's inputs")
     device = torch.device(device)
-    params = trainable_parameters(block, options.train_norms)
+    params = trainable_parameters(block, options.train_norms, options.train_dense)
     if not params:
         return None
     flags = {id(p): p.requires_grad for p in block.parameters()}

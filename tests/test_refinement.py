@@ -66,7 +66,8 @@ def test_refinement_lowers_the_block_output_error_and_keeps_ranks(arch):
     errors = plan.options["refine_errors"]
     assert len(errors) == len(find_block_list(dense)[1])
     assert all(after < before for before, after in errors.values())
-    assert plan.options["refine"] == {"steps": 30, "lr": 1e-2, "share": 0.5, "train_norms": False, "seed": 0}
+    assert plan.options["refine"] == {"steps": 30, "lr": 1e-2, "share": 0.5, "train_norms": False,
+                                      "train_dense": False, "seed": 0}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -96,6 +97,35 @@ def test_only_factors_train_unless_norms_are_asked_for():
     assert all(p.requires_grad for p in factors_only.parameters())  # the flags are given back
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dense_layers_train_only_when_asked_and_keep_their_shape(arch):
+    """A plan that keeps the MLPs dense: --refine-dense moves them too, and the error ends lower than factors alone."""
+    dense = make_tiny_model(arch)
+    windows = random_windows(8, 24)
+    plan = uniform_plan(dense, find_targets(dense), 0.5)
+    kept = [name for name in plan.modules if "mlp" in name]
+    for name in kept:
+        plan.modules[name].rank = None
+    results = {}
+    for train_dense in (False, True):
+        model = copy.deepcopy(dense)
+        compress_sequential(model, copy.deepcopy(plan), windows, batch_size=2, update=True, progress=False,
+                            refine=RefineOptions(steps=30, lr=1e-2, share=0.5, train_dense=train_dense))
+        moved = [name for name in kept
+                 if not torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight)]
+        assert all(model.get_submodule(name).weight.shape == dense.get_submodule(name).weight.shape for name in kept)
+        assert moved == (kept if train_dense else [])
+        assert count_parameters(model) == count_parameters(compress_reference(dense, plan, windows))
+        results[train_dense] = _last_block_error(dense, model, windows)
+    assert results[True] < results[False]
+
+
+def compress_reference(dense, plan, windows):
+    model = copy.deepcopy(dense)
+    compress_sequential(model, copy.deepcopy(plan), windows, batch_size=2, update=True, progress=False)
+    return model
+
+
 def test_trainable_parameters_are_the_factors():
     dense = make_tiny_model("gpt2")
     model = copy.deepcopy(dense)
@@ -107,6 +137,7 @@ def test_trainable_parameters_are_the_factors():
     assert {id(p) for p in factors} == {id(w) for m in layers for w in (m.down.weight, m.up.weight)}
     more = trainable_parameters(block, train_norms=True)
     assert len(more) > len(factors) and {id(p) for p in factors} <= {id(p) for p in more}
+    assert trainable_parameters(block, train_dense=True) == factors  # every linear layer of this block is factored
 
 
 def test_a_step_that_makes_the_block_worse_is_undone():
@@ -171,8 +202,8 @@ def test_bad_options_are_one_line_errors(options, message):
 
 
 def test_config_carries_the_options_and_refuses_one_shot():
-    config = CompressConfig(refine_steps=5, refine_lr=2e-4, refine_share=0.5, refine_norms=True)
-    assert config.refinement() == RefineOptions(steps=5, lr=2e-4, share=0.5, train_norms=True)
+    config = CompressConfig(refine_steps=5, refine_lr=2e-4, refine_share=0.5, refine_norms=True, refine_dense=True)
+    assert config.refinement() == RefineOptions(steps=5, lr=2e-4, share=0.5, train_norms=True, train_dense=True)
     assert CompressConfig.from_dict(config.to_dict()) == config
     with pytest.raises(LowrankError, match="--sequential"):
         CompressConfig(refine_steps=5, sequential=False)

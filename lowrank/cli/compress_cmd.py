@@ -84,6 +84,9 @@ def describe(plan) -> str:
               help="Fraction of the calibration batches each refinement step trains on, in (0, 1].")
 @click.option("--refine-norms/--no-refine-norms", default=DEFAULTS.refine_norms, show_default=True,
               help="Let the block refinement also train the block's biases and norm weights.")
+@click.option("--refine-dense/--no-refine-dense", default=DEFAULTS.refine_dense, show_default=True,
+              help="Let the block refinement also train the block's linear layers that the plan kept dense "
+                   "(ranks and parameter counts stay as planned).")
 @click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
               help="Read a local safetensors folder block by block from disk and write the output shard by shard: "
                    "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
@@ -109,7 +112,7 @@ def describe(plan) -> str:
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
-            exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
+            exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, refine_dense, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
             overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
 
@@ -120,7 +123,7 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
                             refine_steps=refine_steps, refine_lr=refine_lr, refine_share=refine_share,
-                            refine_norms=refine_norms,
+                            refine_norms=refine_norms, refine_dense=refine_dense,
                             batch_size=batch_size, device=device, dtype=dtype, stream=stream, offload_dir=offload_dir,
                             max_memory=max_memory, max_shard_size=max_shard_size, save_dtype=save_dtype)
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
