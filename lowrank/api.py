@@ -66,6 +66,11 @@ def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tens
         if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
             raise LowrankError("calibration windows must be a 2-D tensor of token ids (n_windows, seq_len)")
         return calibration
+    if isinstance(calibration, list):  # ready batches of token ids, e.g. an encoder's sentences (lowrank.sentences)
+        if not calibration or any(not isinstance(b, torch.Tensor) or b.ndim != 2
+                                  or b.dtype not in (torch.int32, torch.int64) for b in calibration):
+            raise LowrankError("calibration batches must be a non-empty list of 2-D tensors of token ids (b, seq_len)")
+        return calibration
     calibration = calibration or CalibrationConfig()
     if tokenizer is None:
         raise LowrankError("calibration text needs a tokenizer; pass tokenizer=, or token windows as calibration")
@@ -259,8 +264,8 @@ def evaluate(
                                            need_tokenizer=windows is None)
     check_finite_weights(model)
     if is_encoder(model) and windows is None:
-        return _evaluate_encoder(source, model, tokenizer_object, config, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle, progress=progress)
+        return _evaluate_encoder(source, model, tokenizer_object, config, against=config.against,
+                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
     windows = _evaluation_windows(tokenizer_object, config, windows)
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
 
@@ -277,6 +282,7 @@ def compare(
     progress: bool = True,
 ) -> AgreementResult:
     """Agreement of `source` (usually a compressed folder) with a dense model, on the same windows.
+    An encoder is compared on the sentences of the text instead (EncoderAgreement, as `evaluate` does).
 
     The dense model is `against`, else `config.against`; "plan" (or nothing) means the source recorded in the
     folder's plan. Returns both perplexities, top-1 agreement, KL(dense ‖ compressed) and generation agreement.
@@ -284,12 +290,15 @@ def compare(
 
     config = config or EvalConfig()
     against = against if against is not None else config.against
-    if against is None or against == "plan":
-        against = plan_source(source)
     device = resolve_device(config.device)
     model, tokenizer_object = _open_source(source, tokenizer, config.dtype, device, trust_remote_code=trust_remote_code,
                                            allow_pickle=allow_pickle, need_tokenizer=windows is None)
     check_finite_weights(model)
+    if is_encoder(model) and windows is None:  # sentence embeddings, not next-token agreement
+        return _evaluate_encoder(source, model, tokenizer_object, config, against=against,
+                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+    if against is None or against == "plan":
+        against = plan_source(source)
     try:
         dense, _ = _open_source(against, None, config.dtype, device, trust_remote_code=trust_remote_code,
                                 allow_pickle=allow_pickle, need_tokenizer=False)
@@ -334,16 +343,16 @@ def plan_source(source) -> str:
     return plan.source
 
 
-def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, trust_remote_code: bool,
+def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, against, trust_remote_code: bool,
                       allow_pickle: bool, progress: bool) -> EncoderAgreement:
-    """An encoder's sentence embeddings against its dense reference (config.reference, else the plan's source)."""
+    """An encoder's sentence embeddings against its dense model (`against`, else the plan's source)."""
 
-    reference = config.reference
+    reference = against if against not in (None, "plan") else None
     if reference is None and not isinstance(source, nn.Module) and is_compressed_folder(str(source)):
         reference = read_plan(str(source))[0].source
     if reference is None:
         raise LowrankError(f"{type(model).__name__} is an encoder, measured against its dense original; "
-                           "pass --reference with the dense model")
+                           "pass --against with the dense model")
     if tokenizer is None:
         raise LowrankError("evaluating an encoder needs a tokenizer; pass tokenizer= (or --tokenizer)")
     dense = _open_source(reference, None, config.dtype, resolve_device(config.device),

@@ -143,7 +143,7 @@ def test_eval_cli_compares_a_compressed_encoder_with_its_source(tmp_path, capsys
     assert record["sentences"] == 15 and 0.0 < record["mean_cosine"] < 1.0
     assert record["min_cosine"] <= record["mean_cosine"] and "embedding cosine mean" in out
     code, out, err = run_cli(capsys, "eval", str(dense), "--text", str(text))
-    assert code == 1 and err.startswith("error: ") and "pass --reference" in err
+    assert code == 1 and err.startswith("error: ") and "pass --against" in err
 
 
 def test_the_minilm_recipe_runs_whole_on_a_tiny_bert(tmp_path, capsys, monkeypatch):
