@@ -145,7 +145,7 @@ class RecoveryConfig(ConfigBase):
 
     version: int = CONFIG_VERSION
     mode: str = "factors"          # "factors": train the factors; "lora": LoRA adapters on them, merged after
-    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher), "both"; encoders: "cosine", "mse"
+    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher), "both"; encoders: "cosine", "mse", "embedding"
     hidden_layers: str = "last"    # hidden-state losses: match the teacher's "last" layer or "all" layers
     steps: int = 200               # optimizer steps
     lr: float | None = None        # peak learning rate; None: DEFAULT_LR[mode]

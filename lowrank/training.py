@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .compression import count_parameters
 from .config import RecoveryConfig
-from .distill import HIDDEN_LOSSES, hidden_state_loss, recovery_loss
-from .encoders import last_hidden_state
+from .distill import HIDDEN_LOSSES, embedding_loss, hidden_state_loss, recovery_loss
+from .encoders import embed, last_hidden_state
 from .errors import LowrankError
 from .evaluation import perplexity
 from .layers import LowRankLinear
@@ -119,6 +119,10 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: RecoveryConfig) -> torch.Tensor:
     """The training loss of one micro-batch: on logits for language models, on hidden states for encoders."""
+    if config.loss == "embedding":  # the pooled sentence embeddings, as the model pools
+        with torch.no_grad():
+            target = embed(teacher, ids)
+        return embedding_loss(embed(model, ids), target)
     if config.loss in HIDDEN_LOSSES:
         with torch.no_grad():
             teacher_states = last_hidden_state(teacher, ids, hidden_states=True)

@@ -199,3 +199,23 @@ def test_hidden_state_recovery_lowers_the_distance_to_the_teacher(loss, layers):
         end = float(batch_loss(student, teacher, windows, config))
     assert result.steps == 15 and end < 0.8 * start
     assert ranks_of(student) == ranks and sum(p.numel() for p in student.parameters()) == size
+
+
+def test_the_embedding_loss_is_one_minus_the_cosine_of_pooled_embeddings_and_trains():
+    from lowrank.compression import compress_model
+    from lowrank.config import RecoveryConfig
+    from lowrank.distill import embedding_loss
+    from lowrank.training import batch_loss, recover
+
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    assert float(embedding_loss(a, b)) == pytest.approx(0.5)  # cosines 1 and 0
+    teacher = make_tiny_model("bert")
+    student = make_tiny_model("bert", seed=1)  # far from the teacher: a loss well above rounding
+    compress_model(student, ratio=0.5, windows=random_windows(8, 12), strategy="uniform", progress=False)
+    windows = random_windows(16, 12, seed=1)
+    config = RecoveryConfig(loss="embedding", steps=8, batch_size=4, seq_len=12, lr=1e-3, checkpoint_every=0)
+    expected = 1 - torch.nn.functional.cosine_similarity(embed(student, windows[:4]), embed(teacher, windows[:4])).mean()
+    assert float(batch_loss(student, teacher, windows[:4], config)) == pytest.approx(float(expected), rel=1e-3)
+    before = float(batch_loss(student, teacher, windows, config))
+    recover(student, windows, config, teacher=teacher, progress=False)
+    assert float(batch_loss(student, teacher, windows, config)) < before
