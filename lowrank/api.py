@@ -130,7 +130,7 @@ def compress(
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
                           batch_size=config.batch_size, damping=config.damping, progress=progress,
                           source=None if in_memory else str(source), sequential=sequential, update=config.update,
-                          device=compute_device)
+                          device=compute_device, refine=config.refinement())
     texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
     if isinstance(calibration, torch.Tensor):
         plan.options.update({"samples": calibration.shape[0], "seq_len": calibration.shape[1]})

@@ -30,6 +30,7 @@ from .planner import (DEFAULT_STRATEGY, STRATEGIES, check_feasible, default_stra
                       plan_uniform)
 from .profiling import DEFAULT_SENSITIVITY_SAMPLES, measure, profile_model
 from .ranks import check_ratio
+from .refinement import Average, RefineOptions, refine_block
 from .sequential import BlockWork, dense_statistics, peak_memory_mib, sequential_statistics
 from .targets import Target, find_targets, weight_matrix
 from .update import update_block
@@ -186,11 +187,16 @@ def compress_blocks(
     update_target: str = "dense",
     damping: float = DEFAULT_DAMPING,
     progress: bool = False,
+    refine: RefineOptions | None = None,
+    refine_average: Average | None = None,
 ) -> None:
     """Factor each group of modules the producer `work` yields, refit `up` where `update`, then mark the model.
 
     `update` needs the block a group lives in (sequential producers give it): every factor `up` is
-    refitted by ridge least squares against the dense block (see `update.update_block`).
+    refitted by ridge least squares against the dense block (see `update.update_block`). `refine`
+    then trains the block's factors against the dense block's outputs, where the producer gives
+    them (`BlockWork.dense_outputs`; see `refinement.refine_block`); in a distributed run
+    `refine_average` averages its gradients and errors across ranks (an all-reduce).
     """
     if plan.method not in METHODS:
         raise LowrankError(f"unknown method {plan.method!r}; choose one of {', '.join(METHODS)}")
@@ -205,6 +211,12 @@ def compress_blocks(
                 update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
                              block_work.device, target=update_target)
                 del dense_block
+            if refine is not None and refine.enabled and block_work.dense_outputs is not None:
+                result = refine_block(block_work.dense_outputs, block_work.block, block_work.inputs, block_work.calls,
+                                      refine, block_work.device, average=refine_average)
+                if result is not None:
+                    plan.options.setdefault("refine_errors", {})[block_work.prefix.rstrip(".")] = [
+                        float(f"{result.before:.6g}"), float(f"{result.after:.6g}")]
     finally:
         close = getattr(producer, "close", None)  # a generator producer: run its clean-up now, even on failure
         if close is not None:
@@ -235,12 +247,14 @@ def compress_sequential(
     damping: float = DEFAULT_DAMPING,
     progress: bool = True,
     update_target: str = "dense",
+    refine: RefineOptions | None = None,
 ) -> Plan:
     """Compress `model` in place, block by block, following `plan`; return the plan.
 
     Each block's statistics come from the outputs of the already-compressed blocks before it.
     `update` refits every factor `up` by ridge least squares against the dense block (SVD-LLM's
-    parameter update; `update_target` says against what, see `update.update_block`). Blocks are
+    parameter update; `update_target` says against what, see `update.update_block`); `refine` then
+    trains each block's factors against the dense block's outputs (lowrank.refinement). Blocks are
     moved to `device` (default: where the model is) one at a time and back afterwards;
     calibration activations stay on CPU.
     """
@@ -255,11 +269,14 @@ def compress_sequential(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress)
-    compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping)
+    refining = refine is not None and refine.enabled
+    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress, dense_stream=refining)
+    compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping, refine=refine)
     plan.options.update({"sequential": True, "update": bool(update)})
     if update:
         plan.options["update_target"] = update_target
+    if refining:
+        plan.options["refine"] = refine.record()
     peak = peak_memory_mib(device)
     log.info("sequential compression: peak %s memory %.0f MiB", device.type, peak)
     if progress:
@@ -288,13 +305,14 @@ def compress_model(
     budget: "str | float | None" = None,
     limits: "RankLimits | None" = None,
     overrides: "dict | list[str] | None" = None,
+    refine: RefineOptions | None = None,
 ) -> Plan:
     """Compress `model` in place and return the Plan it followed: profile → plan → compress.
 
     `sequential` (the default) takes each block's statistics from the already-compressed blocks
     before it; `update` (default: on when sequential) then refits each factor `up` by least
     squares. There, `device` (default: the model's) receives one block at a time, so the model may
-    stay on CPU.
+    stay on CPU. `refine` (sequential only) trains each block's factors against the dense block.
 
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd.
     Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`)
@@ -324,7 +342,7 @@ def compress_model(
             plan.model_params = count_parameters(model)
     return compress_with_plan(model, plan, targets, windows=windows, method=method, sequential=sequential,
                               update=update, device=device, batch_size=batch_size, damping=damping, progress=progress,
-                              stats=planning_stats)
+                              stats=planning_stats, refine=refine)
 
 
 def compress_with_plan(
@@ -341,19 +359,24 @@ def compress_with_plan(
     damping: float = DEFAULT_DAMPING,
     progress: bool = True,
     stats: dict[str, ActivationStats] | None = None,
+    refine: RefineOptions | None = None,
 ) -> Plan:
     """The compress stage: follow `plan` on `model` (whose `targets` it was checked against), in place.
 
     Sequential (block by block on the compressed path, `update` on by default) or one-shot (the
-    dense model's statistics: `stats` if the profile stage already collected them).
+    dense model's statistics: `stats` if the profile stage already collected them). `refine`
+    (sequential only) trains each block's factors against the dense block's outputs.
     """
+    if refine is not None and refine.enabled and not (sequential and needs_statistics(method)):
+        raise LowrankError("--refine-steps trains each block against the dense block on calibration windows, "
+                           "block by block; add --sequential and --method whiten, or drop --refine-steps")
     if needs_statistics(method):
         if windows is None:
             raise LowrankError(f"method {method} needs calibration text; pass --calib or use --method svd")
         if sequential:
             del stats  # the dense model's statistics: sequential compression collects its own
             return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
-                                       batch_size=batch_size, damping=damping, progress=progress)
+                                       batch_size=batch_size, damping=damping, progress=progress, refine=refine)
         if update:
             raise LowrankError("--update refits factors on the compressed blocks' inputs, which one-shot compression "
                                "does not produce; add --sequential")

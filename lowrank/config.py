@@ -20,6 +20,7 @@ from .distill import HIDDEN_LAYERS, HIDDEN_LOSSES, LOSSES
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
+from .refinement import RefineOptions
 from .shard_writer import parse_size
 
 #: The file, in every output folder, that records the configs the folder was made with.
@@ -62,6 +63,10 @@ class CompressConfig(ConfigBase):
     max_memory: str | None = None       # with stream: memory the run may use, e.g. 8GB (None: what is free now)
     max_shard_size: str = "2GB"         # largest output shard
     save_dtype: str = "source"          # with stream: dtype of the saved weights (source: the checkpoint's own)
+    refine_steps: int = 0               # Adam steps per block on its factors against the dense block (0: off)
+    refine_lr: float = 3e-3             # the refinement's learning rate, relative to each tensor's RMS
+    refine_share: float = 0.125         # fraction of the calibration batches in each refinement step
+    refine_norms: bool = False          # the refinement also trains the block's biases and norm weights
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -83,6 +88,14 @@ class CompressConfig(ConfigBase):
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
         check_dtype_and_device(self)
+        if self.refinement().enabled and (not self.sequential or self.method == "svd"):
+            raise LowrankError("--refine-steps trains each block against the dense block on calibration windows, "
+                               "block by block; add --sequential and --method whiten, or drop --refine-steps")
+
+    def refinement(self) -> RefineOptions:
+        """The block refinement's options (lowrank.refinement); steps 0 means none."""
+        return RefineOptions(steps=self.refine_steps, lr=self.refine_lr, share=self.refine_share,
+                             train_norms=self.refine_norms)
 
     def _check_stream(self) -> None:
         if self.save_dtype not in ("source",) + DTYPE_NAMES:

@@ -39,6 +39,7 @@ class BlockWork:
     inputs: list[torch.Tensor] = field(default_factory=list)  # the block's input hidden states, per batch
     calls: list[BlockCall] = field(default_factory=list)  # the block's other call arguments, per batch
     device: torch.device | None = None
+    dense_outputs: list[torch.Tensor] | None = None  # the dense block on the dense path's inputs (for refinement)
 
 
 def dense_statistics(
@@ -97,12 +98,15 @@ def sequential_statistics(
     batch_size: int = 8,
     device: torch.device | None = None,
     progress: bool = True,
+    dense_stream: bool = False,
 ) -> Iterator[BlockWork]:
     """Yield each block's factored modules with statistics taken on the compressed path.
 
     The consumer must compress the yielded block before asking for the next one: the next block's
     inputs are computed by running the block as it is then. Layers outside the blocks (an included
-    lm_head, say) come last, with statistics from the whole compressed model.
+    lm_head, say) come last, with statistics from the whole compressed model. With `dense_stream`
+    the dense path's hidden states flow beside the compressed ones, and each block comes with its
+    dense outputs on them (`BlockWork.dense_outputs`, what block refinement fits).
     """
     prefix, blocks = find_block_list(model)
     device = device if device is not None else model_device(model)
@@ -118,6 +122,7 @@ def sequential_statistics(
         last_needed = max(by_block, default=-1)
         captured = capture_block_inputs(model, windows, batch_size, device) if by_block else CapturedInputs()
         hidden = captured.hidden
+        dense_hidden = captured.hidden if dense_stream else None  # the dense path's block inputs
         bar = tqdm(range(last_needed + 1), desc="Sequential", unit="block", disable=not progress)
         for index in bar:
             bar.set_postfix_str(f"block {index + 1}/{len(blocks)}")
@@ -125,14 +130,18 @@ def sequential_statistics(
             block_home = next(block.parameters()).device
             block.to(device)
             names = by_block.get(index, [])
+            if dense_hidden is not None:  # the block is still dense here
+                dense_hidden = [run_block(block, h, call, device).to("cpu")
+                                for h, call in zip(dense_hidden, captured.calls[index])]
             if names:
                 stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device)
-                yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device)
+                yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device,
+                                dense_outputs=dense_hidden)
                 del stats
             if index < last_needed:
                 hidden = [run_block(block, h, call, device).to("cpu") for h, call in zip(hidden, captured.calls[index])]
             block.to(block_home)
-        del hidden, captured
+        del hidden, dense_hidden, captured
         if outside:
             yield BlockWork(outside, collect_stats(model, [targets[n] for n in outside], windows, batch_size,
                                                    progress=progress))

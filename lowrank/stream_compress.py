@@ -5,6 +5,9 @@ compressed path (the outputs of the blocks already compressed, as `sequential_st
 memory), its planned modules are factored and their `up` refitted (`compression.compress_blocks`),
 its tensors go to the `ShardWriter`, and it is freed. When a shard is flushed, the block-boundary
 hidden states are saved beside it, so that `--resume` restarts from the first unwritten block.
+With block refinement, the dense path's hidden states flow beside the compressed ones: they are
+kept in the same store (each level's dense batches after its compressed ones), spilled and saved
+for `--resume` with them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING
 from .folder_guard import GUARD_SHAPE, guard_key
 from .plan import Plan
+from .refinement import RefineOptions
 from .sequential import BlockWork, block_of, block_stats
 from .shard_writer import ShardWriter
 from .targets import Target
@@ -87,6 +91,7 @@ def compress_pass(
     damping: float = DEFAULT_DAMPING,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    refine: RefineOptions | None = None,
 ) -> None:
     """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc)."""
     device = torch.device(device)
@@ -99,34 +104,42 @@ def compress_pass(
         by_block.setdefault(index, []).append(name)
     captured = capture_block_inputs(source.model, windows, batch_size, device)
     n_batches = len(captured.hidden)
+    refining = refine is not None and refine.enabled
+    per_level = 2 * n_batches if refining else n_batches  # batches n.. of a level: the dense path's (refinement)
     done = writer.finished_blocks
     start = done[-1] + 1 if done else 0
-    hidden = captured.hidden if start == 0 else [] if start == len(source.blocks) else _load_boundary(writer.folder,
-                                                                                                       start)
+    first = captured.hidden + captured.hidden if refining else captured.hidden
+    hidden = first if start == 0 else [] if start == len(source.blocks) else _load_boundary(writer.folder, start)
     for b, h in enumerate(hidden):
         store.put(start, b, h)
     del hidden, captured.hidden
 
     def save_boundary(last_flushed: int) -> None:
         if last_flushed + 1 < len(source.blocks):  # after the last block nothing needs a boundary
-            _save_boundary(writer.folder, store.level(last_flushed + 1, n_batches), last_flushed + 1)
+            _save_boundary(writer.folder, store.level(last_flushed + 1, per_level), last_flushed + 1)
 
     bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
     for index in bar:
         block = source.load_block(index).to(device)
         calls = captured.calls[index]
         names = by_block.get(index, [])
+        if refining:  # the block is still dense: its outputs on the dense path
+            for b in range(n_batches):
+                store.put(index + 1, n_batches + b, run_block(block, store.get(index, n_batches + b), calls[b], device))
         if names:
             inputs = store.level(index, n_batches)
             stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
-            work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
-            compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping)
-            del stats, work, inputs
+            dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
+            work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device,
+                             dense_outputs=dense_outputs)
+            compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping,
+                            refine=refine)
+            del stats, work, inputs, dense_outputs
         if index + 1 < len(source.blocks):
             for b in range(n_batches):
                 store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
         writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
-        store.drop_level(index, n_batches)
+        store.drop_level(index, per_level)
         source.free_block(index)
     writer.add_block(None, outside_tensors(source))
     store.close()

@@ -3,7 +3,9 @@
 Peak ≈ runtime + embeddings/head + max(profile pass, compress pass), where (docs/scale.md)
 - profile pass  = one block + its Grams + its largest SVD's work + every boundary's activations;
 - compress pass = three copies of one block (dense copy for the update, factors) + Grams and
-  cross-Grams + two boundaries' activations.
+  cross-Grams + two boundaries' activations; with block refinement (`--refine-steps`), two more
+  boundaries (the dense path's inputs and outputs), Adam's state and gradients (three copies of
+  the block, an upper bound) and the autograd activations of one calibration batch through it.
 Boundary activations past the memory left go to `--offload-dir` when one is given.
 """
 
@@ -37,6 +39,7 @@ class MemoryEstimate:
     boundaries_compress: int
     outside: int
     runtime: int = RUNTIME_BYTES
+    refinement: int = 0  # block refinement: optimizer state, gradients, one batch's autograd activations
 
     @property
     def profile_peak(self) -> int:
@@ -44,7 +47,7 @@ class MemoryEstimate:
 
     @property
     def compress_peak(self) -> int:
-        return 3 * self.block + 2 * self.statistics + self.boundaries_compress
+        return 3 * self.block + 2 * self.statistics + self.refinement + self.boundaries_compress
 
     def total(self, activations_cap: int | None = None) -> int:
         """The peak, with boundary activations limited to `activations_cap` (None: all in memory)."""
@@ -52,7 +55,7 @@ class MemoryEstimate:
             return b if activations_cap is None else min(b, activations_cap)
 
         profile = self.block + self.statistics + capped(self.boundaries_profile)
-        compress = 3 * self.block + 2 * self.statistics + capped(self.boundaries_compress)
+        compress = 3 * self.block + 2 * self.statistics + self.refinement + capped(self.boundaries_compress)
         return self.runtime + self.outside + max(profile, compress)
 
     def describe(self, activations_cap: int | None = None) -> str:
@@ -60,12 +63,25 @@ class MemoryEstimate:
         return (f"streaming: estimated peak memory {human(self.total(activations_cap))} (one block "
                 f"{human(self.block)}, its statistics {human(self.statistics)}, boundary activations "
                 f"{human(self.boundaries_profile)}{spilled}, embeddings and head {human(self.outside)}, "
-                f"runtime {human(self.runtime)})")
+                f"runtime {human(self.runtime)}"
+                + (f", block refinement {human(self.refinement)}" if self.refinement else "") + ")")
+
+
+def refinement_bytes(source: BlockSource, batch_size: int, seq_len: int) -> int:
+    """Block refinement's extra memory: Adam's two moments and the gradients (3 × one block), and one
+    batch's autograd activations (per token: ~12 hidden-sized and 4 MLP-sized vectors, one attention row per head)."""
+    config = source.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    mlp = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+           or getattr(config, "n_inner", None) or 4 * hidden)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    activations = batch_size * seq_len * (12 * hidden + 4 * mlp + 2 * heads * seq_len) * 4
+    return 3 * source.block_bytes(0) + activations
 
 
 def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, prices: bool,
-             sensitivity_samples: int) -> MemoryEstimate:
-    """The formula's parts for `source`, its targets and the calibration `windows`."""
+             sensitivity_samples: int, refine: bool = False, batch_size: int = 8) -> MemoryEstimate:
+    """The formula's parts for `source`, its targets and the calibration `windows` (`refine`: with block refinement)."""
     per_block: dict[str, int] = {}
     for target in targets:
         block = target.name[len(source.prefix) + 1:].split(".", 1)[0]
@@ -79,8 +95,9 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     levels = len(source.blocks) + 1
     fisher_levels = min(sensitivity_samples, windows.shape[0]) * windows.shape[1] * hidden * 4 * levels if prices else 0
     return MemoryEstimate(block=source.block_bytes(0), statistics=statistics,
-                          boundaries_profile=per_level * levels + fisher_levels, boundaries_compress=2 * per_level,
-                          outside=source.outside_bytes())
+                          boundaries_profile=per_level * levels + fisher_levels,
+                          boundaries_compress=(4 if refine else 2) * per_level, outside=source.outside_bytes(),
+                          refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0)
 
 
 def available_bytes() -> int:
@@ -97,7 +114,8 @@ def available_bytes() -> int:
 
 def activations_cap(est: MemoryEstimate, limit: int) -> int:
     """The boundary activations that fit in memory under `limit` (the rest spill to --offload-dir)."""
-    fixed = est.runtime + est.outside + max(est.block + est.statistics, 3 * est.block + 2 * est.statistics)
+    fixed = est.runtime + est.outside + max(est.block + est.statistics,
+                                            3 * est.block + 2 * est.statistics + est.refinement)
     return max(0, limit - fixed)
 
 

@@ -154,7 +154,8 @@ def compress_streamed(
     source = BlockSource(folder, torch.float32, trust_remote_code=trust_remote_code)
     targets = find_targets(source.model, config.include, config.exclude)
     strategy = config.strategy or default_strategy(config.method, source.model)
-    est = estimate(source, targets, windows, strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES)
+    est = estimate(source, targets, windows, strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES,
+                   refine=config.refinement().enabled, batch_size=config.batch_size)
     limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else available_bytes()
     cap = check_fits(est, limit, config.offload_dir is not None)
     if progress:
@@ -171,13 +172,15 @@ def compress_streamed(
     started = time.perf_counter()
     compress_pass(source, plan, {t.name: t for t in targets}, windows, writer, BoundaryStore(cap, config.offload_dir),
                   batch_size=config.batch_size, update=config.update is not False, damping=config.damping,
-                  device=device, progress=progress)
+                  device=device, progress=progress, refine=config.refinement())
     writer.finish()
     seconds["compress"] = round(time.perf_counter() - started, 3)
     plan.options["stage_seconds"] = seconds
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
         plan.options["update_target"] = "dense"
+    if config.refinement().enabled:
+        plan.options["refine"] = config.refinement().record()
     plan.options.update(plan_options or {})
     _write_metadata(source, plan, partial, save_dtype, tokenizer, extra_files)
     _publish(partial, output)

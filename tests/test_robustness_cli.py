@@ -696,6 +696,24 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--stream", "--resume", *SAMPLES), r"nothing to resume"),
     Row("stream-resume-without-stream", "stream", "`--resume` without `--stream`",
         compress("{model}", "-o", "OUT", "--resume", *SAMPLES), r"--resume continues a streamed run; add --stream"),
+    # Block refinement (`lowrank compress --refine-steps`)
+    Row("refine-steps-negative", "refine", "`--refine-steps -1`",
+        compress("{model}", "-o", "OUT", "--refine-steps=-1", *SAMPLES), r"--refine-steps must be a whole number ≥ 0"),
+    Row("refine-steps-not-a-number", "refine", "`--refine-steps many`",
+        compress("{model}", "-o", "OUT", "--refine-steps", "many", *SAMPLES), r"'many' is not a valid integer", exit_code=2),
+    Row("refine-lr-zero", "refine", "`--refine-steps 2 --refine-lr 0`",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--refine-lr", "0", *SAMPLES),
+        r"--refine-lr must be a finite number > 0"),
+    Row("refine-lr-nan", "refine", "`--refine-steps 2 --refine-lr nan`",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--refine-lr", "nan", *SAMPLES),
+        r"--refine-lr must be a finite number > 0"),
+    Row("refine-share-above-one", "refine", "`--refine-share 1.5`",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--refine-share", "1.5", *SAMPLES),
+        r"--refine-share must lie in \(0, 1\]"),
+    Row("refine-one-shot", "refine", "`--refine-steps 2 --one-shot` (refinement works block by block)",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--one-shot", *SAMPLES), r"add --sequential"),
+    Row("refine-method-svd", "refine", "`--refine-steps 2 --method svd` (no calibration statistics)",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--method", "svd", *SAMPLES), r"--method whiten"),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
     Row("eval-against-dense-folder", "evaluation", "`lowrank eval MODEL --against` on a dense folder (no plan, no source)",
         command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),
@@ -742,7 +760,8 @@ OBSERVED: dict[str, str] = {}
 GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "calibration text",
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
           "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
-          "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders"}
+          "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders",
+          "refine": "block refinement"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 

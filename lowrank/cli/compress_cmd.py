@@ -74,6 +74,16 @@ def describe(plan) -> str:
 @click.option("--update/--no-update", default=DEFAULTS.update,
               help="With --sequential: refit each layer's second factor by ridge least squares against the dense "
                    "block's outputs (SVD-LLM's parameter update). Default: on with --sequential.")
+@click.option("--refine-steps", type=int, default=DEFAULTS.refine_steps, show_default=True,
+              help="With --sequential: after each block is factored (and updated), this many Adam steps on its "
+                   "factors so that its output matches the dense block's on the dense path's inputs (0: off).")
+@click.option("--refine-lr", type=float, default=DEFAULTS.refine_lr, show_default=True,
+              help="Learning rate of the block refinement, relative to each tensor's size: each moves about this "
+                   "fraction of its RMS per step.")
+@click.option("--refine-share", type=float, default=DEFAULTS.refine_share, show_default=True,
+              help="Fraction of the calibration batches each refinement step trains on, in (0, 1].")
+@click.option("--refine-norms/--no-refine-norms", default=DEFAULTS.refine_norms, show_default=True,
+              help="Let the block refinement also train the block's biases and norm weights.")
 @click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
               help="Read a local safetensors folder block by block from disk and write the output shard by shard: "
                    "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
@@ -99,7 +109,7 @@ def describe(plan) -> str:
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
-            exclude, sequential, update, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
+            exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
             overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
 
@@ -109,6 +119,8 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     """
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
+                            refine_steps=refine_steps, refine_lr=refine_lr, refine_share=refine_share,
+                            refine_norms=refine_norms,
                             batch_size=batch_size, device=device, dtype=dtype, stream=stream, offload_dir=offload_dir,
                             max_memory=max_memory, max_shard_size=max_shard_size, save_dtype=save_dtype)
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
