@@ -79,3 +79,23 @@ def sentence_batches(tokenizer, text: str, *, token_budget: int | None, max_leng
     rows = tokenize_sentences(tokenizer, sentences, max_length)
     chosen = choose_sentences([len(r) for r in rows], token_budget, seed)
     return batch_by_length([rows[i] for i in chosen], batch_size, seed)
+
+
+def framed_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of running text, each framed as a sentence is: [CLS] seq_len − 2 tokens [SEP].
+
+    Training needs equal-length windows; framing them keeps the encoder's input what it was trained
+    on (special tokens at both ends, positions from 0) while every token of the text is used.
+    """
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise CalibrationError("the tokenizer has no [CLS]/[SEP] tokens to frame windows with; use plain windows")
+    if seq_len < 3:
+        raise CalibrationError(f"--seq-len must be at least 3 tokens for framed windows, got {seq_len}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    body = seq_len - 2
+    count = len(ids) // body
+    if count == 0:
+        raise CalibrationError(f"the text has {len(ids)} tokens, fewer than one window of {body}; give more text")
+    inner = torch.tensor(ids[:count * body], dtype=torch.long).view(count, body)
+    return torch.cat([torch.full((count, 1), cls), inner, torch.full((count, 1), sep)], dim=1)

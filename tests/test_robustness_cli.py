@@ -167,6 +167,8 @@ def build_inputs(root: Path) -> Inputs:
     p["latin1_text"].write_bytes("Où est la fenêtre? ".encode("latin-1") * 20)
     p["short_text"] = texts / "short.txt"
     p["short_text"].write_text("To be, or not to be.\n")
+    p["no_sentence_text"] = texts / "no_sentence.txt"
+    p["no_sentence_text"].write_text("Exit. Enter Ghost. Flourish. Alarum.\n" * 20)
     p["empty_folder"] = texts / "no_txt_here"
     p["empty_folder"].mkdir()
     p["good_text"] = texts / "good.txt"
@@ -599,6 +601,10 @@ ROWS = [
         "`lowrank eval --reference` (the alias of --against) naming a path that does not exist",
         command("eval", "{bert_model}", "--reference", "{bert_model}-missing", "--text", "{good_text}", "-q"),
         r"does not exist"),
+    Row("compress-encoder-text-without-sentences", "encoders",
+        "`lowrank compress` of an encoder on text with no sentence of four words (it calibrates on sentences)",
+        command("compress", "{bert_model}", "-o", "OUT", "--calib", "{no_sentence_text}", "--seq-len", "32", "-q"),
+        r"holds no sentence of at least 4 words"),
     Row("recover-hidden-layers-unknown", "encoders", "`lowrank recover --hidden-layers middle`",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--loss", "cosine",
                 "--hidden-layers", "middle", "-q"), r"Invalid value for '--hidden-layers'", exit_code=2),
