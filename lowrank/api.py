@@ -86,6 +86,12 @@ def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tens
     return text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len, calibration.seed)
 
 
+def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig, batch_size: int = 8):
+    """The calibration `lowrank compress` uses for `model`: windows of running text for a language model,
+    sentence batches (lowrank.sentences) for an encoder. `lowrank plan` and `profile` use it too."""
+    return _calibration_windows(tokenizer, calibration, sentences=is_encoder(model), batch_size=batch_size)
+
+
 def compress(
     source: "str | Path | nn.Module",
     config: CompressConfig | None = None,

@@ -104,12 +104,14 @@ def embedding_prices(model: nn.Module, targets: list[Target], windows, stats: di
     return {name: DirectionPrices(sigmas[name], prices[name], samples) for name in prices}
 
 
-def priced_spectrum(weight: torch.Tensor, white, fisher: "OutputFisher | DirectionPrices") -> tuple[torch.Tensor, torch.Tensor]:
+def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputFisher | DirectionPrices"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ
-    (an encoder's DirectionPrices already hold both)."""
+    (F: a per-token Fisher matrix or an OutputFisher; an encoder's DirectionPrices already hold both)."""
     if isinstance(fisher, DirectionPrices):
         return fisher.sigma, fisher.price
-    fisher = fisher.mean
+    if isinstance(fisher, OutputFisher):
+        fisher = fisher.mean
     product = weight.detach().to(torch.float64)
     if white is not None:
         product = product @ white.root
