@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from lowrank.encoder_eval import agreement, sentence_embeddings
 from lowrank.sentences import framed_windows, sentence_batches, split_sentences
 from lowrank.loading import load_model
 from lowrank.model_info import count_parameters
+from lowrank.planner import ENCODER_STRATEGY
 from lowrank.training import recover
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -50,20 +52,29 @@ def markdown(record: dict) -> str:
              "config says). Cosine: between the two embeddings of the same sentence. Recall@10 / top-1: "
              "self-retrieval of each compressed embedding among all dense ones.", "",
              "| ratio | strategy | parameters | mean cosine | min cosine | top-1 | recall@10 | goal (mean cosine) | "
-             "compress s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "CPU s | wall s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for row in record["rows"] + ([record["recovered"]] if record.get("recovered") else []):
         goal = RECOVERED_GOAL if "recovery" in row["strategy"] else GOALS[row["ratio"]]
         met = "met" if row["mean_cosine"] >= goal else f"missed by {goal - row['mean_cosine']:.3f}"
-        lines.append(f"| {row['ratio']} | {row['strategy']} | {row['params']:,} | {row['mean_cosine']:.4f} | "
+        label = row["strategy"] + (" (default)" if row["strategy"] == ENCODER_STRATEGY else "")
+        lines.append(f"| {row['ratio']} | {label} | {row['params']:,} | {row['mean_cosine']:.4f} | "
                      f"{row['min_cosine']:.4f} | {row['top1']:.4f} | {row['recall_at_10']:.4f} | ≥ {goal} ({met}) | "
-                     f"{row['seconds']} |")
+                     f"{row.get('cpu_seconds', '–')} | {row['seconds']} |")
     if record.get("recovered"):
         settings = {k: record["recovered"]["recovery"][k]
                     for k in ("loss", "hidden_layers", "steps", "lr", "batch_size", "seq_len")}
-        lines += ["", "The recovered row's last column is the recovery's training time (seconds, 2 shared CPU "
-                  f"cores); its settings: {json.dumps(settings)}, on Julius Caesar and The Tempest."]
+        lines += ["", "CPU s: CPU time of the compression (or, on the recovered row, of the recovery's training), "
+                  "all threads; wall s: wall-clock on 2 CPU cores shared with other jobs (it says more about the "
+                  f"load than the method). Recovery settings: {json.dumps(settings)}, on Julius Caesar and The "
+                  "Tempest in framed windows."]
     lines.append("")
     return "\n".join(lines)
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used (all threads): unlike wall time, barely moved by other jobs on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def calibration_label() -> str:
@@ -104,11 +115,12 @@ def main() -> None:
     for ratio in args.ratios:
         for strategy in args.strategies:
             model = copy.deepcopy(dense.model)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), cpu_seconds()
             compress(model, CompressConfig(ratio=ratio, strategy=strategy, batch_size=BATCH_SIZE), calibration,
                      progress=False)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, cpu_seconds() - started_cpu
             row = {"ratio": ratio, "strategy": strategy, "params": count_parameters(model), "seconds": round(seconds, 1),
+                   "cpu_seconds": round(cpu, 1),
                    **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
             rows.append(row)
             compressed[(ratio, strategy)] = model
@@ -122,9 +134,11 @@ def main() -> None:
         train = framed_windows(tokenizer, text, RECOVERY_SEQ_LEN)
         config = RecoveryConfig(loss=args.recovery_loss, steps=args.recovery_steps, batch_size=16,
                                 seq_len=RECOVERY_SEQ_LEN, lr=args.recovery_lr, checkpoint_every=0)
+        started_cpu = cpu_seconds()
         result = recover(model, train, config, teacher=dense.model, progress=False)
         recovered = {"ratio": best["ratio"], "strategy": best["strategy"] + " + recovery",
                      "params": count_parameters(model), "seconds": round(result.seconds, 1),
+                     "cpu_seconds": round(cpu_seconds() - started_cpu, 1),
                      "recovery": config.to_dict(), **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
         print(json.dumps(recovered), flush=True)
     record = {"model": MODEL, "dense_params": count_parameters(dense.model), "calibration": calibration_label(),

@@ -147,7 +147,7 @@ def test_eval_cli_compares_a_compressed_encoder_with_its_source(tmp_path, capsys
 
 
 def test_the_minilm_recipe_runs_whole_on_a_tiny_bert(tmp_path, capsys, monkeypatch):
-    """compress (embedding sensitivity) → eval → recover (hidden-state cosine) → eval, on a tiny BERT."""
+    """compress (embedding sensitivity, sentence calibration) → eval → recover (embedding cosine) → eval, on a tiny BERT."""
     from pathlib import Path
 
     from lowrank.training import ranks_of
