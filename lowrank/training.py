@@ -137,6 +137,13 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, c
     return recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature, config.distill_weight)
 
 
+def deterministic_student(config: RecoveryConfig) -> bool:
+    """Train an encoder in eval mode (no dropout): its teacher is deterministic, so dropout in the student
+    only adds noise (MiniLM's 10% is larger than the compression error it learns to undo). Gradient
+    checkpointing needs train mode, and language models keep it (their numbers must not move)."""
+    return config.loss in HIDDEN_LOSSES and not config.gradient_checkpointing
+
+
 def _evaluate(model: nn.Module, windows: torch.Tensor, config: RecoveryConfig) -> float:
     return perplexity(model, windows, batch_size=config.eval_batch_size, progress=False).perplexity
 
@@ -210,7 +217,7 @@ def recover(
         """Evaluate, track the best weights; True when patience is exhausted."""
         nonlocal best
         ppl = _evaluate(model, eval_windows, config)
-        model.train()
+        model.train(not deterministic_student(config))
         improved = state.best_ppl is None or ppl < state.best_ppl
         if improved:
             state.best_ppl, state.best_step, state.evals_since_best = ppl, state.step, 0
@@ -222,7 +229,7 @@ def recover(
         return config.patience > 0 and state.evals_since_best >= config.patience
 
     try:
-        model.train()
+        model.train(not deterministic_student(config))
         if eval_windows is not None and state.step == 0:
             evaluate_now()
             state.before = state.best_ppl
