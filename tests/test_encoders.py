@@ -219,3 +219,25 @@ def test_the_embedding_loss_is_one_minus_the_cosine_of_pooled_embeddings_and_tra
     before = float(batch_loss(student, teacher, windows, config))
     recover(student, windows, config, teacher=teacher, progress=False)
     assert float(batch_loss(student, teacher, windows, config)) < before
+
+
+def test_an_encoder_student_trains_without_dropout():
+    """Recovery with an encoder loss runs the student in eval mode: dropout would only add noise to distillation."""
+    from lowrank.compression import compress_model
+    from lowrank.config import RecoveryConfig
+    from lowrank.training import recover
+
+    teacher, student = make_tiny_model("bert"), make_tiny_model("bert")
+    student.config.hidden_dropout_prob = 0.5
+    compress_model(student, ratio=0.5, windows=random_windows(8, 12), strategy="uniform", progress=False)
+    modes = []
+    student.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    windows = random_windows(8, 12, seed=2)
+    for loss in ("embedding", "cosine"):
+        recover(student, windows, RecoveryConfig(loss=loss, steps=2, batch_size=4, seq_len=12, checkpoint_every=0),
+                teacher=teacher, progress=False)
+    assert modes and not any(modes)
+    modes.clear()
+    recover(student, windows, RecoveryConfig(loss="cosine", steps=1, batch_size=4, seq_len=12, checkpoint_every=0,
+                                             gradient_checkpointing=True), teacher=teacher, progress=False)
+    assert modes and all(modes)  # gradient checkpointing needs train mode
