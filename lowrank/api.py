@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .agreement import AgreementResult, agreement
-from .calibration import load_text, sample_text_path, text_windows
+from .calibration import load_text, sample_text_path, text_windows, window_count
 from .checkpoint import read_plan, save_compressed
 from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
 from .config import CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
@@ -28,6 +28,7 @@ from .evaluation import perplexity
 from .lm_harness import require_lm_eval, run_tasks
 from .loading import load_model, load_tokenizer, local_checkpoint
 from .plan import Plan
+from .sentences import sentence_batches
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
@@ -60,16 +61,35 @@ def _open_source(source: "str | Path | nn.Module", tokenizer, dtype: str, device
     return loaded.model, loaded.tokenizer
 
 
-def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tensor | None") -> torch.Tensor:
+def _calibration_windows(tokenizer, calibration: "CalibrationConfig | torch.Tensor | list | None", *,
+                         sentences: bool = False, batch_size: int = 8) -> "torch.Tensor | list[torch.Tensor]":
+    """Token windows from a CalibrationConfig (with `sentences`, an encoder's sentence batches holding
+    samples × seq_len tokens), or the windows / batches given, checked."""
 
     if isinstance(calibration, torch.Tensor):
         if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
             raise LowrankError("calibration windows must be a 2-D tensor of token ids (n_windows, seq_len)")
         return calibration
+    if isinstance(calibration, list):  # ready batches of token ids, e.g. an encoder's sentences (lowrank.sentences)
+        if not calibration or any(not isinstance(b, torch.Tensor) or b.ndim != 2
+                                  or b.dtype not in (torch.int32, torch.int64) for b in calibration):
+            raise LowrankError("calibration batches must be a non-empty list of 2-D tensors of token ids (b, seq_len)")
+        return calibration
     calibration = calibration or CalibrationConfig()
     if tokenizer is None:
         raise LowrankError("calibration text needs a tokenizer; pass tokenizer=, or token windows as calibration")
+    if sentences:  # an encoder: whole sentences with their special tokens, as it is used (lowrank.sentences)
+        text = load_text(list(calibration.texts) or [sample_text_path("hamlet")])
+        return sentence_batches(tokenizer, text, token_budget=calibration.samples * calibration.seq_len,
+                                max_length=min(calibration.seq_len, getattr(tokenizer, "model_max_length", 10**9)),
+                                batch_size=batch_size, seed=calibration.seed)
     return text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len, calibration.seed)
+
+
+def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig, batch_size: int = 8):
+    """The calibration `lowrank compress` uses for `model`: windows of running text for a language model,
+    sentence batches (lowrank.sentences) for an encoder. `lowrank plan` and `profile` use it too."""
+    return _calibration_windows(tokenizer, calibration, sentences=is_encoder(model), batch_size=batch_size)
 
 
 def compress(
@@ -119,7 +139,8 @@ def compress(
                           None if in_memory else str(source), progress)
     windows = None
     if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
-        windows = _calibration_windows(tokenizer_object, calibration)
+        windows = _calibration_windows(tokenizer_object, calibration, sentences=is_encoder(model),
+                                       batch_size=config.batch_size)
     plan = compress_model(model, ratio=config.ratio, budget=config.budget, strategy=strategy, plan=plan,
                           method=config.method, windows=windows, include=config.include, exclude=config.exclude,
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
@@ -129,12 +150,18 @@ def compress(
     texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
     if isinstance(calibration, torch.Tensor):
         plan.options.update({"samples": calibration.shape[0], "seq_len": calibration.shape[1]})
+    elif isinstance(windows, list):  # sentences
+        plan.options.update({"calibration_unit": "sentences", "sentences": window_count(windows),
+                             "tokens": sum(b.numel() for b in windows)})
+        if not isinstance(calibration, list):
+            plan.options.update({"seq_len": texts_config.seq_len, "seed": texts_config.seed,
+                                 "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
     else:
         plan.options.update({"samples": texts_config.samples if windows is not None else 0,
                              "seq_len": texts_config.seq_len, "seed": texts_config.seed,
                              "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
     if output is not None:
-        record = config_record(config, None if isinstance(calibration, torch.Tensor) else texts_config)
+        record = config_record(config, None if isinstance(calibration, (torch.Tensor, list)) else texts_config)
         save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
                         max_shard_size=config.max_shard_size, extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     return plan
@@ -181,7 +208,8 @@ def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: st
         check_plan_matches(plan, targets)
         return plan
     needs_text = (needs_spectra(strategy) and needs_statistics(config.method)) or strategy == "sensitivity"
-    windows = _calibration_windows(tokenizer, calibration) if needs_text else None
+    windows = _calibration_windows(tokenizer, calibration, sentences=is_encoder(model),
+                                   batch_size=config.batch_size) if needs_text else None
     plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,
                          windows=windows, method=config.method, limits=config.limits(), overrides=config.overrides,
                          batch_size=config.batch_size, damping=config.damping, source=source, progress=progress)
@@ -262,8 +290,8 @@ def evaluate(
                                            need_tokenizer=windows is None)
     check_finite_weights(model)
     if is_encoder(model) and windows is None:
-        return _evaluate_encoder(source, model, tokenizer_object, config, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle, progress=progress)
+        return _evaluate_encoder(source, model, tokenizer_object, config, against=config.against,
+                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
     windows = _evaluation_windows(tokenizer_object, config, windows)
     return perplexity(model, windows, batch_size=config.batch_size, progress=progress)
 
@@ -280,6 +308,7 @@ def compare(
     progress: bool = True,
 ) -> AgreementResult:
     """Agreement of `source` (usually a compressed folder) with a dense model, on the same windows.
+    An encoder is compared on the sentences of the text instead (EncoderAgreement, as `evaluate` does).
 
     The dense model is `against`, else `config.against`; "plan" (or nothing) means the source recorded in the
     folder's plan. Returns both perplexities, top-1 agreement, KL(dense ‖ compressed) and generation agreement.
@@ -287,12 +316,15 @@ def compare(
 
     config = config or EvalConfig()
     against = against if against is not None else config.against
-    if against is None or against == "plan":
-        against = plan_source(source)
     device = resolve_device(config.device)
     model, tokenizer_object = _open_source(source, tokenizer, config.dtype, device, trust_remote_code=trust_remote_code,
                                            allow_pickle=allow_pickle, need_tokenizer=windows is None)
     check_finite_weights(model)
+    if is_encoder(model) and windows is None:  # sentence embeddings, not next-token agreement
+        return _evaluate_encoder(source, model, tokenizer_object, config, against=against,
+                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+    if against is None or against == "plan":
+        against = plan_source(source)
     try:
         dense, _ = _open_source(against, None, config.dtype, device, trust_remote_code=trust_remote_code,
                                 allow_pickle=allow_pickle, need_tokenizer=False)
@@ -337,16 +369,16 @@ def plan_source(source) -> str:
     return plan.source
 
 
-def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, trust_remote_code: bool,
+def _evaluate_encoder(source, model: nn.Module, tokenizer, config: EvalConfig, *, against, trust_remote_code: bool,
                       allow_pickle: bool, progress: bool) -> EncoderAgreement:
-    """An encoder's sentence embeddings against its dense reference (config.reference, else the plan's source)."""
+    """An encoder's sentence embeddings against its dense model (`against`, else the plan's source)."""
 
-    reference = config.reference
+    reference = against if against not in (None, "plan") else None
     if reference is None and not isinstance(source, nn.Module) and is_compressed_folder(str(source)):
         reference = read_plan(str(source))[0].source
     if reference is None:
         raise LowrankError(f"{type(model).__name__} is an encoder, measured against its dense original; "
-                           "pass --reference with the dense model")
+                           "pass --against with the dense model")
     if tokenizer is None:
         raise LowrankError("evaluating an encoder needs a tokenizer; pass tokenizer= (or --tokenizer)")
     dense = _open_source(reference, None, config.dtype, resolve_device(config.device),

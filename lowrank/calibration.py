@@ -173,6 +173,41 @@ def distinct_tokens_covered(starts: torch.Tensor, seq_len: int, n_tokens: int) -
     return int(covered.sum())
 
 
+# ---- calibration windows: one (n, seq_len) tensor, or a list of ready batches ------------------------
+
+def window_batches(windows: "torch.Tensor | list[torch.Tensor]", batch_size: int) -> list[torch.Tensor]:
+    """The forward-pass batches of `windows`: a (n, seq_len) tensor split `batch_size` rows at a time, or a
+    list of (b, L) batches (an encoder's sentences, `lowrank.sentences`) taken as they are."""
+    if isinstance(windows, torch.Tensor):
+        return list(windows.split(batch_size))
+    return list(windows)
+
+
+def window_count(windows: "torch.Tensor | list[torch.Tensor]") -> int:
+    """How many windows (rows: token sequences) the calibration holds."""
+    return windows.shape[0] if isinstance(windows, torch.Tensor) else sum(b.shape[0] for b in windows)
+
+
+def first_windows(windows: "torch.Tensor | list[torch.Tensor]", n: int) -> "torch.Tensor | list[torch.Tensor]":
+    """The first `n` windows, in the same form (a list of batches is cut after its first `n` rows)."""
+    if isinstance(windows, torch.Tensor):
+        return windows[:n]
+    kept, left = [], n
+    for batch in windows:
+        if left <= 0:
+            break
+        kept.append(batch[:left])
+        left -= kept[-1].shape[0]
+    return kept
+
+
+def shortest_window(windows: "torch.Tensor | list[torch.Tensor]") -> int:
+    """Tokens in the shortest window."""
+    if isinstance(windows, torch.Tensor):
+        return windows.shape[1]
+    return min((b.shape[1] for b in windows), default=0)
+
+
 @dataclass
 class ActivationStats:
     """Running statistics of one layer input x ∈ R^n: Gram XᵀX (float64), count, Σ|x|."""
@@ -268,7 +303,7 @@ def collect_stats(
     model.eval()
     try:
         with StatsCollector(model, targets) as collector:
-            batches = windows.split(batch_size)
+            batches = window_batches(windows, batch_size)
             for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not progress):
                 model(input_ids=batch.to(device), **without_cache(model))
                 collector.end_batch()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import hf_integration
 from .budget import Budget, Override, RankLimits
-from .calibration import ActivationStats
+from .calibration import ActivationStats, window_count
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
@@ -136,7 +136,7 @@ def plan_model(
     stats = fisher = None
     if statistics or prices:
         stats, fisher = measure(model, targets, windows, statistics=statistics, prices=prices, batch_size=batch_size,
-                                sensitivity_samples=sensitivity_samples, progress=progress)
+                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress)
     spectra = None
     if needs_spectra(strategy):
         profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
@@ -146,7 +146,7 @@ def plan_model(
                         overrides=overrides, source=source, speed=speed)
     plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
     if prices:
-        plan.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
+        plan.options["sensitivity_samples"] = min(sensitivity_samples, window_count(windows))
     return plan, stats
 
 
@@ -262,7 +262,7 @@ def compress_sequential(
     if not needs_statistics(method):
         raise LowrankError(f"sequential compression needs calibration statistics, which method {method} does "
                            "not use; pass --one-shot or --method whiten")
-    if windows is None or windows.numel() == 0:
+    if windows is None or window_count(windows) == 0:
         raise LowrankError("sequential compression needs calibration text; pass --calib")
     plan.method = method
     targets = {t.name: t for t in plan_modules(model, plan)}

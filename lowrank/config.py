@@ -159,7 +159,7 @@ class RecoveryConfig(ConfigBase):
 
     version: int = CONFIG_VERSION
     mode: str = "factors"          # "factors": train the factors; "lora": LoRA adapters on them, merged after
-    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher), "both"; encoders: "cosine", "mse"
+    loss: str = "distill"          # "ce", "distill" (KL to the dense teacher), "both"; encoders: "cosine", "mse", "embedding"
     hidden_layers: str = "last"    # hidden-state losses: match the teacher's "last" layer or "all" layers
     steps: int = 200               # optimizer steps
     lr: float | None = None        # peak learning rate; None: DEFAULT_LR[mode]
@@ -234,7 +234,7 @@ class RecoveryConfig(ConfigBase):
 @dataclass
 class EvalConfig(ConfigBase):
     """Evaluation: perplexity on text, agreement with a dense model, zero-shot tasks; window length, precision;
-    for an encoder, the dense reference and how many sentences (embedding agreement instead of perplexity)."""
+    for an encoder, how many sentences (embedding agreement with the dense model instead of perplexity)."""
 
     SECTION: ClassVar[str] = "eval"
 
@@ -245,7 +245,8 @@ class EvalConfig(ConfigBase):
     batch_size: int = 4
     dtype: str = "float32"
     device: str = "auto"
-    # agreement with the dense model (lowrank.agreement): None = perplexity only; "plan" = the plan's source
+    # agreement with the dense model (lowrank.agreement): None = perplexity only; "plan" = the plan's source.
+    # An encoder is always measured against its dense model: this one, else the plan's source.
     against: str | None = None
     prompts: int = 16                  # greedy-generation prompts: the first tokens of the first N windows
     prompt_tokens: int = 32
@@ -254,7 +255,6 @@ class EvalConfig(ConfigBase):
     tasks: list[str] = field(default_factory=list)
     task_path: str | None = None       # a folder of local lm-eval task YAML files (lm-eval's include_path)
     task_limit: int | None = None      # only the first N examples of each task
-    reference: str | None = None       # encoders: the dense model to compare with; None: the plan's source
     max_sentences: int | None = None   # encoders: only the first N sentences (None: all of the text)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """The losses recovery trains on: next-token cross-entropy and distillation from a dense teacher.
 
 Encoders are distilled on hidden states instead: 1 − cosine or the mean squared error between
-student and teacher token states, on the last layer or averaged over every layer.
+student and teacher token states, on the last layer or averaged over every layer; or ("embedding")
+1 − cosine between the pooled sentence embeddings, the vectors users of the encoder consume.
 
 Both are plain functions of logits, so they can be tested on small tensors. Distillation is the
 KL divergence KL(teacher ‖ student) between the two next-token distributions, both softened by
@@ -15,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 #: Losses on the hidden states of a dense teacher, for encoders (which have no next-token logits).
-HIDDEN_LOSSES = ("cosine", "mse")
+HIDDEN_LOSSES = ("cosine", "mse", "embedding")
 LOSSES = ("ce", "distill", "both") + HIDDEN_LOSSES
 #: Which teacher hidden states the hidden-state losses match: the last layer's, or every layer's.
 HIDDEN_LAYERS = ("last", "all")
@@ -61,8 +62,8 @@ def recovery_loss(
 
 def hidden_state_loss(kind: str, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mean over layers and tokens of 1 − cos(s, t) ("cosine") or of ‖s − t‖²/d ("mse"); states (b, s, d)."""
-    if kind not in HIDDEN_LOSSES:
-        raise ValueError(f"unknown hidden-state loss {kind!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
+    if kind not in ("cosine", "mse"):
+        raise ValueError(f"unknown hidden-state loss {kind!r}; choose cosine or mse")
     if len(student) != len(teacher) or not student:
         raise ValueError(f"{len(student)} student and {len(teacher)} teacher hidden states do not pair up")
     terms = []
@@ -73,3 +74,8 @@ def hidden_state_loss(kind: str, student: tuple[torch.Tensor, ...], teacher: tup
         else:
             terms.append(F.mse_loss(s, t))
     return torch.stack(terms).mean()
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over sentences of 1 − cos(student, teacher) of pooled sentence embeddings (b, d)."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()

@@ -144,7 +144,7 @@ def compare_encoders(model: nn.Module, reference: nn.Module, tokenizer, text: st
                                  progress=progress)
     if ours.shape != theirs.shape:
         raise LowrankError(f"the reference embeds into {theirs.shape[1]} dimensions and the model into "
-                           f"{ours.shape[1]}; pass the dense model it was compressed from as --reference")
+                           f"{ours.shape[1]}; pass the dense model it was compressed from as --against")
     result = EncoderAgreement(sentences=len(sentences), **agreement(ours, theirs))
     if has_mlm_head(model) and has_mlm_head(reference) and tokenizer.mask_token_id is not None:
         result.mlm_perplexity = mlm_perplexity(model, tokenizer, sentences, max_length=max_length,

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import ActivationStats, collect_stats
+from .calibration import ActivationStats, collect_stats, first_windows, window_count
+from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
+from .encoders import is_encoder
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, WhiteningCache
 from .layers import LowRankLinear
@@ -64,21 +66,52 @@ def measure(
     prices: bool = False,
     batch_size: int = 8,
     sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
+    damping: float = DEFAULT_DAMPING,
     progress: bool = True,
-) -> tuple[dict[str, ActivationStats] | None, dict[str, OutputFisher] | None]:
-    """Input statistics of every target (if `statistics`) and output Fishers (if `prices`) on `windows`."""
+) -> tuple[dict[str, ActivationStats] | None, dict[str, OutputFisher | DirectionPrices] | None]:
+    """Input statistics of every target (if `statistics`) and its loss prices (if `prices`) on `windows`.
+
+    The prices of a causal LM are output Fishers from the first `sensitivity_samples` windows; an
+    encoder's are exact per-direction prices of its sentence embedding over every window (and
+    need the statistics, so they are always collected then)."""
+    if prices and sensitivity_samples < 1:
+        raise LowrankError(f"--sensitivity-samples must be at least 1, got {sensitivity_samples}")
+    if prices and is_encoder(model):  # exact per-direction prices of the sentence embedding, on every sentence
+        stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
+        return stats, embedding_prices(model, targets, windows, stats, damping=damping, batch_size=batch_size,
+                                       progress=progress)
     stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
     fisher = None
     if prices:
-        if sensitivity_samples < 1:
-            raise LowrankError(f"--sensitivity-samples must be at least 1, got {sensitivity_samples}")
-        fisher = measure_output_fisher(model, targets, windows[:sensitivity_samples],
+        fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
                                        batch_size=max(1, min(batch_size, 4)), progress=progress)
     return stats, fisher
 
 
-def priced_spectrum(weight: torch.Tensor, white, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ."""
+def embedding_prices(model: nn.Module, targets: list[Target], windows, stats: dict[str, ActivationStats], *,
+                     damping: float = DEFAULT_DAMPING, batch_size: int = 8,
+                     progress: bool = True) -> dict[str, DirectionPrices]:
+    """An encoder's prices: each target's whitened SVD from `stats`, then its directions priced by the
+    squared change of the pooled embedding they cause (lowrank.embedding_prices)."""
+    whitenings = WhiteningCache(damping)
+    sigmas, bases = {}, {}
+    for target in targets:
+        white = whitenings.get(stats[target.name], target.name)
+        sigmas[target.name], bases[target.name] = whitened_basis(
+            module_weight(model.get_submodule(target.name)), white.root, white.inverse)
+    prices = measure_embedding_prices(model, targets, windows, bases, batch_size=batch_size, progress=progress)
+    samples = window_count(windows) * DEFAULT_PROBES
+    return {name: DirectionPrices(sigmas[name], prices[name], samples) for name in prices}
+
+
+def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputFisher | DirectionPrices"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ
+    (F: a per-token Fisher matrix or an OutputFisher; an encoder's DirectionPrices already hold both)."""
+    if isinstance(fisher, DirectionPrices):
+        return fisher.sigma, fisher.price
+    if isinstance(fisher, OutputFisher):
+        fisher = fisher.mean
     product = weight.detach().to(torch.float64)
     if white is not None:
         product = product @ white.root
@@ -115,7 +148,7 @@ def profile_model(
     for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
         whitening = whitenings.get(stats[name], name) if stats is not None else None
         if fisher is not None:  # the planning spectrum and its directions, from one SVD
-            sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name].mean)
+            sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name])
             (white.done if whitening is not None else plain.done)[name] = sigma
         if whitening is not None and fisher is None:
             white.add(name, weight.to(torch.float64) @ whitening.root)
@@ -159,9 +192,9 @@ def profile_with_calibration(
     stats = fisher = None
     if windows is not None:
         stats, fisher = measure(model, targets, windows, prices=prices, batch_size=batch_size,
-                                sensitivity_samples=sensitivity_samples, progress=progress)
+                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress)
     profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
     if fisher is not None:
-        profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
+        profile.options["sensitivity_samples"] = min(sensitivity_samples, window_count(windows))
     profile.options.update({key: value for key, value in (("include", include), ("exclude", exclude)) if value})
     return profile

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .calibration import load_text, text_windows, token_windows, tokenize
+from .encoders import is_encoder
+from .sentences import framed_windows
 from .checkpoint import read_plan, save_compressed
 from .fileio import check_output_dir, check_output_spares_input
 from .folder_format import is_compressed_folder
@@ -44,10 +46,13 @@ class RecoveryPaths:
                    out.with_name(out.name + ".loss.png"))
 
 
-def training_windows(tokenizer, texts: list[str | Path], seq_len: int) -> torch.Tensor:
-    """Every non-overlapping window of `seq_len` tokens of the training text, in order."""
+def training_windows(tokenizer, texts: list[str | Path], seq_len: int, framed: bool = False) -> torch.Tensor:
+    """Every non-overlapping window of `seq_len` tokens of the training text, in order; `framed` (an
+    encoder's) as [CLS] … [SEP], the way the encoder sees a sentence (lowrank.sentences.framed_windows)."""
     if not texts:
         raise LowrankError("recovery needs training text; pass --data with .txt files or a folder")
+    if framed and tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+        return framed_windows(tokenizer, load_text(list(texts)), seq_len)
     return token_windows(tokenize(tokenizer, load_text(list(texts))), None, seq_len, what="training")
 
 
@@ -85,7 +90,7 @@ def recover_folder(
     plan, _ = read_plan(folder)
     dtype, device = torch_dtype(config.dtype), resolve_device(config.device)
     loaded = load_model(str(folder), dtype=dtype, device=device)
-    train = training_windows(loaded.tokenizer, data, config.seq_len)
+    train = training_windows(loaded.tokenizer, data, config.seq_len, framed=is_encoder(loaded.model))
     held_out = None
     if config.eval_texts:
         held_out = text_windows(loaded.tokenizer, list(config.eval_texts), None, config.seq_len, what="evaluation")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import model_device
+from .calibration import model_device, shortest_window, window_batches
 from .encoders import embed
 from .errors import LowrankError
 from .model_info import is_causal_lm, without_cache
@@ -116,7 +116,7 @@ def measure_output_fisher(
     if objective == "mlm" and not type(model).__name__.endswith("ForMaskedLM"):
         raise LowrankError(f"the mlm objective needs a masked-LM head, which {type(model).__name__} has not; "
                            "use the embedding objective")
-    if windows.shape[1] < 2:
+    if shortest_window(windows) < 2:
         raise LowrankError("sensitivity needs windows of at least 2 tokens; raise --seq-len")
     device = model_device(model)
     fishers = {t.name: OutputFisher(torch.zeros(t.out_features, t.out_features, dtype=torch.float64))
@@ -151,7 +151,7 @@ def measure_output_fisher(
             handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
         generator = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
-            for batch in tqdm(windows.split(batch_size), desc="Sensitivity", unit="batch", disable=not progress):
+            for batch in tqdm(window_batches(windows, batch_size), desc="Sensitivity", unit="batch", disable=not progress):
                 BACKWARD[objective](model, batch.to(device), generator)
     finally:
         for handle in handles:

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .compression import count_parameters
 from .config import RecoveryConfig
-from .distill import HIDDEN_LOSSES, hidden_state_loss, recovery_loss
-from .encoders import last_hidden_state
+from .distill import HIDDEN_LOSSES, embedding_loss, hidden_state_loss, recovery_loss
+from .encoders import embed, last_hidden_state
 from .errors import LowrankError
 from .evaluation import perplexity
 from .layers import LowRankLinear
@@ -119,6 +119,10 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: RecoveryConfig) -> torch.Tensor:
     """The training loss of one micro-batch: on logits for language models, on hidden states for encoders."""
+    if config.loss == "embedding":  # the pooled sentence embeddings, as the model pools
+        with torch.no_grad():
+            target = embed(teacher, ids)
+        return embedding_loss(embed(model, ids), target)
     if config.loss in HIDDEN_LOSSES:
         with torch.no_grad():
             teacher_states = last_hidden_state(teacher, ids, hidden_states=True)
@@ -131,6 +135,13 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, c
             teacher_logits = teacher(input_ids=ids, **without_cache(teacher)).logits
     logits = model(input_ids=ids, **without_cache(model)).logits
     return recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature, config.distill_weight)
+
+
+def deterministic_student(config: RecoveryConfig) -> bool:
+    """Train an encoder in eval mode (no dropout): its teacher is deterministic, so dropout in the student
+    only adds noise (MiniLM's 10% is larger than the compression error it learns to undo). Gradient
+    checkpointing needs train mode, and language models keep it (their numbers must not move)."""
+    return config.loss in HIDDEN_LOSSES and not config.gradient_checkpointing
 
 
 def _evaluate(model: nn.Module, windows: torch.Tensor, config: RecoveryConfig) -> float:
@@ -206,7 +217,7 @@ def recover(
         """Evaluate, track the best weights; True when patience is exhausted."""
         nonlocal best
         ppl = _evaluate(model, eval_windows, config)
-        model.train()
+        model.train(not deterministic_student(config))
         improved = state.best_ppl is None or ppl < state.best_ppl
         if improved:
             state.best_ppl, state.best_step, state.evals_since_best = ppl, state.step, 0
@@ -218,7 +229,7 @@ def recover(
         return config.patience > 0 and state.evals_since_best >= config.patience
 
     try:
-        model.train()
+        model.train(not deterministic_student(config))
         if eval_windows is not None and state.step == 0:
             evaluate_now()
             state.before = state.best_ppl

@@ -143,11 +143,11 @@ def test_eval_cli_compares_a_compressed_encoder_with_its_source(tmp_path, capsys
     assert record["sentences"] == 15 and 0.0 < record["mean_cosine"] < 1.0
     assert record["min_cosine"] <= record["mean_cosine"] and "embedding cosine mean" in out
     code, out, err = run_cli(capsys, "eval", str(dense), "--text", str(text))
-    assert code == 1 and err.startswith("error: ") and "pass --reference" in err
+    assert code == 1 and err.startswith("error: ") and "pass --against" in err
 
 
 def test_the_minilm_recipe_runs_whole_on_a_tiny_bert(tmp_path, capsys, monkeypatch):
-    """compress (embedding sensitivity) → eval → recover (hidden-state cosine) → eval, on a tiny BERT."""
+    """compress (embedding sensitivity, sentence calibration) → eval → recover (embedding cosine) → eval, on a tiny BERT."""
     from pathlib import Path
 
     from lowrank.training import ranks_of
@@ -199,3 +199,45 @@ def test_hidden_state_recovery_lowers_the_distance_to_the_teacher(loss, layers):
         end = float(batch_loss(student, teacher, windows, config))
     assert result.steps == 15 and end < 0.8 * start
     assert ranks_of(student) == ranks and sum(p.numel() for p in student.parameters()) == size
+
+
+def test_the_embedding_loss_is_one_minus_the_cosine_of_pooled_embeddings_and_trains():
+    from lowrank.compression import compress_model
+    from lowrank.config import RecoveryConfig
+    from lowrank.distill import embedding_loss
+    from lowrank.training import batch_loss, recover
+
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    assert float(embedding_loss(a, b)) == pytest.approx(0.5)  # cosines 1 and 0
+    teacher = make_tiny_model("bert")
+    student = make_tiny_model("bert", seed=1)  # far from the teacher: a loss well above rounding
+    compress_model(student, ratio=0.5, windows=random_windows(8, 12), strategy="uniform", progress=False)
+    windows = random_windows(16, 12, seed=1)
+    config = RecoveryConfig(loss="embedding", steps=8, batch_size=4, seq_len=12, lr=1e-3, checkpoint_every=0)
+    expected = 1 - torch.nn.functional.cosine_similarity(embed(student, windows[:4]), embed(teacher, windows[:4])).mean()
+    assert float(batch_loss(student, teacher, windows[:4], config)) == pytest.approx(float(expected), rel=1e-3)
+    before = float(batch_loss(student, teacher, windows, config))
+    recover(student, windows, config, teacher=teacher, progress=False)
+    assert float(batch_loss(student, teacher, windows, config)) < before
+
+
+def test_an_encoder_student_trains_without_dropout():
+    """Recovery with an encoder loss runs the student in eval mode: dropout would only add noise to distillation."""
+    from lowrank.compression import compress_model
+    from lowrank.config import RecoveryConfig
+    from lowrank.training import recover
+
+    teacher, student = make_tiny_model("bert"), make_tiny_model("bert")
+    student.config.hidden_dropout_prob = 0.5
+    compress_model(student, ratio=0.5, windows=random_windows(8, 12), strategy="uniform", progress=False)
+    modes = []
+    student.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    windows = random_windows(8, 12, seed=2)
+    for loss in ("embedding", "cosine"):
+        recover(student, windows, RecoveryConfig(loss=loss, steps=2, batch_size=4, seq_len=12, checkpoint_every=0),
+                teacher=teacher, progress=False)
+    assert modes and not any(modes)
+    modes.clear()
+    recover(student, windows, RecoveryConfig(loss="cosine", steps=1, batch_size=4, seq_len=12, checkpoint_every=0,
+                                             gradient_checkpointing=True), teacher=teacher, progress=False)
+    assert modes and all(modes)  # gradient checkpointing needs train mode

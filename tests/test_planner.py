@@ -327,11 +327,11 @@ def test_sensitivity_plan_on_smollm2(smollm2):
         assert big is None or (p.rank is not None and p.rank <= big)
 
 
-def test_default_strategy_is_sensitivity_for_whitened_causal_models_global_for_encoders():
+def test_default_strategy_is_sensitivity_for_whitened_models_causal_or_encoders():
     from lowrank.planner import default_strategy
 
     assert default_strategy("whiten", make_tiny_model("llama")) == "sensitivity"
-    assert default_strategy("whiten", make_tiny_model("bert")) == "global"  # measured best on a real encoder
+    assert default_strategy("whiten", make_tiny_model("bert")) == "sensitivity"  # embedding prices: best on MiniLM
     assert default_strategy("svd", make_tiny_model("llama")) == "uniform"
     assert default_strategy("asvd") == "uniform"
 

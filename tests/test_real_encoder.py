@@ -50,7 +50,8 @@ def test_compress_eval_recover_eval_on_real_text(tmp_path, capsys, monkeypatch):
                              "-o", "c", "-q")
     assert code == 0, err
     plan = json.loads((tmp_path / "c" / "lowrank_plan.json").read_text())
-    assert plan["strategy"] == "global" and plan["source"] == MODEL  # the encoders' default
+    assert plan["strategy"] == "sensitivity" and plan["source"] == MODEL  # the encoders' default
+    assert plan["options"]["calibration_unit"] == "sentences" and plan["options"]["tokens"] >= 16 * 128
     assert json.loads((tmp_path / "c" / "config.json").read_text())["sentence_pooling"] == {"mode": "mean",
                                                                                           "normalize": True}
     eval_args = ["--max-sentences", SENTENCES, "--seq-len", "128", "--batch-size", "32", "-q"]
@@ -58,14 +59,17 @@ def test_compress_eval_recover_eval_on_real_text(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     compressed = json.loads((tmp_path / "c.json").read_text())
     assert compressed["sentences"] == int(SENTENCES)
-    assert 0.9 < compressed["mean_cosine"] < 0.9999 and compressed["recall_at_10"] >= 0.95
-    code, out, err = run_cli(capsys, "recover", "c", "--loss", "cosine", "--data", str(sample_text_path("julius_caesar")),
+    assert 0.95 < compressed["mean_cosine"] < 0.9999 and compressed["recall_at_10"] >= 0.95
+    code, out, err = run_cli(capsys, "eval", "c", "--against", MODEL, "--json", "c2.json", *eval_args)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c2.json").read_text())["mean_cosine"] == compressed["mean_cosine"]
+    code, out, err = run_cli(capsys, "recover", "c", "--loss", "embedding", "--data", str(sample_text_path("julius_caesar")),
                              "--seq-len", "128", "--batch-size", "4", "--steps", "8", "--lr", "3e-4", "-o", "r", "-q")
     assert code == 0, err
     code, out, err = run_cli(capsys, "eval", "r", "--json", "r.json", *eval_args)
     assert code == 0, err
     recovered = json.loads((tmp_path / "r.json").read_text())
-    # Eight steps do not win back agreement on this encoder (0.934 → 0.920 measured; issue 16 is open on it):
-    # the stage must run end to end, keep every rank and still give embeddings close to the dense ones.
-    assert 0.5 < recovered["mean_cosine"] <= 1.0
+    # Eight steps are too few to promise a gain: the stage must run end to end, keep every rank and still
+    # give embeddings close to the dense ones.
+    assert 0.9 < recovered["mean_cosine"] <= 1.0
     assert ranks_of(load_model("r").model) == ranks_of(load_model("c").model)

@@ -173,6 +173,8 @@ def build_inputs(root: Path) -> Inputs:
     p["latin1_text"].write_bytes("Où est la fenêtre? ".encode("latin-1") * 20)
     p["short_text"] = texts / "short.txt"
     p["short_text"].write_text("To be, or not to be.\n")
+    p["no_sentence_text"] = texts / "no_sentence.txt"
+    p["no_sentence_text"].write_text("Exit. Enter Ghost. Flourish. Alarum.\n" * 20)
     p["empty_folder"] = texts / "no_txt_here"
     p["empty_folder"].mkdir()
     p["good_text"] = texts / "good.txt"
@@ -600,17 +602,29 @@ ROWS = [
     Row("plan-output-into-input", "commands", "`lowrank plan -o MODEL/config.json --overwrite`: a plan over the input's file",
         command("plan", "{model}", "-o", "{model}/config.json", "--overwrite", *SAMPLES, "-q"),
         r"would overwrite or write into the input"),
-    Row("eval-encoder-no-reference", "encoders", "`lowrank eval` on a dense encoder (BERT) without --reference",
-        command("eval", "{bert_model}", "--text", "{good_text}", "-q"), r"pass --reference with the dense model"),
+    Row("eval-encoder-no-reference", "encoders", "`lowrank eval` on a dense encoder (BERT) without --against",
+        command("eval", "{bert_model}", "--text", "{good_text}", "-q"), r"pass --against with the dense model"),
+    Row("eval-encoder-against-plan-of-dense", "encoders",
+        "`lowrank eval --against` alone on a dense encoder, which has no plan to name its source",
+        command("eval", "{bert_model}", "--against", "--text", "{good_text}", "-q"),
+        r"pass --against with the dense model"),
     Row("eval-encoder-one-sentence", "encoders", "`lowrank eval --max-sentences 1`: no self-retrieval among one",
-        command("eval", "{bert_model}", "--reference", "{bert_model}", "--max-sentences", "1", "-q"),
+        command("eval", "{bert_model}", "--against", "{bert_model}", "--max-sentences", "1", "-q"),
         r"--max-sentences must be at least 2"),
     Row("eval-encoder-text-without-sentences", "encoders", "`lowrank eval` on an encoder with text of one sentence",
-        command("eval", "{bert_model}", "--reference", "{bert_model}", "--text", "{short_text}", "-q"),
+        command("eval", "{bert_model}", "--against", "{bert_model}", "--text", "{short_text}", "-q"),
         r"holds 1 sentence\(s\) .* give more text"),
-    Row("eval-encoder-reference-missing", "encoders", "`lowrank eval --reference` naming a path that does not exist",
+    Row("eval-encoder-reference-missing", "encoders", "`lowrank eval --against` on an encoder, naming a path that does not exist",
+        command("eval", "{bert_model}", "--against", "{bert_model}-missing", "--text", "{good_text}", "-q"),
+        r"does not exist"),
+    Row("eval-encoder-reference-alias-missing", "encoders",
+        "`lowrank eval --reference` (the alias of --against) naming a path that does not exist",
         command("eval", "{bert_model}", "--reference", "{bert_model}-missing", "--text", "{good_text}", "-q"),
         r"does not exist"),
+    Row("compress-encoder-text-without-sentences", "encoders",
+        "`lowrank compress` of an encoder on text with no sentence of four words (it calibrates on sentences)",
+        command("compress", "{bert_model}", "-o", "OUT", "--calib", "{no_sentence_text}", "--seq-len", "32", "-q"),
+        r"holds no sentence of at least 4 words"),
     Row("recover-hidden-layers-unknown", "encoders", "`lowrank recover --hidden-layers middle`",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--loss", "cosine",
                 "--hidden-layers", "middle", "-q"), r"Invalid value for '--hidden-layers'", exit_code=2),

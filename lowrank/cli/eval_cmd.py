@@ -31,9 +31,12 @@ DEFAULTS = EvalConfig()
 @click.option("--max-windows", type=int, default=DEFAULTS.max_windows,
               help="Evaluate only the first N windows (default: all of the text).")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Windows per forward pass.")
-@click.option("--against", default=DEFAULTS.against, is_flag=False, flag_value="plan", metavar="DENSE",
+@click.option("--against", "--reference", "against", default=DEFAULTS.against, is_flag=False, flag_value="plan",
+              metavar="DENSE",
               help="Also compare with the dense model DENSE on the same windows (top-1 agreement, KL, greedy "
-                   "generation); --against alone uses the source recorded in the folder's plan.")
+                   "generation); --against alone uses the source recorded in the folder's plan. An encoder is "
+                   "always compared with its dense model (default: the plan's source) on the text's sentences. "
+                   "--reference is an alias.")
 @click.option("--prompts", type=int, default=DEFAULTS.prompts, show_default=True,
               help="With --against: greedy-generation prompts (the first tokens of the first N windows).")
 @click.option("--prompt-tokens", type=int, default=DEFAULTS.prompt_tokens, show_default=True,
@@ -46,8 +49,6 @@ DEFAULTS = EvalConfig()
 @click.option("--task-path", type=click.Path(), default=DEFAULTS.task_path,
               help="A folder of your own lm-eval task YAML files (lm-eval's include_path).")
 @click.option("--task-limit", type=int, default=DEFAULTS.task_limit, help="Only the first N examples of each task.")
-@click.option("--reference", default=DEFAULTS.reference, metavar="MODEL",
-              help="Encoders: the dense model to compare embeddings with (default: the source in the folder's plan).")
 @click.option("--max-sentences", type=int, default=DEFAULTS.max_sentences,
               help="Encoders: use only the first N sentences of the text (default: all).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -56,20 +57,20 @@ DEFAULTS = EvalConfig()
 @quiet_option
 @silence_transformers
 def command(model, texts, seq_len, max_windows, batch_size, against, prompts, prompt_tokens, generated_tokens, tasks,
-            task_path, task_limit, reference, max_sentences, json_out, dtype, device, tokenizer_source,
+            task_path, task_limit, max_sentences, json_out, dtype, device, tokenizer_source,
             trust_remote_code, allow_pickle, quiet):
     """Perplexity of MODEL (built-in name, folder, .gguf, compressed folder or hub id) on text.
 
     The text is cut into non-overlapping windows of --seq-len tokens, each scored on its own.
     With --against, the dense model is scored on the same windows and compared token by token.
-    An encoder (BERT, a sentence encoder) is compared with its dense --reference on the text's
+    An encoder (BERT, a sentence encoder) is compared with its dense model (--against) on the text's
     sentences instead: cosine of the pooled embeddings, self-retrieval, MLM perplexity where it has a head.
     """
     tasks = [name.strip() for value in tasks for name in value.split(",") if name.strip()]
     config = EvalConfig(texts=list(texts), seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
                         dtype=dtype, device=device, against=against, prompts=prompts, prompt_tokens=prompt_tokens,
                         generated_tokens=generated_tokens, tasks=tasks, task_path=task_path, task_limit=task_limit,
-                        reference=reference, max_sentences=max_sentences)
+                        max_sentences=max_sentences)
     loading = dict(tokenizer=tokenizer_source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     task_results = evaluate_tasks(model, config, **loading) if tasks else None
     if against is not None:

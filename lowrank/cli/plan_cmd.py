@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from ..budget import RankLimits
-from ..calibration import text_windows
+from ..api import calibration_windows
+from ..config import CalibrationConfig
 from ..compression import needs_statistics, plan_model
 from ..errors import LowrankError
 from ..factorize import METHODS
@@ -49,7 +50,8 @@ from .compress_cmd import describe
                    "svd on plain singular values.")
 @calibration_options()
 @click.option("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES, show_default=True,
-              help="Calibration windows backpropagated to measure sensitivity (strategy sensitivity only).")
+              help="Calibration windows backpropagated to measure sensitivity (strategy sensitivity only; an encoder "
+                   "prices every calibration sentence by its embedding).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX=RANK",
               help="Fix the rank of modules whose name matches REGEX (first match wins): an integer rank, a kept "
                    "fraction such as 0.5, or 'dense'. Repeat for several, e.g. --override 'mlp\\.down=0.5'.")
@@ -120,7 +122,8 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     strategy = strategy or default_strategy(method, loaded.model)
     targets = find_targets(loaded.model, include, exclude)
     needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
-    windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if needs_text else None
+    calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
+    windows = calibration_windows(loaded.model, loaded.tokenizer, calibration, batch_size) if needs_text else None
     limits, table = timing.resolve(limits, [t.shape for t in targets])
     plan, _ = plan_model(loaded.model, targets, budget, strategy, windows=windows, method=method, limits=limits,
                          overrides=list(overrides), batch_size=batch_size, sensitivity_samples=sensitivity_samples,

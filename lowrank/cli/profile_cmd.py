@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from ..calibration import text_windows
+from ..api import calibration_windows
+from ..config import CalibrationConfig
 from ..errors import LowrankError
 from ..loading import DEFAULT_MODEL, load_model
-from ..model_info import is_causal_lm
 from ..profiling import DEFAULT_SENSITIVITY_SAMPLES, profile_with_calibration
 from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
@@ -36,7 +36,8 @@ def check_profile_output(output: Path, overwrite: bool) -> None:
 @click.argument("model", default=DEFAULT_MODEL)
 @calibration_options()
 @click.option("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES, show_default=True,
-              help="Calibration windows backpropagated to price each direction's error in loss (causal LMs only).")
+              help="Calibration windows backpropagated to price each direction's error in loss (causal LMs; an "
+                   "encoder prices every calibration sentence by its embedding).")
 @click.option("--data-free", is_flag=True,
               help="No calibration text: plain σ(W) only (enough for the uniform, energy and global strategies "
                    "with --method svd).")
@@ -63,8 +64,9 @@ def command(model, texts, samples, seq_len, seed, batch_size, sensitivity_sample
     started = time.perf_counter()
     loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device), trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle, tokenizer_source=tokenizer_source, need_tokenizer=not data_free)
-    windows = None if data_free else text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
-    prices = is_causal_lm(loaded.model)
+    calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
+    windows = None if data_free else calibration_windows(loaded.model, loaded.tokenizer, calibration, batch_size)
+    prices = True  # next-token prices for a causal LM, sentence-embedding prices for an encoder
     profile = profile_with_calibration(loaded.model, windows, include=include, exclude=exclude, prices=prices,
                                        batch_size=batch_size, sensitivity_samples=sensitivity_samples,
                                        progress=not quiet, source=model)

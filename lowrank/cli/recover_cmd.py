@@ -52,7 +52,8 @@ def interrupted_message(paths: RecoveryPaths) -> str:
                    "back into plain factors before saving. Ranks and parameter counts never change.")
 @click.option("--loss", type=click.Choice(LOSSES), default=DEFAULTS.loss, show_default=True,
               help="ce: next-token cross-entropy; distill: KL to the dense teacher's logits; both: their mix. "
-                   "Encoders: cosine (1 − cosine) or mse between the teacher's and the model's hidden states.")
+                   "Encoders: cosine (1 − cosine) or mse between the teacher's and the model's hidden states, "
+                   "or embedding: 1 − cosine between their pooled sentence embeddings.")
 @click.option("--hidden-layers", type=click.Choice(HIDDEN_LAYERS), default=DEFAULTS.hidden_layers, show_default=True,
               help="With --loss cosine or mse: match the teacher's last layer, or all of its layers.")
 @click.option("--teacher", default=DEFAULTS.teacher,
