@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .agreement import AgreementResult, agreement
 from .calibration import load_text, sample_text_path, text_windows
 from .checkpoint import read_plan, save_compressed
@@ -98,28 +99,33 @@ def compress(
     """
 
     config = config or CompressConfig()
+    distributed.init_from_environment()  # under torchrun or accelerate: join the other ranks
+    progress = progress and distributed.is_writer()
     if (config.stream or resume) and not dry_run:
+        if distributed.active():
+            raise LowrankError("--stream runs on one process for now; drop --stream to compress on several ranks")
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)
-    plan = Plan.load(config.plan) if config.plan else None
-    in_memory = isinstance(source, nn.Module)
-    if output is not None:
-        check_output_dir(output, overwrite)
-        if not in_memory:
-            check_output_spares_input(output, str(source))
-    compute_device = resolve_device(config.device)
-    sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics: nothing to sequence
-    # sequential: the model waits on CPU and its blocks visit the compute device one at a time
-    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
-                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    strategy = config.strategy or default_strategy(config.method, model)
-    if dry_run:
-        return _plan_only(model, tokenizer_object, config, strategy, calibration,
-                          None if in_memory else str(source), progress)
-    windows = None
-    if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
-        windows = _calibration_windows(tokenizer_object, calibration)
+    with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
+        plan = Plan.load(config.plan) if config.plan else None
+        in_memory = isinstance(source, nn.Module)
+        if output is not None:
+            check_output_dir(output, overwrite)
+            if not in_memory:
+                check_output_spares_input(output, str(source))
+        compute_device = resolve_device(config.device)
+        sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics
+        # sequential: the model waits on CPU and its blocks visit the compute device one at a time
+        model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
+                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        strategy = config.strategy or default_strategy(config.method, model)
+        if dry_run:
+            return _plan_only(model, tokenizer_object, config, strategy, calibration,
+                              None if in_memory else str(source), progress)
+        windows = None
+        if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
+            windows = _calibration_windows(tokenizer_object, calibration)
     plan = compress_model(model, ratio=config.ratio, budget=config.budget, strategy=strategy, plan=plan,
                           method=config.method, windows=windows, include=config.include, exclude=config.exclude,
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
@@ -135,8 +141,11 @@ def compress(
                              "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
     if output is not None:
         record = config_record(config, None if isinstance(calibration, torch.Tensor) else texts_config)
-        save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
-                        max_shard_size=config.max_shard_size, extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+        with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
+            if distributed.is_writer():
+                save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
+                                max_shard_size=config.max_shard_size,
+                                extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     return plan
 
 

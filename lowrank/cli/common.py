@@ -27,6 +27,13 @@ def one_line(text: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+def nproc_option(func):
+    """--nproc N: start torchrun (torch.distributed.run) with this command on N local processes."""
+    return click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Run on N local processes: starts torchrun with this same command, calibration split "
+                             "across them (docs/distributed.md). Under torchrun or accelerate, leave it out.")(func)
+
+
 def quiet_option(func):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries, only errors and results.")(func)
 
