@@ -216,6 +216,8 @@ def recover(
     """
 
     config = config or RecoveryConfig()
+    distributed.init_from_environment()  # under torchrun or accelerate: train with DDP
+    progress = progress and distributed.is_writer()
     if isinstance(source, nn.Module):
         if not isinstance(data, torch.Tensor):
             raise LowrankError("recovering a model in memory needs data as a tensor of token windows (n, seq_len)")

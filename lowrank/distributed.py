@@ -147,8 +147,10 @@ def _guarded(what: str, collective: Callable, *args, **kwargs):
 
 # ---- dealing out the work --------------------------------------------------------------------------
 
-def my_share(items: Sequence) -> list:
-    """This rank's items: r, r+N, r+2N, ... (all of them with one process)."""
+def my_share(items: Sequence) -> list | torch.Tensor:
+    """This rank's items: r, r+N, r+2N, ... (all of them with one process); a tensor stays a tensor."""
+    if isinstance(items, torch.Tensor):
+        return items[rank()::world_size()] if active() else items
     return list(items)[rank()::world_size()]
 
 
@@ -180,6 +182,15 @@ def all_reduce_sum_(tensors: list[torch.Tensor], what: str = "the statistics") -
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
         offset += t.numel()
+
+
+def mean_over_ranks(value: float, what: str = "training") -> float:
+    """The mean of a number over the ranks (the number itself with one process)."""
+    if not active():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    all_reduce_sum_([total], what)
+    return float(total) / world_size()
 
 
 def broadcast_json(value, src: int = 0, what: str = "setup"):
@@ -330,7 +341,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise LowrankError(f"--nproc must be at least 1, got {nproc}")
     if launched_ranks() > 1:
         raise LowrankError("--nproc starts torchrun, and this process is already one rank of a run; drop --nproc")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "lowrank", *argv])
     try:
         run(args)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .calibration import load_text, text_windows, token_windows, tokenize
 from .checkpoint import read_plan, save_compressed
 from .fileio import check_output_dir, check_output_spares_input
@@ -51,27 +52,8 @@ def training_windows(tokenizer, texts: list[str | Path], seq_len: int) -> torch.
     return token_windows(tokenize(tokenizer, load_text(list(texts))), None, seq_len, what="training")
 
 
-def recover_folder(
-    folder: str | Path,
-    output: str | Path,
-    data: list[str | Path],
-    config: RecoveryConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    extra_files: dict[str, str] | None = None,
-) -> RecoveryResult:
-    """Recover the compressed checkpoint in `folder` on `data` text and save it to `output`.
-
-    The teacher defaults to the dense model recorded in the folder's plan. The checkpoint, the
-    JSON-lines log and the loss-curve PNG go beside `output`; the checkpoint is removed once the
-    output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
-    The output's lowrank_config.json holds the folder's own configs plus this run's.
-    """
-
-    config = config or RecoveryConfig()
-    config.validate()
+def _open_inputs(folder, output, data, config: RecoveryConfig, resume: bool, overwrite: bool):
+    """Check the paths, load the folder, its training and held-out windows, and the teacher."""
     if not is_compressed_folder(folder):
         raise LowrankError(f"{folder} is not a compressed lowrank folder; make one with `lowrank compress`")
     paths = RecoveryPaths.beside(output)
@@ -99,6 +81,33 @@ def recover_folder(
         if teacher_model.config.vocab_size != loaded.model.config.vocab_size:
             raise LowrankError(f"teacher {source} has vocabulary {teacher_model.config.vocab_size} but the model has "
                                f"{loaded.model.config.vocab_size}; pass the dense model it was compressed from")
+    return loaded, train, held_out, teacher_model, plan, paths
+
+
+def recover_folder(
+    folder: str | Path,
+    output: str | Path,
+    data: list[str | Path],
+    config: RecoveryConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> RecoveryResult:
+    """Recover the compressed checkpoint in `folder` on `data` text and save it to `output`.
+
+    The teacher defaults to the dense model recorded in the folder's plan. The checkpoint, the
+    JSON-lines log and the loss-curve PNG go beside `output`; the checkpoint is removed once the
+    output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
+    The output's lowrank_config.json holds the folder's own configs plus this run's.
+    """
+
+    config = config or RecoveryConfig()
+    config.validate()
+    with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
+        loaded, train, held_out, teacher_model, plan, paths = _open_inputs(folder, output, data, config, resume,
+                                                                           overwrite)
     try:
         result = recover(loaded.model, train, config, eval_windows=held_out, teacher=teacher_model,
                          checkpoint_dir=paths.checkpoint if config.checkpoint_every or resume else None, resume=resume,
@@ -111,12 +120,15 @@ def recover_folder(
         }
         record = read_config_record(folder)
         record["recover"] = {**config.to_dict(), "data": list(map(str, data))}
-        save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite,
-                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+        with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
+            if distributed.is_writer():
+                save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite,
+                                extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     except BaseException:
-        if not paths.checkpoint.is_dir():  # nothing to resume, so the log describes no output: remove it
+        if not paths.checkpoint.is_dir() and distributed.is_writer():  # nothing to resume: the log describes no output
             paths.log.unlink(missing_ok=True)
         raise
-    plot_history(result.history, paths.plot, title=f"recovery of {Path(folder).name} ({config.mode}, {config.loss})")
-    shutil.rmtree(paths.checkpoint, ignore_errors=True)
+    if distributed.is_writer():
+        plot_history(result.history, paths.plot, title=f"recovery of {Path(folder).name} ({config.mode}, {config.loss})")
+        shutil.rmtree(paths.checkpoint, ignore_errors=True)
     return result

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import distributed
 from ..calibration import collect_stats, text_windows
 from ..fileio import check_output_dir, check_output_spares_input
 from ..folder_format import is_compressed_folder
@@ -19,7 +20,7 @@ from ..profile import Profile
 from ..profiling import profile_model, targets_of
 from ..targets import name_filter
 from ..config_base import resolve_device
-from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
+from .common import DTYPES, calibration_options, model_options, nproc_option, quiet_option, silence_transformers
 
 
 def default_output(model: str, whitened: bool) -> str:
@@ -53,10 +54,11 @@ def describe(analysis: Profile) -> str:
               help="Report folder (report.md, report.json, PNG plots). Default: ./<model>-analysis[-whitened].")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
 @model_options
+@nproc_option
 @quiet_option
 @silence_transformers
 def command(model, profile_file, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, dtype, device,
-            tokenizer_source, trust_remote_code, allow_pickle, quiet):
+            tokenizer_source, trust_remote_code, allow_pickle, nproc, quiet):
     """Analyze the singular-value spectra of MODEL's matrices (default: smollm2-135m) and write a report.
 
     With --profile FILE (from `lowrank profile`) the report comes from that saved profile, without
@@ -67,7 +69,11 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     read one tensor at a time without building the model. With --calib it also computes the
     whitened spectra σ(W·S), whose squares are the output error each dropped direction costs.
     """
+    if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks
+        return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     started = time.perf_counter()
+    if distributed.init_from_environment():  # under torchrun: calibration split across the ranks
+        quiet = quiet or not distributed.is_writer()
     if profile_file is not None:
         if model is not None or texts:
             raise LowrankError("--profile reports on a saved profile; drop MODEL and --calib, or drop --profile")
@@ -85,26 +91,31 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     model = model or DEFAULT_MODEL
     whitened = bool(texts)
     output = output or default_output(model, whitened)
-    check_output_dir(output, overwrite)
-    check_output_spares_input(output, model)
+    with distributed.agreement("loading"):
+        check_output_dir(output, overwrite)
+        check_output_spares_input(output, model)
     if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
         analysis = profile_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
                                   source=model)
     else:
-        loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
-                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                            tokenizer_source=tokenizer_source, need_tokenizer=whitened)
-        targets = targets_of(loaded.model, include, exclude)
+        with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
+            loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                tokenizer_source=tokenizer_source, need_tokenizer=whitened)
+            targets = targets_of(loaded.model, include, exclude)
+            windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if whitened else None
         stats = None
         if whitened:
-            windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
             stats = collect_stats(loaded.model, targets, windows, batch_size=batch_size, progress=not quiet)
         analysis = profile_model(loaded.model, targets, stats, progress=not quiet, source=model)
         if whitened:
             analysis.options.update({"calibration": list(map(str, texts)), "samples": samples, "seq_len": seq_len,
                                      "seed": seed})
-    write_analysis_report(analysis, output, overwrite=overwrite)
-    finish(analysis, output, quiet, started)
+    with distributed.agreement("saving"):
+        if distributed.is_writer():
+            write_analysis_report(analysis, output, overwrite=overwrite)
+    if distributed.is_writer():
+        finish(analysis, output, quiet, started)
 
 
 def finish(analysis: Profile, output: str, quiet: bool, started: float) -> None:

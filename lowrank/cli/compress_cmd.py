@@ -110,7 +110,7 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     lowrank folder or a Hugging Face hub id. The output folder reloads with lowrank.load() or
     transformers' from_pretrained() wherever lowrank is installed.
     """
-    if nproc is not None:  # start torchrun with this same command on `nproc` ranks
+    if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks
         return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
