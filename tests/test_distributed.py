@@ -1,0 +1,206 @@
+"""Two gloo ranks give what one process gives: compress (whiten, sensitivity planner, sequential + update),
+recover (DDP), and analyze; a rank that fails ends both with one line and nothing written.
+
+The ranks are real processes: `lowrank ... --nproc 2` (torchrun, through torch.distributed.run) or
+two `python -m lowrank` processes given the environment torchrun and accelerate set (RANK,
+WORLD_SIZE, MASTER_ADDR, ...). Every test waits for the processes to exit, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import PROBE, REPO, save_tiny_model
+from lowrank import distributed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: 4 calibration batches of 2 windows, so each of 2 ranks holds 2 (and the sensitivity pass 2 of 4).
+CALIBRATION = ["--samples", "8", "--seq-len", "16", "--batch-size", "2"]
+#: A guard against a bug that hangs: far above the seconds a test takes, and a failure if reached.
+GUARD_S = 240
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           distributed.TIMEOUT_ENV: "60", **extra}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def lowrank(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m lowrank ARGS` in one process (with --nproc it starts torchrun itself)."""
+    return subprocess.run([sys.executable, "-m", "lowrank", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=GUARD_S)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(per_rank_args: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """One `python -m lowrank` per entry, as the ranks of one job (the environment torchrun/accelerate set)."""
+    port, world = str(free_port()), str(len(per_rank_args))
+    processes = [subprocess.Popen([sys.executable, "-m", "lowrank", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for r, args in enumerate(per_rank_args)]
+    done = []
+    for args, process in zip(per_rank_args, processes):
+        out, err = process.communicate(timeout=GUARD_S)
+        done.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+    return done
+
+
+def error_lines(*results: subprocess.CompletedProcess) -> list[str]:
+    return [line for r in results for line in r.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dist") / "tiny"
+    save_tiny_model(folder)
+    text = tmp_path_factory.getbasetemp() / "calib.txt"
+    text.write_text((REPO / "lowrank" / "data" / "texts" / "hamlet.txt").read_text(encoding="utf-8")[:20000])
+    return folder
+
+
+def calib(tiny: Path) -> str:
+    return str(tiny.parents[1] / "calib.txt")
+
+
+def products(folder: Path) -> dict[str, torch.Tensor]:
+    """up·down of every factored layer (float64), and every other tensor as saved."""
+    weights = {k: v.to(torch.float64) for k, v in load_file(folder / "model.safetensors").items()}
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(".up.weight"):
+            out[key.removesuffix(".up.weight")] = value @ weights[key.removesuffix("up.weight") + "down.weight"]
+        elif not key.endswith(".down.weight"):
+            out[key] = value
+    return out
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+# ---- the pure pieces ------------------------------------------------------------------------
+
+def test_owners_balance_the_work_and_one_process_owns_everything():
+    assert distributed.owners([5.0, 1.0, 1.0]) == [0, 0, 0]  # one process
+    assert distributed.my_share(list(range(5))) == [0, 1, 2, 3, 4]
+
+
+def test_strip_option_hands_the_rest_of_the_command_to_torchrun():
+    argv = ["compress", "m", "--nproc", "2", "-o", "out", "--nproc=3", "-q"]
+    assert distributed.strip_option(argv, "--nproc") == ["compress", "m", "-o", "out", "-q"]
+
+
+# ---- two ranks against one process ----------------------------------------------------------------
+
+def test_compress_on_two_ranks_matches_one_process(tiny, tmp_path):
+    """whiten + sensitivity planner + sequential + update: same ranks, same up·down and logits to 1e-6."""
+    common = ["compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "--method", "whiten",
+              "--strategy", "sensitivity", "--sequential", "--update", "-q"]
+    one = lowrank(*common, "-o", "one", cwd=tmp_path)
+    two = lowrank(*common, "-o", "two", "--nproc", "2", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert len(two.stdout.strip().splitlines()) == 1, "only rank 0 prints the result"
+    plan_one = json.loads((tmp_path / "one" / "lowrank_plan.json").read_text())
+    plan_two = json.loads((tmp_path / "two" / "lowrank_plan.json").read_text())
+    assert {n: m["rank"] for n, m in plan_one["modules"].items()} == \
+        {n: m["rank"] for n, m in plan_two["modules"].items()}
+    assert plan_one["strategy"] == "sensitivity" and any(m["rank"] for m in plan_one["modules"].values())
+    a, b = products(tmp_path / "one"), products(tmp_path / "two")
+    assert a.keys() == b.keys()
+    factored = [k for k in a if not k.endswith("weight") and not k.endswith("bias")]
+    assert factored, "no layer was factored"
+    for key in a:
+        assert relative(b[key], a[key]) < 1e-6, key
+    import lowrank as lr
+
+    with torch.no_grad():
+        probe = torch.tensor(PROBE)
+        out_one = lr.load(tmp_path / "one")(input_ids=probe, output_hidden_states=True)
+        out_two = lr.load(tmp_path / "two")(input_ids=probe, output_hidden_states=True)
+    for h1, h2 in zip(out_one.hidden_states, out_two.hidden_states):  # every block's output
+        assert relative(h2, h1) < 1e-6
+    assert relative(out_two.logits, out_one.logits) < 1e-6
+
+
+def test_analyze_calib_on_two_ranks_matches_one_process(tiny, tmp_path):
+    common = ["analyze", str(tiny), "--calib", calib(tiny), *CALIBRATION, "-q"]
+    one = lowrank(*common, "-o", "one", cwd=tmp_path)
+    two = ranks([[*common, "-o", "two"]] * 2, cwd=tmp_path)
+    assert one.returncode == 0 and all(r.returncode == 0 for r in two), one.stderr + two[0].stderr + two[1].stderr
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a.keys() == b.keys() and a["whitened"] and b["whitened"]
+    assert a == b
+
+
+def test_recover_with_ddp_on_two_ranks_matches_one_process(tiny, tmp_path):
+    """The same loss curve (to 1e-4) with the distillation teacher on each rank's own half of every batch."""
+    compressed = tmp_path / "compressed"
+    made = lowrank("compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "-o",
+                   str(compressed), "-q", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    common = ["recover", str(compressed), "--data", calib(tiny), "--steps", "4", "--batch-size", "4",
+              "--seq-len", "16", "--lr", "1e-3", "--loss", "both", "-q"]
+    one = lowrank(*common, "-o", "one", cwd=tmp_path)
+    two = ranks([[*common, "-o", "two"]] * 2, cwd=tmp_path)
+    assert one.returncode == 0 and all(r.returncode == 0 for r in two), one.stderr + two[0].stderr + two[1].stderr
+    assert two[1].stdout == "" and two[0].stdout.strip(), "only rank 0 prints the result"
+
+    def curve(name: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / f"{name}.train.jsonl").read_text().splitlines()
+                if json.loads(line).get("event") == "train"]
+
+    assert len(curve("one")) == 4
+    assert curve("two") == pytest.approx(curve("one"), abs=1e-4, rel=1e-4)
+    assert curve("one")[0] != curve("one")[-1]  # it trained
+    a, b = products(tmp_path / "one"), products(tmp_path / "two")
+    for key in a:
+        assert relative(b[key], a[key]) < 1e-4, key
+
+
+# ---- failing together -------------------------------------------------------------------------------
+
+def test_a_rank_that_reads_a_bad_file_ends_both_with_one_line(tiny, tmp_path):
+    bad = tmp_path / "weights.txt"
+    bad.write_bytes(b"\x00\x01binary" * 100)
+    common = ["compress", str(tiny), *CALIBRATION, "-o", "out", "-q"]
+    results = ranks([[*common, "--calib", calib(tiny)], [*common, "--calib", str(bad)]], cwd=tmp_path)
+    assert all(r.returncode != 0 for r in results)
+    assert error_lines(*results) == [f"error: rank 1: {bad} looks like a binary file, not text; pass a .txt file"]
+    assert not any("Traceback" in r.stderr for r in results)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_rank_that_never_comes_fails_on_the_timeout_not_a_hang(tiny, tmp_path):
+    """WORLD_SIZE 2 but only rank 0 started: it gives up after LOWRANK_DIST_TIMEOUT with one line."""
+    port = str(free_port())
+    result = subprocess.run([sys.executable, "-m", "lowrank", "compress", str(tiny), *CALIBRATION, "-o", "out", "-q"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=GUARD_S,
+                            env=_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                     MASTER_PORT=port, **{distributed.TIMEOUT_ENV: "3"}))
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and "could not join the other ranks" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
