@@ -113,21 +113,28 @@ def test_strip_option_hands_the_rest_of_the_command_to_torchrun():
 
 # ---- two ranks against one process ----------------------------------------------------------------
 
-def test_compress_on_two_ranks_matches_one_process(tiny, tmp_path):
-    """whiten + sensitivity planner + sequential + update: same ranks, same up·down and logits to 1e-6."""
-    common = ["compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "--method", "whiten",
-              "--strategy", "sensitivity", "--sequential", "--update", "-q"]
-    one = lowrank(*common, "-o", "one", cwd=tmp_path)
-    two = lowrank(*common, "-o", "two", "--nproc", "2", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    assert len(two.stdout.strip().splitlines()) == 1, "only rank 0 prints the result"
-    plan_one = json.loads((tmp_path / "one" / "lowrank_plan.json").read_text())
-    plan_two = json.loads((tmp_path / "two" / "lowrank_plan.json").read_text())
+def compress_args(tiny: Path) -> list[str]:
+    """whiten + sensitivity planner + sequential + update (the defaults, spelled out)."""
+    return ["compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "--method", "whiten",
+            "--strategy", "sensitivity", "--sequential", "--update", "-q"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny) -> Path:
+    """The compressed folder one process makes."""
+    result = lowrank(*compress_args(tiny), "-o", "one", cwd=tiny.parent)
+    assert result.returncode == 0, result.stderr
+    return tiny.parent / "one"
+
+
+def assert_same_compression(one: Path, two: Path) -> None:
+    """Same ranks, same up·down of every layer and same output of every block (1e-6 relative)."""
+    plan_one = json.loads((one / "lowrank_plan.json").read_text())
+    plan_two = json.loads((two / "lowrank_plan.json").read_text())
     assert {n: m["rank"] for n, m in plan_one["modules"].items()} == \
         {n: m["rank"] for n, m in plan_two["modules"].items()}
     assert plan_one["strategy"] == "sensitivity" and any(m["rank"] for m in plan_one["modules"].values())
-    a, b = products(tmp_path / "one"), products(tmp_path / "two")
+    a, b = products(one), products(two)
     assert a.keys() == b.keys()
     factored = [k for k in a if not k.endswith("weight") and not k.endswith("bias")]
     assert factored, "no layer was factored"
@@ -137,11 +144,31 @@ def test_compress_on_two_ranks_matches_one_process(tiny, tmp_path):
 
     with torch.no_grad():
         probe = torch.tensor(PROBE)
-        out_one = lr.load(tmp_path / "one")(input_ids=probe, output_hidden_states=True)
-        out_two = lr.load(tmp_path / "two")(input_ids=probe, output_hidden_states=True)
+        out_one = lr.load(one)(input_ids=probe, output_hidden_states=True)
+        out_two = lr.load(two)(input_ids=probe, output_hidden_states=True)
     for h1, h2 in zip(out_one.hidden_states, out_two.hidden_states):  # every block's output
         assert relative(h2, h1) < 1e-6
     assert relative(out_two.logits, out_one.logits) < 1e-6
+
+
+def test_compress_on_two_ranks_matches_one_process(tiny, one_process, tmp_path):
+    """`lowrank compress --nproc 2` (torchrun through torch.distributed.run) against one process."""
+    two = lowrank(*compress_args(tiny), "-o", "two", "--nproc", "2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert len(two.stdout.strip().splitlines()) == 1, "only rank 0 prints the result"
+    assert_same_compression(one_process, tmp_path / "two")
+
+
+def test_accelerate_launch_matches_one_process(tiny, one_process, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m lowrank compress ...` (torchrun underneath; gloo on CPU)."""
+    pytest.importorskip("accelerate")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "lowrank"]
+    two = subprocess.run([*launch, *compress_args(tiny), "-o", "two"], cwd=tmp_path, env=_env(), capture_output=True,
+                         text=True, timeout=GUARD_S)
+    assert two.returncode == 0, two.stderr
+    assert_same_compression(one_process, tmp_path / "two")
 
 
 def test_analyze_calib_on_two_ranks_matches_one_process(tiny, tmp_path):
