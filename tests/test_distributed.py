@@ -182,29 +182,66 @@ def test_analyze_calib_on_two_ranks_matches_one_process(tiny, tmp_path):
     assert a == b
 
 
-def test_recover_with_ddp_on_two_ranks_matches_one_process(tiny, tmp_path):
-    """The same loss curve (to 1e-4) with the distillation teacher on each rank's own half of every batch."""
-    compressed = tmp_path / "compressed"
-    made = lowrank("compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "-o",
-                   str(compressed), "-q", cwd=tmp_path)
+RECOVER = ["--steps", "4", "--batch-size", "4", "--seq-len", "16", "--lr", "1e-3", "--loss", "both", "-q"]
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny) -> Path:
+    folder = tiny.parent / "compressed"
+    made = lowrank("compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "-o", str(folder),
+                   "-q", cwd=tiny.parent)
     assert made.returncode == 0, made.stderr
-    common = ["recover", str(compressed), "--data", calib(tiny), "--steps", "4", "--batch-size", "4",
-              "--seq-len", "16", "--lr", "1e-3", "--loss", "both", "-q"]
-    one = lowrank(*common, "-o", "one", cwd=tmp_path)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recovered_by_one(tiny, compressed) -> Path:
+    """Four steps of recovery (CE + distillation) in one process."""
+    out = tiny.parent / "recovered-one"
+    one = lowrank("recover", str(compressed), "--data", calib(tiny), *RECOVER, "-o", str(out), cwd=tiny.parent)
+    assert one.returncode == 0, one.stderr
+    return out
+
+
+def curve(out: Path) -> list[float]:
+    records = [json.loads(line) for line in out.with_name(out.name + ".train.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("event") == "train"]
+
+
+def test_recover_with_ddp_on_two_ranks_matches_one_process(tiny, compressed, recovered_by_one, tmp_path):
+    """The same loss curve (to 1e-4) with the distillation teacher on each rank's own half of every batch."""
+    common = ["recover", str(compressed), "--data", calib(tiny), *RECOVER]
     two = ranks([[*common, "-o", "two"]] * 2, cwd=tmp_path)
-    assert one.returncode == 0 and all(r.returncode == 0 for r in two), one.stderr + two[0].stderr + two[1].stderr
+    assert all(r.returncode == 0 for r in two), two[0].stderr + two[1].stderr
     assert two[1].stdout == "" and two[0].stdout.strip(), "only rank 0 prints the result"
-
-    def curve(name: str) -> list[float]:
-        return [json.loads(line)["loss"] for line in (tmp_path / f"{name}.train.jsonl").read_text().splitlines()
-                if json.loads(line).get("event") == "train"]
-
-    assert len(curve("one")) == 4
-    assert curve("two") == pytest.approx(curve("one"), abs=1e-4, rel=1e-4)
-    assert curve("one")[0] != curve("one")[-1]  # it trained
-    a, b = products(tmp_path / "one"), products(tmp_path / "two")
+    assert len(curve(recovered_by_one)) == 4
+    assert curve(tmp_path / "two") == pytest.approx(curve(recovered_by_one), abs=1e-4, rel=1e-4)
+    assert curve(recovered_by_one)[0] != curve(recovered_by_one)[-1]  # it trained
+    a, b = products(recovered_by_one), products(tmp_path / "two")
     for key in a:
         assert relative(b[key], a[key]) < 1e-4, key
+
+
+def test_two_ranks_resume_what_one_process_left(tiny, compressed, recovered_by_one, tmp_path):
+    """Ctrl-C after the step-2 checkpoint of a 1-process run; --resume on 2 ranks ends it with the same curve."""
+    import signal
+
+    from helpers import start_cli_paused_at, wait_until_paused
+
+    out = tmp_path / "resumed"
+    args = ["recover", str(compressed), "--data", calib(tiny), *RECOVER, "--checkpoint-every", "2", "-o", str(out)]
+    process = start_cli_paused_at(r"saved a checkpoint at step 2 ", *args, env=_env())
+    try:
+        assert "saved a checkpoint at step 2" in wait_until_paused(process)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=GUARD_S)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and not out.exists()
+    resumed = ranks([[*args, "--resume"]] * 2, cwd=tmp_path)
+    assert all(r.returncode == 0 for r in resumed), resumed[0].stderr + resumed[1].stderr
+    assert curve(out) == pytest.approx(curve(recovered_by_one), abs=1e-4, rel=1e-4)
+    assert not out.with_name(out.name + ".checkpoint").exists()
 
 
 # ---- failing together -------------------------------------------------------------------------------
