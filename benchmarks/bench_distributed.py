@@ -25,7 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("LOWRANK_BENCH_DIR", "/tmp/bench-distributed"))
-RUNS = {"1 process × 2 threads": ("one", "2", []), "2 processes × 1 thread": ("two", "1", ["--nproc", "2"])}
+RUNS = {"2 processes × 1 thread": ("two", "1", ["--nproc", "2"]), "1 process × 2 threads": ("one", "2", [])}
 JSON = REPO / "reports" / "distributed.json"
 
 
@@ -51,7 +51,7 @@ def stage_time(model: list[str]) -> dict:
     for label, (folder, threads, extra) in RUNS.items():
         runs[label] = timed_run(folder, threads, extra, model)
         print(label, runs[label], flush=True)
-    one, two = (runs[label]["wall_seconds"] for label in RUNS)
+    two, one = (runs[label]["wall_seconds"] for label in RUNS)
     return {"command": " ".join(["lowrank compress", *model]) + " (smollm2-135m at ratio 0.8 when no model is named)",
             "runs": runs,
             "speedup": round(one / two, 3), "machine": f"{os.cpu_count()} CPU cores, no GPU lent to this task",
@@ -78,7 +78,7 @@ def stage_quality(data: dict) -> dict:
         run["ranks"] = {n: m["rank"] for n, m in
                         json.loads((Path(run["folder"]) / "lowrank_plan.json").read_text())["modules"].items()}
         print(run["folder"], run["perplexity"], flush=True)
-    one, two = (Path(run["folder"]) for run in data["runs"].values())
+    two, one = (Path(run["folder"]) for run in data["runs"].values())
     a, b = factor_products(one), factor_products(two)
     data["same_ranks"] = all(r["ranks"] == next(iter(data["runs"].values()))["ranks"] for r in data["runs"].values())
     data["max_relative_product_difference"] = max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)

@@ -236,7 +236,8 @@ def reduce_shared(
     summed: dict[str, list[torch.Tensor]] = {}
     for group in shared:
         present = next((named[n] for n in group if n in named), None)
-        tensors = [t.detach().to(torch.float64).clone() for t in present] if present is not None else \
+        # summed in place (the accumulators are float64 already): no second copy of every Gram matrix
+        tensors = [t.detach().to(torch.float64) for t in present] if present is not None else \
             [t.to(torch.float64) for t in zeros(group[0])]
         all_reduce_sum_(tensors, what)
         for name in group:
