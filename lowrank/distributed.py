@@ -159,9 +159,9 @@ def my_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return my_share(windows.split(batch_size))
 
 
-def owners(costs: Sequence[float]) -> list[int]:
+def owners(costs: Sequence[float], ranks: int | None = None) -> list[int]:
     """The rank that computes each job: longest jobs first, each to the least-loaded rank (deterministic)."""
-    load = [0.0] * world_size()
+    load = [0.0] * (ranks or world_size())
     owner = [0] * len(costs)
     for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
         chosen = min(range(len(load)), key=lambda r: (load[r], r))

@@ -103,12 +103,29 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_owners_balance_the_work_and_one_process_owns_everything():
     assert distributed.owners([5.0, 1.0, 1.0]) == [0, 0, 0]  # one process
+    assert distributed.owners([5.0, 4.0, 3.0, 3.0, 1.0], ranks=2) == [0, 1, 1, 0, 1]  # loads 8 and 8
+    assert distributed.owners([1.0, 1.0, 1.0, 1.0], ranks=3) == [0, 1, 2, 0]
     assert distributed.my_share(list(range(5))) == [0, 1, 2, 3, 4]
 
 
 def test_strip_option_hands_the_rest_of_the_command_to_torchrun():
     argv = ["compress", "m", "--nproc", "2", "-o", "out", "--nproc=3", "-q"]
     assert distributed.strip_option(argv, "--nproc") == ["compress", "m", "-o", "out", "-q"]
+
+
+@pytest.mark.parametrize("objective", ["embedding", "mlm"])
+def test_skipping_another_ranks_batch_draws_what_its_backward_pass_draws(objective):
+    """The seed gives the same probes and masks for any number of ranks: skipped batches advance the generator alike."""
+    from helpers import make_tiny_model, random_windows
+    from lowrank.sensitivity import BACKWARD, skip_draws
+
+    model, batch = make_tiny_model("bert"), random_windows(3, 12)
+    model.config.mask_token_id = 4  # the tiny vocabulary has no id 103
+    ran, skipped = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    BACKWARD[objective](model, batch, ran)
+    skip_draws(objective, model, batch, skipped)
+    assert torch.equal(ran.get_state(), skipped.get_state())
+    assert not torch.equal(skipped.get_state(), torch.Generator().manual_seed(7).get_state())
 
 
 # ---- two ranks against one process ----------------------------------------------------------------
