@@ -30,10 +30,12 @@ DEFAULT_TIMEOUT_S = 1800
 TIMEOUT_ENV = "LOWRANK_DIST_TIMEOUT"
 #: Bytes of a failure message that cross between ranks.
 MESSAGE_BYTES = 1024
+#: The counter in the process group's store that picks the one rank to report a failure.
+FAILURE_KEY = "lowrank/failures"
 
 
 class PeerFailure(LowrankError):
-    """A collective failed because another rank stopped (it reported its own error) or timed out."""
+    """A collective failed because another rank stopped (it usually reported its own error first) or timed out."""
 
     def __init__(self, message: str, timed_out: bool):
         super().__init__(message)
@@ -41,7 +43,7 @@ class PeerFailure(LowrankError):
 
 
 class AgreedFailure(LowrankError):
-    """Raised on every rank when some rank failed inside an `agreement`; rank 0 reports it once."""
+    """Raised on every rank when some rank failed inside an `agreement`; one rank reports it."""
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def _guarded(what: str, collective: Callable, *args, **kwargs):
         if timed_out:
             raise PeerFailure(f"rank {rank()} waited {timeout_seconds():.0f} s for the other ranks during {what}; "
                               f"one of them stopped or hangs (raise {TIMEOUT_ENV} if it is only slow)", True) from None
-        raise PeerFailure(f"another rank stopped during {what}; its own error says why", False) from None
+        raise PeerFailure(f"another rank stopped during {what} without saying why (killed, or out of memory?); "
+                          "check the machine's memory and that rank's log", False) from None
 
 
 # ---- dealing out the work --------------------------------------------------------------------------
@@ -280,8 +283,8 @@ def _message_of(exc: BaseException) -> str:
 def agreement(what: str) -> Iterator[None]:
     """All ranks leave the block together: if any rank failed in it, every rank raises one AgreedFailure.
 
-    Wrap the steps where ranks may fail on their own (reading files, checking inputs); rank 0
-    reports the first failing rank's message, the others exit without a line.
+    Wrap the steps where ranks may fail on their own (reading files, checking inputs): every rank
+    raises the first failing rank's message, and one of them prints it (`should_report`).
     """
     if not active():
         yield
@@ -305,18 +308,21 @@ def agreement(what: str) -> Iterator[None]:
 
 
 def should_report(exc: BaseException) -> bool:
-    """Whether this rank prints `exc`'s one line: each rank its own errors, rank 0 the shared ones.
+    """Whether this rank prints `exc`'s one line: only the first rank of the run to fail does.
 
     Before the ranks join, every rank runs the same checks on the same command line and fails
-    alike, so only rank 0 speaks; a lost peer is reported by the rank that failed, a timeout by rank 0.
+    alike, so rank 0 speaks. After, the ranks count their failures in the process group's store
+    (an atomic add): the first one reports, and a peer that only noticed it (a lost connection)
+    stays silent. Should the store be gone, the rank reports.
     """
-    if isinstance(exc, PeerFailure):
-        return exc.timed_out and rank() == 0
-    if isinstance(exc, AgreedFailure):
-        return rank() == 0
     if not active():
         return os.environ.get("RANK", "0") == "0"
-    return True
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))
+        return store.add(FAILURE_KEY, 1) == 1
+    except Exception:  # noqa: BLE001 — no store (its host is gone): better a second line than none
+        return True
 
 
 def origin(exc: BaseException) -> str:

@@ -274,6 +274,15 @@ def test_a_rank_that_reads_a_bad_file_ends_both_with_one_line(tiny, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_an_error_every_rank_meets_is_one_line(tiny, tmp_path):
+    """An impossible budget fails on both ranks after they joined: one line between them, both exit non-zero."""
+    results = ranks([["compress", str(tiny), *CALIBRATION, "--budget", "10", "-o", "out", "-q"]] * 2, cwd=tmp_path)
+    assert all(r.returncode != 0 for r in results)
+    lines = error_lines(*results)
+    assert len(lines) == 1 and "budget" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_rank_that_never_comes_fails_on_the_timeout_not_a_hang(tiny, tmp_path):
     """WORLD_SIZE 2 but only rank 0 started: it gives up after LOWRANK_DIST_TIMEOUT with one line."""
     port = str(free_port())
