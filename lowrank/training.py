@@ -126,7 +126,8 @@ def data_parallel(model: nn.Module, config: RecoveryConfig) -> nn.Module:
     if config.batch_size % distributed.world_size():
         raise LowrankError(f"--batch-size {config.batch_size} does not split evenly over {distributed.world_size()} "
                            "ranks; make it a multiple of the number of ranks")
-    return nn.parallel.DistributedDataParallel(model)
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def synchronizing(trainer: nn.Module, last_micro_step: bool):
