@@ -116,7 +116,10 @@ def profile_model(
     whitenings = WhiteningCache(damping)
     plain, white = ShapeBatcher(batch_bytes), ShapeBatcher(batch_bytes)
     prices: dict[str, torch.Tensor] = {}
+    previous = None
     for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
+        if stats is not None and stats[name] is not previous:  # one input's whitening alive at a time (memory)
+            whitenings, previous = WhiteningCache(damping), stats[name]
         whitening = whitenings.get(stats[name], name) if stats is not None else None
         if fisher is not None:  # the planning spectrum and its directions, from one SVD
             sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name].mean)
