@@ -32,7 +32,9 @@ JSON = REPO / "reports" / "distributed.json"
 def timed_run(folder: str, threads: str, extra: list[str], model: list[str]) -> dict:
     """`lowrank compress -o WORK/folder` in a wrapper process: wall seconds and the peak RSS of its largest process."""
     out = WORK / folder
-    code = ("import resource, subprocess, sys, time; started = time.perf_counter(); "
+    code = ("import resource, subprocess, sys, time; "
+            "open('/proc/self/oom_score_adj', 'w').write('1000'); "  # on a shared machine, be the one killed first
+            "started = time.perf_counter(); "
             f"rc = subprocess.call([sys.executable, '-m', 'lowrank', 'compress', *{model!r}, '-o', {str(out)!r}, '--overwrite', "
             f"'-q', *{extra!r}]); "
             "print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)")
