@@ -107,25 +107,24 @@ def compress(
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)
-    with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
-        plan = Plan.load(config.plan) if config.plan else None
-        in_memory = isinstance(source, nn.Module)
-        if output is not None:
-            check_output_dir(output, overwrite)
-            if not in_memory:
-                check_output_spares_input(output, str(source))
-        compute_device = resolve_device(config.device)
-        sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics
-        # sequential: the model waits on CPU and its blocks visit the compute device one at a time
-        model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
-                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        strategy = config.strategy or default_strategy(config.method, model)
-        if dry_run:
-            return _plan_only(model, tokenizer_object, config, strategy, calibration,
-                              None if in_memory else str(source), progress)
-        windows = None
-        if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
-            windows = _calibration_windows(tokenizer_object, calibration)
+    plan = Plan.load(config.plan) if config.plan else None
+    in_memory = isinstance(source, nn.Module)
+    if output is not None:
+        check_output_dir(output, overwrite)
+        if not in_memory:
+            check_output_spares_input(output, str(source))
+    compute_device = resolve_device(config.device)
+    sequential = config.sequential and needs_statistics(config.method)  # svd uses no statistics: nothing to sequence
+    # sequential: the model waits on CPU and its blocks visit the compute device one at a time
+    model, tokenizer_object = _open_source(source, tokenizer, config.dtype, "cpu" if sequential else compute_device,
+                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    strategy = config.strategy or default_strategy(config.method, model)
+    if dry_run:
+        return _plan_only(model, tokenizer_object, config, strategy, calibration,
+                          None if in_memory else str(source), progress)
+    windows = None
+    if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
+        windows = _calibration_windows(tokenizer_object, calibration)
     plan = compress_model(model, ratio=config.ratio, budget=config.budget, strategy=strategy, plan=plan,
                           method=config.method, windows=windows, include=config.include, exclude=config.exclude,
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,

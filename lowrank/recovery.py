@@ -52,8 +52,27 @@ def training_windows(tokenizer, texts: list[str | Path], seq_len: int) -> torch.
     return token_windows(tokenize(tokenizer, load_text(list(texts))), None, seq_len, what="training")
 
 
-def _open_inputs(folder, output, data, config: RecoveryConfig, resume: bool, overwrite: bool):
-    """Check the paths, load the folder, its training and held-out windows, and the teacher."""
+def recover_folder(
+    folder: str | Path,
+    output: str | Path,
+    data: list[str | Path],
+    config: RecoveryConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> RecoveryResult:
+    """Recover the compressed checkpoint in `folder` on `data` text and save it to `output`.
+
+    The teacher defaults to the dense model recorded in the folder's plan. The checkpoint, the
+    JSON-lines log and the loss-curve PNG go beside `output`; the checkpoint is removed once the
+    output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
+    The output's lowrank_config.json holds the folder's own configs plus this run's.
+    """
+
+    config = config or RecoveryConfig()
+    config.validate()
     if not is_compressed_folder(folder):
         raise LowrankError(f"{folder} is not a compressed lowrank folder; make one with `lowrank compress`")
     paths = RecoveryPaths.beside(output)
@@ -81,33 +100,6 @@ def _open_inputs(folder, output, data, config: RecoveryConfig, resume: bool, ove
         if teacher_model.config.vocab_size != loaded.model.config.vocab_size:
             raise LowrankError(f"teacher {source} has vocabulary {teacher_model.config.vocab_size} but the model has "
                                f"{loaded.model.config.vocab_size}; pass the dense model it was compressed from")
-    return loaded, train, held_out, teacher_model, plan, paths
-
-
-def recover_folder(
-    folder: str | Path,
-    output: str | Path,
-    data: list[str | Path],
-    config: RecoveryConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    extra_files: dict[str, str] | None = None,
-) -> RecoveryResult:
-    """Recover the compressed checkpoint in `folder` on `data` text and save it to `output`.
-
-    The teacher defaults to the dense model recorded in the folder's plan. The checkpoint, the
-    JSON-lines log and the loss-curve PNG go beside `output`; the checkpoint is removed once the
-    output is saved. A failed run keeps its log only when it leaves a checkpoint to resume.
-    The output's lowrank_config.json holds the folder's own configs plus this run's.
-    """
-
-    config = config or RecoveryConfig()
-    config.validate()
-    with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
-        loaded, train, held_out, teacher_model, plan, paths = _open_inputs(folder, output, data, config, resume,
-                                                                           overwrite)
     try:
         result = recover(loaded.model, train, config, eval_windows=held_out, teacher=teacher_model,
                          checkpoint_dir=paths.checkpoint if config.checkpoint_every or resume else None, resume=resume,

@@ -91,21 +91,19 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     model = model or DEFAULT_MODEL
     whitened = bool(texts)
     output = output or default_output(model, whitened)
-    with distributed.agreement("loading"):
-        check_output_dir(output, overwrite)
-        check_output_spares_input(output, model)
+    check_output_dir(output, overwrite)
+    check_output_spares_input(output, model)
     if not whitened and (is_compressed_folder(model) or has_safetensors(model)):
         analysis = profile_folder(model, include, exclude, progress=not quiet, trust_remote_code=trust_remote_code,
                                   source=model)
     else:
-        with distributed.agreement("loading"):  # a rank that cannot read its inputs stops every rank
-            loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
-                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                tokenizer_source=tokenizer_source, need_tokenizer=whitened)
-            targets = targets_of(loaded.model, include, exclude)
-            windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed) if whitened else None
+        loaded = load_model(model, dtype=DTYPES[dtype], device=resolve_device(device),
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            tokenizer_source=tokenizer_source, need_tokenizer=whitened)
+        targets = targets_of(loaded.model, include, exclude)
         stats = None
         if whitened:
+            windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
             stats = collect_stats(loaded.model, targets, windows, batch_size=batch_size, progress=not quiet)
         analysis = profile_model(loaded.model, targets, stats, progress=not quiet, source=model)
         if whitened:
