@@ -147,6 +147,9 @@ def _profile_spread(model: nn.Module, targets: list[Target], stats, fisher, **op
     with distributed.alone():
         local = profile_model(model, mine, stats, fisher, **options)
     done = {m.name: m for m in local.matrices}
+    for m in done.values():  # sent from CPU (gloo), whichever device computed them
+        m.sigma, m.whitened, m.price = (None if v is None else v.detach().to("cpu", torch.float64).contiguous()
+                                        for v in (m.sigma, m.whitened, m.price))
     matrices = []
     for target, src in zip(targets, owner):
         m = done.get(target.name) or MatrixProfile(
