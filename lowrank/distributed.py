@@ -125,6 +125,8 @@ def init_from_environment() -> bool:
         raise LowrankError(f"rank {os.environ['RANK']} could not join the other ranks ({_first_line(exc)}); "
                            "check that every rank started, and MASTER_ADDR/MASTER_PORT") from None
     log.info("rank %d of %d joined (%s, timeout %.0f s)", rank(), world_size(), chosen, seconds)
+    if rank() != 0:  # warnings and progress come from rank 0 only (errors from whichever rank fails first)
+        logging.getLogger("lowrank").setLevel(max(logging.ERROR, logging.getLogger("lowrank").level))
     return True
 
 
