@@ -5,9 +5,10 @@ MASTER_ADDR, ...); `init_from_environment` joins it (gloo for CPU tensors, nccl 
 with a timeout on every collective. Calibration batches are dealt out round-robin (rank r takes
 batches r, r+N, ...), so rank 0 always holds one and the batches themselves do not depend on N;
 what each rank accumulates is summed in float64 (`reduce_shared`). Factorizations are spread over
-the ranks (`owners`) and broadcast back (`broadcast_tensors`). A failure on one rank ends every
-rank: `agreement` makes all ranks fail together on one line, and a collective that loses a peer
-raises `PeerFailure`. With one process every function here is a no-op.
+the ranks (`owners`) and broadcast back (`computed_by_owner`). A failure on one rank ends every
+rank: a collective that loses a peer raises `PeerFailure` (a silent one times out), the first rank
+to fail prints the one line (`should_report`), and `agreement` lets rank 0's writing fail every
+rank. With one process every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -332,11 +333,6 @@ def origin(exc: BaseException) -> str:
     if active() and rank() != 0 and not isinstance(exc, (PeerFailure, AgreedFailure)):
         return f"error: rank {rank()}: "
     return "error: "
-
-
-def barrier(what: str = "the end of the run") -> None:
-    if active():
-        _guarded(what, torch.distributed.barrier)
 
 
 # ---- starting torchrun for the user ------------------------------------------------------------------
