@@ -54,10 +54,12 @@ def stage_time(model: list[str]) -> dict:
         runs[label] = timed_run(folder, threads, extra, model)
         print(label, runs[label], flush=True)
     two, one = (runs[label]["wall_seconds"] for label in RUNS)
+    load = [round(x, 1) for x in os.getloadavg()]
     return {"command": " ".join(["lowrank compress", *model]) + " (smollm2-135m at ratio 0.8 when no model is named)",
             "runs": runs,
             "speedup": round(one / two, 3), "machine": f"{os.cpu_count()} CPU cores, no GPU lent to this task",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_after": load}
 
 
 def factor_products(folder: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +112,7 @@ two gloo ranks of one thread each, the calibration batches split between them.
 - No GPU is lent to this task, so the `--device cuda` row of issue 14 is not measured.
 - Wall time includes what each run pays once: loading the model (each rank loads it) and, for
   `--nproc`, starting torchrun and the ranks.
-"""
+""" + "".join(f"- {note}\n" for note in data.get("notes", []))
 
 
 def main() -> None:
