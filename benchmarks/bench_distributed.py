@@ -93,7 +93,8 @@ def stage_quality(data: dict) -> dict:
 
 def markdown(data: dict) -> str:
     rows = "\n".join(f"| {label} | {run['wall_seconds']:.0f} | {run['peak_rss_mib_largest_process']:,} | "
-                     f"{run.get('perplexity', float('nan')):.3f} |" for label, run in data["runs"].items())
+                     (f"{run['perplexity']:.3f} |" if "perplexity" in run else "(quality stage not run) |")
+                     for label, run in data["runs"].items())
     return f"""# Distributed compression: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
 
 `{data['command']}`, measured {data['date']} on {data['machine']} (torch {data['torch']}), with
