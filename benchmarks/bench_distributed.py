@@ -93,7 +93,7 @@ def stage_quality(data: dict) -> dict:
 
 def markdown(data: dict) -> str:
     rows = "\n".join(f"| {label} | {run['wall_seconds']:.0f} | {run['peak_rss_mib_largest_process']:,} | "
-                     (f"{run['perplexity']:.3f} |" if "perplexity" in run else "(quality stage not run) |")
+                     + (f"{run['perplexity']:.3f} |" if "perplexity" in run else "(quality stage not run) |")
                      for label, run in data["runs"].items())
     return f"""# Distributed compression: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
 
