@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .agreement import AgreementResult, agreement
 from .calibration import load_text, sample_text_path, text_windows, window_count
 from .checkpoint import read_plan, save_compressed
@@ -118,7 +119,11 @@ def compress(
     """
 
     config = config or CompressConfig()
+    distributed.init_from_environment()  # under torchrun or accelerate: join the other ranks
+    progress = progress and distributed.is_writer()
     if (config.stream or resume) and not dry_run:
+        if distributed.active():
+            raise LowrankError("--stream runs on one process for now; drop --stream to compress on several ranks")
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)
@@ -162,8 +167,11 @@ def compress(
                              "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
     if output is not None:
         record = config_record(config, None if isinstance(calibration, (torch.Tensor, list)) else texts_config)
-        save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
-                        max_shard_size=config.max_shard_size, extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+        with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
+            if distributed.is_writer():
+                save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,
+                                max_shard_size=config.max_shard_size,
+                                extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     return plan
 
 
@@ -238,6 +246,8 @@ def recover(
     """
 
     config = config or RecoveryConfig()
+    distributed.init_from_environment()  # under torchrun or accelerate: train with DDP
+    progress = progress and distributed.is_writer()
     if isinstance(source, nn.Module):
         if not isinstance(data, torch.Tensor):
             raise LowrankError("recovering a model in memory needs data as a tensor of token windows (n, seq_len)")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .calibration import window_batches
 from .errors import LowrankError
 from .targets import find_block_list
@@ -140,7 +141,7 @@ def capture_block_inputs(
         blocks[i] = _BlockRecorder(block, i, record, last=i == len(originals) - 1)
     try:
         model.to(device)  # only the modules outside the blocks: the blocks are not in the tree now
-        for batch in window_batches(windows, batch_size):
+        for batch in distributed.my_share(window_batches(windows, batch_size)):  # this rank's share: all with one process
             memo.clear()
             try:
                 model(input_ids=batch.to(device), **without_cache(model))

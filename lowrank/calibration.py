@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import CalibrationError
 from .targets import Target
 from .model_info import without_cache
@@ -285,6 +286,21 @@ class StatsCollector:
         self._seen.clear()
 
 
+def all_reduce_stats(stats: dict[str, ActivationStats], targets: list[Target]) -> dict[str, ActivationStats]:
+    """Every rank's statistics summed in float64 (shared inputs stay shared); `stats` itself with one process."""
+    if not distributed.active():
+        return stats
+    named = {name: [s.gram, s.abs_sum, torch.tensor(float(s.count), dtype=torch.float64)] for name, s in stats.items()}
+    dims = {t.name: t.in_features for t in targets}
+    summed = distributed.reduce_shared(named, [t.name for t in targets], lambda name: [
+        torch.zeros(dims[name], dims[name]), torch.zeros(dims[name]), torch.zeros(())])
+    merged: dict[int, ActivationStats] = {}
+    for name, (gram, abs_sum, count) in summed.items():
+        if id(gram) not in merged:
+            merged[id(gram)] = ActivationStats(dims[name], gram, abs_sum, int(count))
+    return {name: merged[id(tensors[0])] for name, tensors in summed.items()}
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -303,12 +319,13 @@ def collect_stats(
     model.eval()
     try:
         with StatsCollector(model, targets) as collector:
-            batches = window_batches(windows, batch_size)
+            batches = distributed.my_share(window_batches(windows, batch_size))  # all of them with one process
             for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not progress):
                 model(input_ids=batch.to(device), **without_cache(model))
                 collector.end_batch()
     finally:
         model.train(was_training)
+    collector.stats = all_reduce_stats(collector.stats, targets)
     missing = [t.name for t in targets if t.name not in collector.stats]
     if missing:
         raise CalibrationError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from typing import Iterable
@@ -18,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import hf_integration
+from . import distributed, hf_integration
 from .budget import Budget, Override, RankLimits
 from .calibration import ActivationStats, window_count
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, METHODS, WhiteningCache, factorize
+from .factorize import DEFAULT_DAMPING, METHODS, Factors, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
 from .model_info import count_parameters
 from .plan import Plan
@@ -155,10 +156,10 @@ def plan_model(
 def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: float, progress: bool) -> None:
     """Replace every module of `work` by a LowRankLinear holding its factors."""
     whitenings = WhiteningCache(damping)  # one whitening per shared input
-    for name in tqdm(work.names, desc="Factoring", unit="matrix", disable=not progress):
-        rank = plan.factored[name]
-        module = model.get_submodule(name)
-        weight = weight_matrix(module).detach()
+    bar = tqdm(total=len(work.names), desc="Factoring", unit="matrix", disable=not progress)
+
+    def factor(name: str) -> list[torch.Tensor]:
+        weight = weight_matrix(model.get_submodule(name)).detach()
         layer_stats = work.stats.get(name) if work.stats else None
         white = None
         if plan.method == "whiten" and layer_stats is not None:
@@ -166,17 +167,35 @@ def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: floa
         factors = factorize(
             plan.method,
             weight,
-            rank,
+            plan.factored[name],
             gram=layer_stats.gram if layer_stats is not None else None,
             mean_abs=layer_stats.mean_abs if layer_stats is not None else None,
             damping=damping,
             name=name,
             white=white,
         )
+        bar.update()
+        return [factors.down.to(torch.float64).contiguous(), factors.up.to(torch.float64).contiguous()]
+
+    def receive(name: str) -> list[torch.Tensor]:  # another rank factors it (distributed runs)
+        out_features, in_features = weight_matrix(model.get_submodule(name)).shape
+        device, rank = model.get_submodule(name).weight.device, min(plan.factored[name], out_features, in_features)
+        return [torch.empty(rank, in_features, dtype=torch.float64, device=device),
+                torch.empty(out_features, rank, dtype=torch.float64, device=device)]
+
+    get = factor  # one process: factor each module as it is replaced
+    if distributed.active():  # several: each rank factors its share, then all receive every module's factors
+        costs = [float(math.prod(weight_matrix(model.get_submodule(n)).shape)) * plan.factored[n] for n in work.names]
+        get = distributed.computed_by_owner(work.names, costs, factor, receive).pop
+    for name in work.names:
+        module = model.get_submodule(name)
+        weight = weight_matrix(module).detach()
+        factors = Factors(*get(name))
         new = LowRankLinear.from_factors(factors, bias=module.bias, dtype=weight.dtype, device=weight.device)
         if not all(torch.isfinite(p).all() for p in new.parameters()):
             raise LowrankError(f"factoring {name} produced NaN or Inf; check the weights of that module")
         replace_module(model, name, new)
+    bar.close()
 
 
 def compress_blocks(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibration import ActivationStats, collect_stats, first_windows, window_count
 from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
 from .encoders import is_encoder
@@ -136,6 +137,9 @@ def profile_model(
     `stats` (from `measure` or `collect_stats`) add the whitened spectra, `fisher` the loss prices.
     """
     targets = targets if targets is not None else targets_of(model)
+    if distributed.active():
+        return _profile_spread(model, targets, stats, fisher, damping=damping, batch_bytes=batch_bytes,
+                               progress=progress, source=source)
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     weights = {name: module_weight(module).detach() for name, module in modules.items()}
     if stats is not None:
@@ -145,7 +149,10 @@ def profile_model(
     whitenings = WhiteningCache(damping)
     plain, white = ShapeBatcher(batch_bytes), ShapeBatcher(batch_bytes)
     prices: dict[str, torch.Tensor] = {}
+    previous = None
     for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
+        if stats is not None and stats[name] is not previous:  # one input's whitening alive at a time (memory)
+            whitenings, previous = WhiteningCache(damping), stats[name]
         whitening = whitenings.get(stats[name], name) if stats is not None else None
         if fisher is not None:  # the planning spectrum and its directions, from one SVD
             sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name])
@@ -164,6 +171,29 @@ def profile_model(
     options = {"damping": damping} if stats is not None else {}
     return Profile(matrices, source=source, whitened=stats is not None, model_params=count_parameters(model),
                    options=options)
+
+
+def _profile_spread(model: nn.Module, targets: list[Target], stats, fisher, **options) -> Profile:
+    """profile_model on several ranks: each profiles its share of the matrices, then every rank gets all of them."""
+    owner = distributed.owners([float(t.out_features * t.in_features * min(t.shape)) for t in targets])
+    mine = [t for t, r in zip(targets, owner) if r == distributed.rank()]
+    with distributed.alone():
+        local = profile_model(model, mine, stats, fisher, **options)
+    done = {m.name: m for m in local.matrices}
+    for m in done.values():  # sent from CPU (gloo), whichever device computed them
+        m.sigma, m.whitened, m.price = (None if v is None else v.detach().to("cpu", torch.float64).contiguous()
+                                        for v in (m.sigma, m.whitened, m.price))
+    matrices = []
+    for target, src in zip(targets, owner):
+        m = done.get(target.name) or MatrixProfile(
+            name=target.name, shape=target.shape, sigma=torch.empty(min(target.shape), dtype=torch.float64),
+            whitened=torch.empty(min(target.shape), dtype=torch.float64) if stats is not None else None,
+            price=torch.empty(min(target.shape), dtype=torch.float64) if fisher is not None else None,
+            rank=getattr(model.get_submodule(target.name), "rank", None))
+        distributed.broadcast_tensors([v for v in (m.sigma, m.whitened, m.price) if v is not None], src, "the spectra")
+        matrices.append(m)
+    local.matrices = matrices
+    return local
 
 
 def profile_with_calibration(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .calibration import load_text, text_windows, token_windows, tokenize
 from .encoders import is_encoder
 from .sentences import framed_windows
@@ -116,12 +117,15 @@ def recover_folder(
         }
         record = read_config_record(folder)
         record["recover"] = {**config.to_dict(), "data": list(map(str, data))}
-        save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite,
-                        extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
+        with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
+            if distributed.is_writer():
+                save_compressed(loaded.model, loaded.tokenizer, recovered_plan, output, overwrite=overwrite,
+                                extra_files={CONFIG_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})})
     except BaseException:
-        if not paths.checkpoint.is_dir():  # nothing to resume, so the log describes no output: remove it
+        if not paths.checkpoint.is_dir() and distributed.is_writer():  # nothing to resume: the log describes no output
             paths.log.unlink(missing_ok=True)
         raise
-    plot_history(result.history, paths.plot, title=f"recovery of {Path(folder).name} ({config.mode}, {config.loss})")
-    shutil.rmtree(paths.checkpoint, ignore_errors=True)
+    if distributed.is_writer():
+        plot_history(result.history, paths.plot, title=f"recovery of {Path(folder).name} ({config.mode}, {config.loss})")
+        shutil.rmtree(paths.checkpoint, ignore_errors=True)
     return result

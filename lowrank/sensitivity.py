@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibration import model_device, shortest_window, window_batches
 from .encoders import embed
 from .errors import LowrankError
@@ -89,6 +90,25 @@ def backward_masked_lm(model: nn.Module, batch: torch.Tensor, generator: torch.G
     nn.functional.cross_entropy(logits[chosen].float(), batch[chosen], reduction="sum").backward()
 
 
+def skip_draws(objective: str, model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
+    """Advance `generator` as the backward pass of `batch` would (probes, masks), without running it."""
+    if objective == "embedding":
+        for _ in range(EMBEDDING_PROBES):
+            torch.randn((batch.shape[0], model.config.hidden_size), generator=generator)
+    elif objective == "mlm":
+        torch.rand(batch.shape, generator=generator)
+
+
+def all_reduce_fishers(fishers: dict[str, OutputFisher]) -> None:
+    """Sum every rank's Fishers and token counts in float64, in place (nothing with one process)."""
+    if not distributed.active():
+        return
+    for fisher in fishers.values():
+        tokens = torch.tensor(float(fisher.tokens), dtype=torch.float64)
+        distributed.all_reduce_sum_([fisher.matrix, tokens], "the sensitivity")
+        fisher.tokens = int(tokens)
+
+
 BACKWARD = {"next-token": backward_next_token, "embedding": backward_embedding_probes, "mlm": backward_masked_lm}
 
 
@@ -150,15 +170,21 @@ def measure_output_fisher(
         for target in targets:
             handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
         generator = torch.Generator().manual_seed(seed)
+        batches = window_batches(windows, batch_size)
+        mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
         with torch.enable_grad():
-            for batch in tqdm(window_batches(windows, batch_size), desc="Sensitivity", unit="batch", disable=not progress):
-                BACKWARD[objective](model, batch.to(device), generator)
+            for index, batch in enumerate(tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress)):
+                if index in mine:
+                    BACKWARD[objective](model, batch.to(device), generator)
+                else:  # another rank's batch: draw its random numbers all the same, so seeds do not depend on N
+                    skip_draws(objective, model, batch, generator)
     finally:
         for handle in handles:
             handle.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
+    all_reduce_fishers(fishers)
     for name, fisher in fishers.items():
         if not torch.isfinite(fisher.matrix).all():
             raise LowrankError(f"the loss gradient at {name} is NaN or Inf; check the model and calibration text")

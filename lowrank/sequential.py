@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_capture import BlockCall, CapturedInputs, capture_block_inputs, model_device, run_block
-from .calibration import ActivationStats, StatsCollector, collect_stats
+from .calibration import ActivationStats, StatsCollector, all_reduce_stats, collect_stats
 from .errors import CalibrationError
 from .plan import Plan
 from .targets import Target, find_block_list
@@ -82,6 +82,7 @@ def block_stats(
         for h, call in zip(hidden, calls):
             run_block(block, h, call, device)
             collector.end_batch()
+    collector.stats = all_reduce_stats(collector.stats, targets)  # this rank's batches → all of them
     missing = [t.name for t in targets if t.name not in collector.stats]
     if missing:
         raise CalibrationError(f"{len(missing)} target layers never ran during calibration (first: {missing[0]}); "

@@ -11,6 +11,7 @@ a run resumed from its checkpoint (training_checkpoint) sees the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .compression import count_parameters
 from .config import RecoveryConfig
 from .distill import HIDDEN_LOSSES, embedding_loss, hidden_state_loss, recovery_loss
@@ -117,6 +119,24 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 # ---- the training loop ------------------------------------------------------------------------
 
+def data_parallel(model: nn.Module, config: RecoveryConfig) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel on several ranks (each takes its share of every batch)."""
+    if not distributed.active():
+        return model
+    if config.batch_size % distributed.world_size():
+        raise LowrankError(f"--batch-size {config.batch_size} does not split evenly over {distributed.world_size()} "
+                           "ranks; make it a multiple of the number of ranks")
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def synchronizing(trainer: nn.Module, last_micro_step: bool):
+    """DDP sums gradients over the ranks on the last micro-step only (no_sync before it)."""
+    if isinstance(trainer, nn.parallel.DistributedDataParallel) and not last_micro_step:
+        return trainer.no_sync()
+    return contextlib.nullcontext()
+
+
 def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: RecoveryConfig) -> torch.Tensor:
     """The training loss of one micro-batch: on logits for language models, on hidden states for encoders."""
     if config.loss == "embedding":  # the pooled sentence embeddings, as the model pools
@@ -133,7 +153,7 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, c
     if config.needs_teacher:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, **without_cache(teacher)).logits
-    logits = model(input_ids=ids, **without_cache(model)).logits
+    logits = model(input_ids=ids, **without_cache(getattr(model, "module", model))).logits  # module: under DDP
     return recovery_loss(config.loss, logits, ids, teacher_logits, config.temperature, config.distill_weight)
 
 
@@ -186,6 +206,7 @@ def recover(
     else:
         freeze_all_but_factors(model)
     params = trainable_parameters(model)
+    trainer = data_parallel(model, config)  # the model itself with one process, DDP with several
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     data_digest = tensor_digest(train_windows)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -202,7 +223,7 @@ def recover(
     amp = autocast_dtype(device, config.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     tokens_per_step = config.batch_size * config.grad_accum * train_windows.shape[1]
-    training_log = TrainingLog(log_path, keep_until_step=state.step if resume else 0)
+    training_log = TrainingLog(log_path if distributed.is_writer() else None, keep_until_step=state.step if resume else 0)
     bar = tqdm(total=config.steps, initial=state.step, desc="Recovering", unit="step", disable=not progress)
     stopped_early = False
     if config.gradient_checkpointing:
@@ -242,12 +263,14 @@ def recover(
             for micro in range(config.grad_accum):
                 index = batch_indices(state.step * config.grad_accum + micro, train_windows.shape[0],
                                       config.batch_size, config.seed)
-                ids = train_windows[index].to(device)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = batch_loss(model, teacher, ids, config) / config.grad_accum
-                scaler.scale(loss).backward()
+                ids = train_windows[distributed.my_share(index)].to(device)  # this rank's part of the batch
+                with synchronizing(trainer, micro == config.grad_accum - 1):
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        loss = batch_loss(trainer, teacher, ids, config) / config.grad_accum
+                    scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
                 del loss
+            step_loss = distributed.mean_over_ranks(step_loss)
             if not math.isfinite(step_loss):
                 raise LowrankError(f"the training loss became {step_loss} at step {state.step + 1}; lower --lr")
             scaler.unscale_(optimizer)
@@ -268,7 +291,8 @@ def recover(
             if eval_windows is not None and due and evaluate_now():
                 stopped_early = True
                 break
-            if checkpoint_dir and config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            if checkpoint_dir and config.checkpoint_every and state.step % config.checkpoint_every == 0 \
+                    and distributed.is_writer():
                 save_checkpoint(checkpoint_dir, state, config, params, optimizer, best, data_digest)
         if eval_windows is not None and not stopped_early:
             evaluate_now()

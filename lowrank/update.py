@@ -12,6 +12,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import distributed
 from .block_capture import BlockCall, run_block
 from .errors import LowrankError
 from .layers import LowRankLinear
@@ -139,11 +140,21 @@ def update_block(
             pairs.end_batch()
     finally:
         pairs.close()
-    for name in factored:
+    sums = distributed.reduce_shared({n: [pairs.gram[n], pairs.cross[n]] for n in pairs.gram}, list(factored),
+                                     lambda n: [torch.zeros(dims[n], dims[n]), torch.zeros(dims[n], dims[n])],
+                                     "the least-squares update")
+    layers = [name for name in factored if isinstance(block.get_submodule(name), LowRankLinear)]
+
+    def refit(name: str) -> list[torch.Tensor]:
         layer = block.get_submodule(name)
-        if not isinstance(layer, LowRankLinear):
-            continue
         weight = weight_matrix(dense_block.get_submodule(name)).detach().cpu()
-        cross = pairs.cross[name] if target == "dense" else None
-        up = refit_up(weight, layer.down.weight.detach().cpu(), pairs.gram[name], cross, ridge)
+        gram, cross = sums[name]
+        return [refit_up(weight, layer.down.weight.detach().cpu(), gram, cross if target == "dense" else None, ridge)]
+
+    def receive(name: str) -> list[torch.Tensor]:  # another rank refits it (distributed runs)
+        return [torch.empty(block.get_submodule(name).up.weight.shape, dtype=torch.float64)]
+
+    costs = [float(block.get_submodule(n).up.weight.numel() * dims[n]) for n in layers]
+    for name, (up,) in distributed.computed_by_owner(layers, costs, refit, receive, "the update").items():
+        layer = block.get_submodule(name)
         layer.up.weight.copy_(up.to(layer.up.weight.dtype))

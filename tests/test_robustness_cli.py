@@ -336,6 +336,28 @@ def hide_lm_eval(monkeypatch, work):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
 
 
+def one_rank_of_two(monkeypatch, work, **changes):
+    """The environment torchrun gives rank 0 of 2 (nothing listens at the address: no rank ever joins)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29599", **changes}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def world_without_rank(monkeypatch, work):
+    one_rank_of_two(monkeypatch, work, RANK=None)
+
+
+def world_size_not_a_number(monkeypatch, work):
+    one_rank_of_two(monkeypatch, work, WORLD_SIZE="two")
+
+
+def timeout_not_a_number(monkeypatch, work):
+    one_rank_of_two(monkeypatch, work, LOWRANK_DIST_TIMEOUT="soon")
+
+
 def file_size_limit(monkeypatch, work):
     """RLIMIT_FSIZE: the kernel refuses to grow any file past 64 KiB (EFBIG), as a full disk would.
 
@@ -823,6 +845,22 @@ ROWS = [
     Row("plan-speed-uniform", "commands", "`lowrank plan --speed --strategy uniform`",
         command("plan", "--profile", "{profile}", "--speed", "--strategy", "uniform", "--device", "cpu", "-o", "OUT",
                 "-q"), r"--speed trades ranks between matrices, which the uniform strategy does not"),
+    # Several ranks (torchrun, accelerate launch, --nproc)
+    Row("nproc-zero", "distributed", "`lowrank compress --nproc 0`",
+        compress("{model}", "-o", "OUT", "--nproc", "0", *SAMPLES), r"--nproc '0' is not a number of processes"),
+    Row("recover-nproc-not-a-number", "distributed", "`lowrank recover --nproc two`",
+        command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--nproc", "two", "-q"),
+        r"--nproc 'two' is not a number of processes"),
+    Row("nproc-inside-a-rank", "distributed", "`--nproc 2` in a process torchrun already started as a rank",
+        compress("{model}", "-o", "OUT", "--nproc", "2", *SAMPLES), r"already one rank of a run; drop --nproc",
+        setup=one_rank_of_two),
+    Row("world-size-without-rank", "distributed", "WORLD_SIZE=2 set by hand, without RANK",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"WORLD_SIZE is 2 but RANK is not set", setup=world_without_rank),
+    Row("world-size-not-a-number", "distributed", "WORLD_SIZE=two",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"WORLD_SIZE='two' is not a number", setup=world_size_not_a_number),
+    Row("dist-timeout-not-a-number", "distributed", "LOWRANK_DIST_TIMEOUT=soon under torchrun",
+        compress("{model}", "-o", "OUT", *SAMPLES), r"LOWRANK_DIST_TIMEOUT='soon' is not a positive number",
+        setup=timeout_not_a_number),
 ]
 
 #: What each row printed, collected for the table in docs/robustness.md (see LOWRANK_ROBUSTNESS_TABLE).
@@ -833,7 +871,8 @@ GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "c
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
           "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
           "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders",
-          "refine": "block refinement"}
+          "refine": "block refinement",
+          "distributed": "several ranks (torchrun, accelerate, --nproc)"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
 

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from .. import distributed
 from ..errors import LowrankError
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, one_line
 
@@ -39,43 +40,57 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _error(message: str, exc: BaseException) -> None:
+    """Print one error line, unless another rank of a distributed run reports this failure."""
+    if distributed.should_report(exc):
+        click.echo(message.replace("error: ", distributed.origin(exc), 1) if distributed.active() else message, err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; maps every failure to a one-line message and exit code."""
+    try:
+        return _main(argv)
+    finally:
+        distributed.close()  # under torchrun: leave the process group before exiting
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure becomes one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        result = cli.main(args=args, prog_name="lowrank", standalone_mode=False)
+        result = cli.main(args=args, prog_name="lowrank", standalone_mode=False, obj={"argv": list(args)})
         return result if isinstance(result, int) else 0
-    except click.exceptions.Abort:
-        click.echo("error: interrupted; nothing was written and the input is untouched", err=True)
+    except click.exceptions.Abort as exc:
+        _error("error: interrupted; nothing was written and the input is untouched", exc)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written and the input is untouched", err=True)
+    except KeyboardInterrupt as exc:
+        _error("error: interrupted; nothing was written and the input is untouched", exc)
         return EXIT_INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"error: {one_line(exc.format_message())}", err=True)
+        _error(f"error: {one_line(exc.format_message())}", exc)
         return exc.exit_code
     except LowrankError as exc:
         if debug:
             raise
-        click.echo(f"error: {one_line(str(exc))}", err=True)
+        _error(f"error: {one_line(str(exc))}", exc)
         return EXIT_ERROR
-    except MemoryError:
+    except MemoryError as exc:
         if debug:
             raise
-        click.echo("error: out of memory; lower --samples, --seq-len or --batch-size, or use a bigger machine", err=True)
+        _error("error: out of memory; lower --samples, --seq-len or --batch-size, or use a bigger machine", exc)
         return EXIT_ERROR
     except OSError as exc:
         if debug:
             raise
-        click.echo(f"error: {one_line(str(exc))}; check the paths and free disk space", err=True)
+        _error(f"error: {one_line(str(exc))}; check the paths and free disk space", exc)
         return EXIT_ERROR
     except Exception as exc:  # a bug: still one line, with the way to get details
         if debug:
             raise
-        click.echo(f"error: unexpected {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)", err=True)
+        _error(f"error: unexpected {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)", exc)
         return EXIT_ERROR
 
 

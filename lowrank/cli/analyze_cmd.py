@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import distributed
 from ..calibration import collect_stats, text_windows
 from ..fileio import check_output_dir, check_output_spares_input
 from ..folder_format import is_compressed_folder
@@ -21,7 +22,7 @@ from ..targets import name_filter
 from ..config import CalibrationConfig
 from ..config_base import resolve_device
 from ..stream_analyze import analyze_streamed
-from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
+from .common import DTYPES, calibration_options, model_options, nproc_option, quiet_option, silence_transformers
 
 
 def default_output(model: str, whitened: bool) -> str:
@@ -61,10 +62,11 @@ def describe(analysis: Profile) -> str:
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="With --stream: memory the run may use, e.g. 8GB (default: what the machine has free now).")
 @model_options
+@nproc_option
 @quiet_option
 @silence_transformers
 def command(model, profile_file, texts, samples, seq_len, seed, batch_size, include, exclude, output, overwrite, stream,
-            offload_dir, max_memory, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
+            offload_dir, max_memory, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, nproc, quiet):
     """Analyze the singular-value spectra of MODEL's matrices (default: smollm2-135m) and write a report.
 
     With --profile FILE (from `lowrank profile`) the report comes from that saved profile, without
@@ -76,6 +78,8 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     whitened spectra σ(W·S), whose squares are the output error each dropped direction costs.
     With --calib --stream the checkpoint is read one block at a time (docs/scale.md).
     """
+    if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks
+        return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     started = time.perf_counter()
     if (offload_dir or max_memory) and not stream:
         raise LowrankError(f"{'--offload-dir' if offload_dir else '--max-memory'} applies to a streamed analysis; "
@@ -83,6 +87,10 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
     if stream and (profile_file is not None or not texts):
         raise LowrankError("--stream streams the calibration pass: pass --calib TEXT (without --calib the analysis "
                            "of a folder already reads one tensor at a time), or drop --stream")
+    if distributed.init_from_environment():  # under torchrun: calibration split across the ranks
+        quiet = quiet or not distributed.is_writer()
+        if stream:
+            raise LowrankError("--stream runs on one process for now; drop --stream to analyze on several ranks")
     if profile_file is not None:
         if model is not None or texts:
             raise LowrankError("--profile reports on a saved profile; drop MODEL and --calib, or drop --profile")
@@ -124,8 +132,11 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
         if whitened:
             analysis.options.update({"calibration": list(map(str, texts)), "samples": samples, "seq_len": seq_len,
                                      "seed": seed})
-    write_analysis_report(analysis, output, overwrite=overwrite)
-    finish(analysis, output, quiet, started)
+    with distributed.agreement("saving"):
+        if distributed.is_writer():
+            write_analysis_report(analysis, output, overwrite=overwrite)
+    if distributed.is_writer():
+        finish(analysis, output, quiet, started)
 
 
 def finish(analysis: Profile, output: str, quiet: bool, started: float) -> None:

@@ -10,6 +10,7 @@ import click
 import torch
 
 from ..config import CalibrationConfig, CompressConfig
+from ..errors import LowrankError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -25,6 +26,26 @@ def one_line(text: str) -> str:
     """Collapse a message to its first non-empty line."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else "unknown error"
+
+
+def _processes(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise LowrankError(f"--nproc {value!r} is not a number of processes; give a whole number of at least 1, "
+                           "e.g. --nproc 2")
+    return count
+
+
+def nproc_option(func):
+    """--nproc N: start torchrun (torch.distributed.run) with this command on N local processes."""
+    return click.option("--nproc", callback=_processes, default=None, metavar="N",
+                        help="Run on N local processes: starts torchrun with this same command, calibration split "
+                             "across them (docs/distributed.md). Under torchrun or accelerate, leave it out.")(func)
 
 
 def quiet_option(func):

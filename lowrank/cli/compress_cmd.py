@@ -12,17 +12,19 @@ from pathlib import Path
 
 import click
 
+from .. import distributed
 from ..api import compress
 from ..config import CalibrationConfig, CompressConfig
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL
 from ..planner import DEFAULT_STRATEGY, STRATEGIES
-from .common import calibration_options, model_options, quiet_option, silence_transformers
+from .common import calibration_options, model_options, nproc_option, quiet_option, silence_transformers
 
 #: The configs this command builds; every option is one of their fields, except the CLI_ONLY ones.
 CONFIGS = (CompressConfig, CalibrationConfig)
 #: Options that are not config fields: where to read and write, and how loudly.
-CLI_ONLY = ("model", "output", "overwrite", "quiet", "tokenizer_source", "trust_remote_code", "allow_pickle", "resume")
+CLI_ONLY = ("model", "output", "overwrite", "quiet", "tokenizer_source", "trust_remote_code", "allow_pickle", "resume",
+            "nproc")
 DEFAULTS = CompressConfig()
 
 
@@ -110,17 +112,20 @@ def describe(plan) -> str:
               help="Output folder. Default: ./<model>-<method>-r<ratio>.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @model_options
+@nproc_option
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
             exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, refine_dense, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
-            overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, quiet):
+            overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, nproc, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
 
     MODEL is a built-in name (smollm2-135m), a model folder, a .gguf file, a compressed
     lowrank folder or a Hugging Face hub id. The output folder reloads with lowrank.load() or
     transformers' from_pretrained() wherever lowrank is installed.
     """
+    if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks
+        return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
                             refine_steps=refine_steps, refine_lr=refine_lr, refine_share=refine_share,
@@ -132,6 +137,8 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     started = time.perf_counter()
     result = compress(model, config, calibration, output=output, tokenizer=tokenizer_source, overwrite=overwrite,
                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=not quiet, resume=resume)
+    if not distributed.is_writer():
+        return 0
     if not quiet:
         click.echo(describe(result))
         click.echo(f"saved {output} in {time.perf_counter() - started:.1f} s")

@@ -10,18 +10,19 @@ import time
 
 import click
 
+from .. import distributed
 from ..api import recover
 from ..config import DEFAULT_LR, MODES, PRECISIONS, RecoveryConfig
 from ..config_base import DTYPE_NAMES
 from ..distill import HIDDEN_LAYERS, LOSSES
 from ..recovery import RecoveryPaths
 from ..training_checkpoint import read_checkpoint_state
-from .common import EXIT_INTERRUPTED, quiet_option, silence_transformers
+from .common import EXIT_INTERRUPTED, nproc_option, quiet_option, silence_transformers
 
 #: The config this command builds; every option is one of its fields, except the CLI_ONLY ones.
 CONFIGS = (RecoveryConfig,)
 #: Options that are not config fields: the input, the training text, where to write, resuming, how loudly.
-CLI_ONLY = ("folder", "data", "output", "resume", "overwrite", "quiet")
+CLI_ONLY = ("folder", "data", "output", "resume", "overwrite", "quiet", "nproc")
 DEFAULTS = RecoveryConfig()
 
 
@@ -92,17 +93,20 @@ def interrupted_message(paths: RecoveryPaths) -> str:
               help="Precision the model is loaded, trained and saved in.")
 @click.option("--device", default=DEFAULTS.device, show_default=True, help="Where to run: auto (CUDA if available), cpu, cuda, ...")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@nproc_option
 @quiet_option
 @silence_transformers
 def command(folder, data, eval_texts, eval_windows, output, mode, loss, hidden_layers, teacher, temperature, distill_weight, lora_rank,
             lora_alpha, steps, lr, warmup, weight_decay, batch_size, grad_accum, seq_len, clip, eval_every, patience,
-            checkpoint_every, resume, gradient_checkpointing, precision, seed, dtype, device, overwrite, quiet):
+            checkpoint_every, resume, gradient_checkpointing, precision, seed, dtype, device, overwrite, nproc, quiet):
     """Fine-tune the factors of the compressed checkpoint FOLDER on --data text and save it to -o.
 
     Only the low-rank factors train (or LoRA adapters on them), so the output has the same ranks
     and parameter count. A JSON-lines log (OUTPUT.train.jsonl) and a loss curve (OUTPUT.loss.png)
     are written beside the output. Ctrl-C leaves the last checkpoint; --resume continues it.
     """
+    if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks (DDP)
+        return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     config = RecoveryConfig(
         mode=mode, loss=loss, hidden_layers=hidden_layers, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, clip=clip, temperature=temperature, distill_weight=distill_weight,
@@ -118,6 +122,8 @@ def command(folder, data, eval_texts, eval_windows, output, mode, loss, hidden_l
     except KeyboardInterrupt:
         click.echo(f"error: {interrupted_message(paths)}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if not distributed.is_writer():
+        return
     summary = {"output": str(output), "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
                "eval_ppl_before": result.before, "eval_ppl_after": result.after, "best_step": result.best_step,
                "stopped_early": result.stopped_early, "log": str(paths.log), "plot": str(paths.plot)}
