@@ -15,6 +15,13 @@ from disk (what the profile pass's forward does).
 
 from __future__ import annotations
 
+import os
+
+# Before torch starts its OpenMP runtime (as `import lowrank` does): idle OpenMP threads sleep
+# instead of spinning. Without it, on shared cores, LAPACK's SVD and eigh ran up to 30× slower, and
+# the first streamed rows of reports/memory.md (measured so) were mostly that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import shutil

@@ -24,6 +24,7 @@ from .folder_guard import GUARD_SHAPE, guard_key
 from .plan import Plan
 from .sequential import BlockWork, block_of, block_stats
 from .shard_writer import ShardWriter
+from .stream_profile import StageClock
 from .targets import Target
 
 BOUNDARY_FILE = "boundary.safetensors"
@@ -87,9 +88,13 @@ def compress_pass(
     damping: float = DEFAULT_DAMPING,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> None:
-    """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc)."""
+) -> dict[str, float]:
+    """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc).
+
+    Returns the seconds spent per part (load, statistics, factor_update, propagate, write).
+    """
     device = torch.device(device)
+    clock = StageClock()
     by_block: dict[int, list[str]] = {}
     for name in plan.factored:
         index = block_of(name, source.prefix)
@@ -113,20 +118,28 @@ def compress_pass(
 
     bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
     for index in bar:
-        block = source.load_block(index).to(device)
+        with clock("load"):
+            block = source.load_block(index).to(device)
         calls = captured.calls[index]
         names = by_block.get(index, [])
         if names:
-            inputs = store.level(index, n_batches)
-            stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
-            work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
-            compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping)
-            del stats, work, inputs
-        if index + 1 < len(source.blocks):
-            for b in range(n_batches):
-                store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
-        writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
+            with clock("statistics"):
+                inputs = store.level(index, n_batches)
+                stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
+            with clock("factor_update"):
+                work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
+                compress_blocks(source.model, plan, [work], update=update, update_target=update_target,
+                                damping=damping)
+                del stats, work, inputs
+        with clock("propagate"):
+            if index + 1 < len(source.blocks):
+                for b in range(n_batches):
+                    store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
+        with clock("write"):
+            writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
         store.drop_level(index, n_batches)
         source.free_block(index)
-    writer.add_block(None, outside_tensors(source))
+    with clock("write"):
+        writer.add_block(None, outside_tensors(source))
     store.close()
+    return clock.rounded()

@@ -15,6 +15,8 @@ the block's input flows on to the block below; the block, its Grams and its SVDs
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -33,6 +35,24 @@ from .targets import Target, weight_matrix
 
 #: Boundary levels of the sensitivity windows are stored after the calibration ones, from this offset.
 _FISHER_LEVELS = 1 << 20
+
+
+class StageClock:
+    """Seconds spent per named part of a pass, summed over blocks (`with clock("grams"): ...`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - started
+
+    def rounded(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + part: round(value, 3) for part, value in self.seconds.items()}
 
 
 class _Injector(nn.Module):
@@ -161,6 +181,7 @@ def profile_streamed(
         by_block.setdefault(index, []).append(target.name)
     by_name = {t.name: t for t in targets}
 
+    clock = StageClock()
     started = time.perf_counter()
     captured = capture_block_inputs(model, windows, batch_size, device)
     calls = captured.calls
@@ -178,20 +199,24 @@ def profile_streamed(
 
     last = len(blocks) - 1 if prices else max(by_block, default=-1)
     for index in tqdm(range(last), desc="Profile (forward)", unit="block", disable=not progress):
-        block = source.load_block(index).to(device)
-        for b in range(n_batches):
-            store.put(index + 1, b, run_block(block, store.get(index, b), calls[index][b], device))
-        for b in range(n_fisher):
-            store.put(_FISHER_LEVELS + index + 1, b,
-                      run_block(block, store.get(_FISHER_LEVELS + index, b), fisher.calls[index][b], device))
+        with clock("forward_load"):
+            block = source.load_block(index).to(device)
+        with clock("forward_blocks"):
+            for b in range(n_batches):
+                store.put(index + 1, b, run_block(block, store.get(index, b), calls[index][b], device))
+        with clock("forward_sensitivity_windows"):
+            for b in range(n_fisher):
+                store.put(_FISHER_LEVELS + index + 1, b,
+                          run_block(block, store.get(_FISHER_LEVELS + index, b), fisher.calls[index][b], device))
         source.free_block(index)
 
     gradients: list[torch.Tensor] = []
     if prices:
         block = source.load_block(last).to(device)
-        for b, batch in enumerate(fisher_windows.split(fisher_batch)):
-            final = run_block(block, store.get(_FISHER_LEVELS + last, b), fisher.calls[last][b], device)
-            gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+        with clock("forward_head_gradient"):
+            for b, batch in enumerate(fisher_windows.split(fisher_batch)):
+                final = run_block(block, store.get(_FISHER_LEVELS + last, b), fisher.calls[last][b], device)
+                gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
         source.free_block(last)
 
     forward_seconds = time.perf_counter() - started
@@ -200,16 +225,20 @@ def profile_streamed(
         names = by_block.get(index, [])
         if not names and not prices:
             continue
-        block = source.load_block(index).to(device)
-        inputs = store.level(index, n_batches)
-        stats = block_stats(model, block, [by_name[n] for n in names], inputs, calls[index], device) if names else {}
-        del inputs
-        sigma, whitened, directions = _block_spectra(model, names, stats, damping, prices)
-        del stats
+        with clock("backward_load"):
+            block = source.load_block(index).to(device)
+        with clock("backward_grams"):
+            inputs = store.level(index, n_batches)
+            stats = block_stats(model, block, [by_name[n] for n in names], inputs, calls[index], device) if names else {}
+            del inputs
+        with clock("backward_spectra"):
+            sigma, whitened, directions = _block_spectra(model, names, stats, damping, prices)
+            del stats
         price = {}
         if prices:
-            gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index, gradients,
-                                              device)
+            with clock("backward_prices"):
+                gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index,
+                                                  gradients, device)
         del directions
         for n in names:
             matrices[n] = MatrixProfile(n, by_name[n].shape, sigma[n], whitened[n], price.get(n))
@@ -220,7 +249,8 @@ def profile_streamed(
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
                       model_params=count_parameters(model), options={"damping": damping, "streamed": True})
     profile.options["seconds"] = {"forward": round(forward_seconds, 3),
-                                  "backward": round(time.perf_counter() - started - forward_seconds, 3)}
+                                  "backward": round(time.perf_counter() - started - forward_seconds, 3),
+                                  **clock.rounded()}
     if prices:
         profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
     return profile

@@ -169,11 +169,12 @@ def compress_streamed(
     save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
     writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)
     started = time.perf_counter()
-    compress_pass(source, plan, {t.name: t for t in targets}, windows, writer, BoundaryStore(cap, config.offload_dir),
-                  batch_size=config.batch_size, update=config.update is not False, damping=config.damping,
-                  device=device, progress=progress)
+    parts = compress_pass(source, plan, {t.name: t for t in targets}, windows, writer,
+                          BoundaryStore(cap, config.offload_dir), batch_size=config.batch_size,
+                          update=config.update is not False, damping=config.damping, device=device, progress=progress)
     writer.finish()
     seconds["compress"] = round(time.perf_counter() - started, 3)
+    seconds.update({f"compress_{part}": value for part, value in parts.items()})
     plan.options["stage_seconds"] = seconds
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
