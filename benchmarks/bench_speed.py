@@ -1,7 +1,7 @@
 """Wall time of the default compress of SmolLM2-135M against its floor, one dense forward pass, in one run.
 
     python benchmarks/bench_speed.py prepare /tmp/smollm2-st       # the GGUF, saved once as a safetensors folder
-    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 [--in-memory]
+    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 [--in-memory] [--keep DIR]
     python benchmarks/bench_speed.py report                        # reports/speed.md from reports/speed.json
 
 `run` measures, in one process and in this order: the floor (the dense model, loaded from the
@@ -56,19 +56,23 @@ def floor_seconds(folder: Path, windows: torch.Tensor) -> float:
     return round(seconds, 2)
 
 
-def timed_compress(folder: Path, config, calibration) -> dict:
+def timed_compress(folder: Path, config, calibration, keep: Path | None = None) -> dict:
+    """One compress, timed; its output is removed unless `keep` names where to move it."""
     out = Path(tempfile.mkdtemp(prefix="bench-speed-", dir="/tmp")) / "out"
     started = time.perf_counter()
     try:
         plan = lowrank.compress(str(folder), config, calibration, output=out, progress=False)
         seconds = time.perf_counter() - started
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.move(str(out), str(keep))
         return {"wall_seconds": round(seconds, 1), "stage_seconds": plan.options.get("stage_seconds"),
                 "factored": len(plan.factored), "target_ratio": plan.summary()["target_ratio"]}
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def run(folder: Path, ratio: float, in_memory: bool) -> None:
+def run(folder: Path, ratio: float, in_memory: bool, keep: Path | None) -> None:
     from lowrank.calibration import text_windows
     from lowrank.config import CalibrationConfig, CompressConfig
     from lowrank.loading import load_tokenizer
@@ -81,7 +85,7 @@ def run(folder: Path, ratio: float, in_memory: bool) -> None:
                     "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     floors = [floor_seconds(folder, windows)]
-    result["stream"] = timed_compress(folder, CompressConfig(stream=True, ratio=ratio), calibration)
+    result["stream"] = timed_compress(folder, CompressConfig(stream=True, ratio=ratio), calibration, keep)
     if in_memory:
         result["in_memory"] = timed_compress(folder, CompressConfig(ratio=ratio), calibration)
     floors.append(floor_seconds(folder, windows))
@@ -143,12 +147,13 @@ def main() -> None:
     measure.add_argument("folder", type=Path)
     measure.add_argument("--ratio", type=float, default=0.8)
     measure.add_argument("--in-memory", action="store_true")
+    measure.add_argument("--keep", type=Path, help="move the streamed output here (for `lowrank eval`)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder)
     elif args.command == "run":
-        run(args.folder, args.ratio, args.in_memory)
+        run(args.folder, args.ratio, args.in_memory, args.keep)
     else:
         report()
 

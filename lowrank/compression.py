@@ -202,9 +202,12 @@ def compress_blocks(
             block_work.stats = None
             if dense_block is not None:
                 relative = {n[len(block_work.prefix):]: plan.factored[n] for n in block_work.names}
+                kept = [{n[len(block_work.prefix):]: x for n, x in batch.items()} for batch in block_work.dense_inputs]
                 update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
-                             block_work.device, target=update_target)
-                del dense_block
+                             block_work.device, target=update_target,
+                             dense_inputs=kept if update_target == "dense" else None)
+                del dense_block, kept
+            block_work.dense_inputs = []
     finally:
         close = getattr(producer, "close", None)  # a generator producer: run its clean-up now, even on failure
         if close is not None:
@@ -255,7 +258,8 @@ def compress_sequential(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress)
+    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress,
+                                 keep_inputs=bool(update) and update_target == "dense")
     compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping)
     plan.options.update({"sequential": True, "update": bool(update)})
     if update:

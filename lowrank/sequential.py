@@ -39,6 +39,9 @@ class BlockWork:
     inputs: list[torch.Tensor] = field(default_factory=list)  # the block's input hidden states, per batch
     calls: list[BlockCall] = field(default_factory=list)  # the block's other call arguments, per batch
     device: torch.device | None = None
+    # per batch, each module's input inside the dense block (kept by block_stats for the update's
+    # dense target, so that the update does not run the dense block again); empty: not kept
+    dense_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def dense_statistics(
@@ -75,12 +78,36 @@ def block_stats(
     hidden: list[torch.Tensor],
     calls: list[BlockCall],
     device: torch.device,
+    keep_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, ActivationStats]:
-    """Input statistics of `targets` (inside `block`) for the given block inputs."""
-    with StatsCollector(model, targets) as collector:
-        for h, call in zip(hidden, calls):
-            run_block(block, h, call, device)
-            collector.end_batch()
+    """Input statistics of `targets` (inside `block`) for the given block inputs.
+
+    With `keep_inputs` (a list), each batch's input of every target is appended to it as a dict
+    (on CPU; modules reading one input share one tensor): what the update's dense target needs.
+    """
+    # this batch's inputs: id → (the input, kept alive so that its id stays its own; its CPU copy)
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module, args):
+            if id(args[0]) not in copies:
+                copies[id(args[0])] = (args[0], args[0].detach().to("cpu"))
+            keep_inputs[-1][name] = copies[id(args[0])][1]
+        return hook
+
+    handles = [] if keep_inputs is None else [
+        model.get_submodule(t.name).register_forward_pre_hook(keep(t.name)) for t in targets]
+    try:
+        with StatsCollector(model, targets) as collector:
+            for h, call in zip(hidden, calls):
+                if keep_inputs is not None:
+                    keep_inputs.append({})
+                run_block(block, h, call, device)
+                collector.end_batch()
+                copies.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
     missing = [t.name for t in targets if t.name not in collector.stats]
     if missing:
         raise CalibrationError(f"{len(missing)} target layers never ran during calibration (first: {missing[0]}); "
@@ -97,8 +124,12 @@ def sequential_statistics(
     batch_size: int = 8,
     device: torch.device | None = None,
     progress: bool = True,
+    keep_inputs: bool = False,
 ) -> Iterator[BlockWork]:
     """Yield each block's factored modules with statistics taken on the compressed path.
+
+    `keep_inputs`: each BlockWork also carries its modules' inputs inside the dense block
+    (`dense_inputs`), for the update's dense target.
 
     The consumer must compress the yielded block before asking for the next one: the next block's
     inputs are computed by running the block as it is then. Layers outside the blocks (an included
@@ -126,9 +157,12 @@ def sequential_statistics(
             block.to(device)
             names = by_block.get(index, [])
             if names:
-                stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device)
-                yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device)
-                del stats
+                kept = [] if keep_inputs else None
+                stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device,
+                                    keep_inputs=kept)
+                yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device,
+                                dense_inputs=kept or [])
+                del stats, kept
             if index < last_needed:
                 hidden = [run_block(block, h, call, device).to("cpu") for h, call in zip(hidden, captured.calls[index])]
             block.to(block_home)

@@ -125,12 +125,15 @@ def compress_pass(
         if names:
             with clock("statistics"):
                 inputs = store.level(index, n_batches)
-                stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
+                kept = [] if update and update_target == "dense" else None  # the update's x_d, not run again
+                stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
+                                    keep_inputs=kept)
             with clock("factor_update"):
-                work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device)
+                work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device,
+                                 dense_inputs=kept or [])
                 compress_blocks(source.model, plan, [work], update=update, update_target=update_target,
                                 damping=damping)
-                del stats, work, inputs
+                del stats, work, inputs, kept
         with clock("propagate"):
             if index + 1 < len(source.blocks):
                 for b in range(n_batches):
