@@ -1,9 +1,10 @@
 """How much memory a streamed compression needs, said before it starts, and a refusal when it will not fit.
 
 Peak ≈ runtime + embeddings/head + max(profile pass, compress pass), where (docs/scale.md)
-- profile pass  = one block + its Grams + its largest SVD's work + every boundary's activations;
+- profile pass  = one block + its Grams + its largest SVD's work + two boundaries of the calibration
+  windows + every boundary of the sensitivity windows;
 - compress pass = three copies of one block (dense copy for the update, factors) + Grams and
-  cross-Grams + two boundaries' activations.
+  cross-Grams + two boundaries + the block's layer inputs kept for the update.
 Boundary activations past the memory left go to `--offload-dir` when one is given.
 """
 
@@ -67,10 +68,12 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
              sensitivity_samples: int) -> MemoryEstimate:
     """The formula's parts for `source`, its targets and the calibration `windows`."""
     per_block: dict[str, int] = {}
+    per_block_inputs: dict[str, int] = {}
     for target in targets:
         block = target.name[len(source.prefix) + 1:].split(".", 1)[0]
         # one float64 Gram per target: an upper bound, since targets reading one input share theirs
         per_block[block] = per_block.get(block, 0) + target.in_features ** 2 * 8
+        per_block_inputs[block] = per_block_inputs.get(block, 0) + target.in_features
     widest = max(t.in_features for t in targets) ** 2 * 8 * 2  # one whitening's root and inverse
     biggest = max((t.out_features * min(t.shape) + t.out_features * t.in_features) * 8 for t in targets)  # W·S, U
     statistics = max(per_block.values(), default=0) + widest + biggest
@@ -78,8 +81,11 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     per_level = windows.numel() * hidden * 4
     levels = len(source.blocks) + 1
     fisher_levels = min(sensitivity_samples, windows.shape[0]) * windows.shape[1] * hidden * 4 * levels if prices else 0
+    # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
+    inputs_per_token = max(per_block_inputs.values(), default=0)
     return MemoryEstimate(block=source.block_bytes(0), statistics=statistics,
-                          boundaries_profile=per_level * levels + fisher_levels, boundaries_compress=2 * per_level,
+                          boundaries_profile=2 * per_level + fisher_levels,
+                          boundaries_compress=2 * per_level + windows.numel() * inputs_per_token * 4,
                           outside=source.outside_bytes())
 
 

@@ -114,7 +114,7 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
             profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
-                                       name=str(source.folder))
+                                       name=str(source.folder), scratch_dir=config.offload_dir or partial)
             profile.save(partial / PROFILE_FILE)
         spectra = {m.name: m for m in profile.matrices}
         seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
