@@ -31,7 +31,7 @@ from .plan import Plan
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
-from .streaming import check_streamable, compress_streamed
+from .streaming import check_streamable, compress_streamed, should_stream
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
@@ -93,12 +93,13 @@ def compress(
     windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
-    With `config.stream` a local folder is compressed block by block from disk (lowrank.streaming);
-    `resume` then continues an interrupted streamed run.
+    A checkpoint the block reader can read is compressed block by block from disk unless
+    `config.stream` is False (lowrank.streaming.should_stream); `resume` continues an interrupted
+    streamed run.
     """
 
     config = config or CompressConfig()
-    if (config.stream or resume) and not dry_run:
+    if not dry_run and (resume or should_stream(source, config, output)):
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)
@@ -144,11 +145,12 @@ def _compress_streamed(source, config: CompressConfig, calibration, *, output, t
                        resume: bool, trust_remote_code: bool, progress: bool, extra_files) -> Plan:
     """`compress` for config.stream: a local folder, read block by block, written shard by shard."""
 
-    if not config.stream:
-        raise LowrankError("--resume continues a streamed run; add --stream")
+    if config.stream is False:
+        raise LowrankError("--resume continues a streamed run; drop --no-stream")
     if isinstance(source, nn.Module) or output is None:
         raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
                            "pass a folder as source and an output folder")
+    check_output_dir(output, overwrite or resume)
     check_output_spares_input(output, str(source))
     check_streamable(source)
     if isinstance(calibration, torch.Tensor):

@@ -66,8 +66,30 @@ def check_streamable(source: str | Path) -> Path:
     """The folder `source`, when streaming can read it; else a one-line error naming the fix."""
     if not is_streamable(str(source)):
         raise LowrankError(f"--stream reads a local model folder with safetensors weights, and {source} is not one; "
-                           "convert it (save_pretrained) or drop --stream")
+                           "convert it (save_pretrained), or drop --stream and its options (--offload-dir, --max-memory, "
+                           "--save-dtype)")
     return Path(source)
+
+
+def should_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
+    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) when it can.
+
+    It can when the source is a causal LM checkpoint the block reader reads (`is_streamable`: today
+    a local safetensors folder), an output folder is given, and no option needs the whole model in
+    memory (one-shot, a method other than whiten, --include, a load dtype other than float32).
+    A streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for streaming.
+    """
+    if config.stream is not None:
+        return config.stream
+    if config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source":
+        return True
+    if output is None or not isinstance(source, (str, Path)) or not is_streamable(str(source)):
+        return False
+    if not (config.sequential and config.method == "whiten" and config.include is None
+            and config.dtype == "float32"):
+        return False
+    architectures = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _open_partial(output: str | Path, identity: dict, resume: bool) -> Path:

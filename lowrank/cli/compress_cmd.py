@@ -74,10 +74,11 @@ def describe(plan) -> str:
 @click.option("--update/--no-update", default=DEFAULTS.update,
               help="With --sequential: refit each layer's second factor by ridge least squares against the dense "
                    "block's outputs (SVD-LLM's parameter update). Default: on with --sequential.")
-@click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
-              help="Read a local safetensors folder block by block from disk and write the output shard by shard: "
-                   "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
-                   "Same factors as without it.")
+@click.option("--stream/--no-stream", default=DEFAULTS.stream,
+              help="Read the checkpoint block by block from disk and write the output shard by shard: memory holds "
+                   "one block, its statistics and the calibration activations (docs/scale.md). Same factors as "
+                   "without it. Default: stream a causal LM's safetensors folder unless an option needs the whole "
+                   "model (--one-shot, --method svd/asvd, --include, --dtype); --no-stream loads it whole.")
 @click.option("--offload-dir", default=DEFAULTS.offload_dir, type=click.Path(file_okay=False),
               help="With --stream: spill calibration activations to this folder once memory would run out.")
 @click.option("--max-memory", default=DEFAULTS.max_memory, metavar="SIZE",
