@@ -87,7 +87,7 @@ def run(folder: Path, ratio: float, in_memory: bool, keep: Path | None) -> None:
     floors = [floor_seconds(folder, windows)]
     result["stream"] = timed_compress(folder, CompressConfig(stream=True, ratio=ratio), calibration, keep)
     if in_memory:
-        result["in_memory"] = timed_compress(folder, CompressConfig(ratio=ratio), calibration)
+        result["in_memory"] = timed_compress(folder, CompressConfig(stream=False, ratio=ratio), calibration)
     floors.append(floor_seconds(folder, windows))
     result["floor_seconds"] = floors
     floor = sum(floors) / len(floors)
