@@ -88,10 +88,13 @@ def compress_pass(
     damping: float = DEFAULT_DAMPING,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    keep_inputs: bool = True,
 ) -> dict[str, float]:
     """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc).
 
     Returns the seconds spent per part (load, statistics, factor_update, propagate, write).
+    `keep_inputs`: the statistics forward keeps each layer's input for the update (faster; memory
+    for one block's layer inputs over all windows); else the update runs the dense block again.
     """
     device = torch.device(device)
     clock = StageClock()
@@ -125,7 +128,7 @@ def compress_pass(
         if names:
             with clock("statistics"):
                 inputs = store.level(index, n_batches)
-                kept = [] if update and update_target == "dense" else None  # the update's x_d, not run again
+                kept = [] if keep_inputs and update and update_target == "dense" else None  # the update's x_d
                 stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
                                     keep_inputs=kept)
             with clock("factor_update"):

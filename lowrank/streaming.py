@@ -193,7 +193,8 @@ def compress_streamed(
     started = time.perf_counter()
     parts = compress_pass(source, plan, {t.name: t for t in targets}, windows, writer,
                           BoundaryStore(cap, config.offload_dir), batch_size=config.batch_size,
-                          update=config.update is not False, damping=config.damping, device=device, progress=progress)
+                          update=config.update is not False, damping=config.damping, device=device, progress=progress,
+                          keep_inputs=cap is None)  # when memory is short, the update runs the dense block again
     writer.finish()
     seconds["compress"] = round(time.perf_counter() - started, 3)
     seconds.update({f"compress_{part}": value for part, value in parts.items()})
