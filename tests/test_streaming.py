@@ -28,7 +28,7 @@ def _products(model) -> dict[str, torch.Tensor]:
 def _compress_both(tmp_path, arch: str, **stream_options):
     save_tiny_model(tmp_path / "src", arch)
     windows = random_windows(12, 24)
-    dense = lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    dense = lowrank.compress(tmp_path / "src", CompressConfig(stream=False), windows, output=tmp_path / "mem", progress=False)
     streamed = lowrank.compress(tmp_path / "src", CompressConfig(stream=True, **stream_options), windows,
                                 output=tmp_path / "str", progress=False)
     return dense, streamed, windows
@@ -102,7 +102,7 @@ def test_bf16_source_is_saved_in_bf16_unless_asked(tmp_path):
     lowrank.compress(tmp_path / "src", CompressConfig(stream=True), windows, output=tmp_path / "bf16", progress=False)
     lowrank.compress(tmp_path / "src", CompressConfig(stream=True, save_dtype="float32"), windows,
                      output=tmp_path / "f32out", progress=False)
-    lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=False), windows, output=tmp_path / "mem", progress=False)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as handle:
