@@ -15,6 +15,13 @@ from disk (what the profile pass's forward does).
 
 from __future__ import annotations
 
+import os
+
+# Before torch starts its OpenMP runtime (as `import lowrank` does): idle OpenMP threads sleep
+# instead of spinning. Without it, on shared cores, LAPACK's SVD and eigh ran up to 30× slower, and
+# the first streamed rows of reports/memory.md (measured so) were mostly that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import shutil
@@ -48,23 +55,26 @@ def make_checkpoint(folder: Path, layers: int, hidden: int, mlp: int, dtype: str
     def rand(*shape):
         return (torch.randn(*shape, generator=generator) * 0.02).to(torch_dtype)
 
-    shards = [{"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
-               "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)}]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append({p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
-                       p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
-                       p + "mlp.gate_proj.weight": rand(mlp, hidden), p + "mlp.up_proj.weight": rand(mlp, hidden),
-                       p + "mlp.down_proj.weight": rand(hidden, mlp),
-                       p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
-                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype)})
-    weight_map, total = {}, 0
-    for i, tensors in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    def shard(i: int) -> dict[str, torch.Tensor]:
+        if i == 0:
+            return {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+                    "model.norm.weight": torch.ones(hidden, dtype=torch_dtype)}
+        p = f"model.layers.{i - 1}."
+        return {p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
+                p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                p + "mlp.gate_proj.weight": rand(mlp, hidden), p + "mlp.up_proj.weight": rand(mlp, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, mlp),
+                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
+                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype)}
+
+    weight_map, total, count = {}, 0, layers + 1
+    for i in range(count):  # each shard made, written and dropped in turn
+        tensors = shard(i)
+        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({key: name for key in tensors})
-        shards[i] = None
+        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 

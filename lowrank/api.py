@@ -33,7 +33,7 @@ from .sentences import sentence_batches
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
-from .streaming import check_streamable, compress_streamed
+from .streaming import check_streamable, compress_streamed, should_stream
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
@@ -114,14 +114,15 @@ def compress(
     windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
-    With `config.stream` a folder, .gguf file or hub id is compressed block by block from disk (lowrank.streaming);
-    `resume` then continues an interrupted streamed run.
+    A checkpoint the block reader can read is compressed block by block from disk unless
+    `config.stream` is False (lowrank.streaming.should_stream): a folder, and, when asked, a .gguf file or
+    hub id; `resume` continues an interrupted streamed run.
     """
 
     config = config or CompressConfig()
     distributed.init_from_environment()  # under torchrun or accelerate: join the other ranks
     progress = progress and distributed.is_writer()
-    if (config.stream or resume) and not dry_run:
+    if not dry_run and (resume or should_stream(source, config, output)):
         if distributed.active():
             raise LowrankError("--stream runs on one process for now; drop --stream to compress on several ranks")
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
@@ -179,11 +180,12 @@ def _compress_streamed(source, config: CompressConfig, calibration, *, output, t
                        resume: bool, trust_remote_code: bool, progress: bool, extra_files) -> Plan:
     """`compress` for config.stream: a folder, .gguf file or hub id, read block by block, written shard by shard."""
 
-    if not config.stream:
-        raise LowrankError("--resume continues a streamed run; add --stream")
+    if config.stream is False:
+        raise LowrankError("--resume continues a streamed run; drop --no-stream")
     if isinstance(source, nn.Module) or output is None:
         raise LowrankError("--stream reads a model folder from disk and writes its output as it goes; "
                            "pass a folder as source and an output folder")
+    check_output_dir(output, overwrite or resume)
     location = local_checkpoint(str(source), progress)  # a hub id is downloaded here; a built-in name is its GGUF
     source = Path(location.path, location.gguf_file or "")
     check_output_spares_input(output, str(source))

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from .targets import Target, find_targets, weight_matrix
 from .update import update_block
 from .verify import check_finite_weights
 from .version import __version__
+
+if TYPE_CHECKING:  # annotations only: speed_model measures matmuls, which planning never needs to import
+    from .speed_model import SpeedTable
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +231,12 @@ def compress_blocks(
             block_work.stats = None
             if dense_block is not None:
                 relative = {n[len(block_work.prefix):]: plan.factored[n] for n in block_work.names}
+                kept = [{n[len(block_work.prefix):]: x for n, x in batch.items()} for batch in block_work.dense_inputs]
                 update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
-                             block_work.device, target=update_target)
-                del dense_block
+                             block_work.device, target=update_target,
+                             dense_inputs=kept if update_target == "dense" else None)
+                del dense_block, kept
+            block_work.dense_inputs = []
             if refine is not None and refine.enabled and block_work.dense_outputs is not None:
                 result = refine_block(block_work.dense_outputs, block_work.block, block_work.inputs, block_work.calls,
                                       refine, block_work.device, average=refine_average)
@@ -290,8 +296,10 @@ def compress_sequential(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     refining = refine is not None and refine.enabled
-    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress, dense_stream=refining)
-    compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping, refine=refine)
+    work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress, dense_stream=refining,
+                                 keep_inputs=bool(update) and update_target == "dense")
+    compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping, refine=refine,
+                    refine_average=distributed.average_refinement if distributed.active() else None)
     plan.options.update({"sequential": True, "update": bool(update)})
     if update:
         plan.options["update_target"] = update_target

@@ -58,7 +58,8 @@ class CompressConfig(ConfigBase):
     batch_size: int = 8                 # calibration windows per forward pass
     device: str = "auto"                # where the math runs (auto: CUDA if available)
     dtype: str = "float32"              # precision the model is loaded and saved in
-    stream: bool = False                # read a local checkpoint block by block from disk (lowrank.streaming)
+    stream: bool | None = None          # read the checkpoint block by block from disk (lowrank.streaming);
+                                        # None: whenever the source can be read so (streaming.should_stream)
     offload_dir: str | None = None      # with stream: boundary activations past the memory cap go here
     max_memory: str | None = None       # with stream: memory the run may use, e.g. 8GB (None: what is free now)
     max_shard_size: str = "2GB"         # largest output shard
@@ -105,12 +106,12 @@ class CompressConfig(ConfigBase):
         parse_size(self.max_shard_size, "--max-shard-size")
         if self.max_memory is not None:
             parse_size(self.max_memory, "--max-memory")
+        used = [flag for flag, value in (("--offload-dir", self.offload_dir), ("--max-memory", self.max_memory),
+                                         ("--save-dtype", None if self.save_dtype == "source" else 1))
+                if value is not None]
+        if self.stream is False and used:
+            raise LowrankError(f"{used[0]} applies to streaming compression; drop --no-stream")
         if not self.stream:
-            used = [flag for flag, value in (("--offload-dir", self.offload_dir), ("--max-memory", self.max_memory),
-                                             ("--save-dtype", None if self.save_dtype == "source" else 1))
-                    if value is not None]
-            if used:
-                raise LowrankError(f"{used[0]} applies to streaming compression; add --stream")
             return
         if not self.sequential:
             raise LowrankError("--stream compresses block by block on the compressed path; drop --one-shot")

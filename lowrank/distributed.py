@@ -194,6 +194,15 @@ def mean_over_ranks(value: float, what: str = "training") -> float:
     return float(total) / world_size()
 
 
+def average_refinement(tensor: torch.Tensor) -> None:
+    """Average `tensor` over the ranks in place: block refinement's gradients and errors (its `average` hook)."""
+    if not active():
+        return
+    total = tensor.detach().to(torch.float64).reshape(-1).clone()
+    all_reduce_sum_([total], "the block refinement")
+    tensor.copy_((total / world_size()).reshape(tensor.shape).to(tensor.dtype))
+
+
 def broadcast_json(value, src: int = 0, what: str = "setup"):
     """`value` (JSON-serializable) from rank `src` on every rank, without pickle."""
     if not active():

@@ -40,6 +40,9 @@ class BlockWork:
     calls: list[BlockCall] = field(default_factory=list)  # the block's other call arguments, per batch
     device: torch.device | None = None
     dense_outputs: list[torch.Tensor] | None = None  # the dense block on the dense path's inputs (for refinement)
+    # per batch, each module's input inside the dense block (kept by block_stats for the update's
+    # dense target, so that the update does not run the dense block again); empty: not kept
+    dense_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def dense_statistics(
@@ -76,12 +79,36 @@ def block_stats(
     hidden: list[torch.Tensor],
     calls: list[BlockCall],
     device: torch.device,
+    keep_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, ActivationStats]:
-    """Input statistics of `targets` (inside `block`) for the given block inputs."""
-    with StatsCollector(model, targets) as collector:
-        for h, call in zip(hidden, calls):
-            run_block(block, h, call, device)
-            collector.end_batch()
+    """Input statistics of `targets` (inside `block`) for the given block inputs.
+
+    With `keep_inputs` (a list), each batch's input of every target is appended to it as a dict
+    (on CPU; modules reading one input share one tensor): what the update's dense target needs.
+    """
+    # this batch's inputs: id → (the input, kept alive so that its id stays its own; its CPU copy)
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module, args):
+            if id(args[0]) not in copies:
+                copies[id(args[0])] = (args[0], args[0].detach().to("cpu"))
+            keep_inputs[-1][name] = copies[id(args[0])][1]
+        return hook
+
+    handles = [] if keep_inputs is None else [
+        model.get_submodule(t.name).register_forward_pre_hook(keep(t.name)) for t in targets]
+    try:
+        with StatsCollector(model, targets) as collector:
+            for h, call in zip(hidden, calls):
+                if keep_inputs is not None:
+                    keep_inputs.append({})
+                run_block(block, h, call, device)
+                collector.end_batch()
+                copies.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
     collector.stats = all_reduce_stats(collector.stats, targets)  # this rank's batches → all of them
     missing = [t.name for t in targets if t.name not in collector.stats]
     if missing:
@@ -100,8 +127,12 @@ def sequential_statistics(
     device: torch.device | None = None,
     progress: bool = True,
     dense_stream: bool = False,
+    keep_inputs: bool = False,
 ) -> Iterator[BlockWork]:
     """Yield each block's factored modules with statistics taken on the compressed path.
+
+    `keep_inputs`: each BlockWork also carries its modules' inputs inside the dense block
+    (`dense_inputs`), for the update's dense target.
 
     The consumer must compress the yielded block before asking for the next one: the next block's
     inputs are computed by running the block as it is then. Layers outside the blocks (an included
@@ -135,10 +166,12 @@ def sequential_statistics(
                 dense_hidden = [run_block(block, h, call, device).to("cpu")
                                 for h, call in zip(dense_hidden, captured.calls[index])]
             if names:
-                stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device)
+                kept = [] if keep_inputs else None
+                stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device,
+                                    keep_inputs=kept)
                 yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device,
-                                dense_outputs=dense_hidden)
-                del stats
+                                dense_inputs=kept or [], dense_outputs=dense_hidden)
+                del stats, kept
             if index < last_needed:
                 hidden = [run_block(block, h, call, device).to("cpu") for h, call in zip(hidden, captured.calls[index])]
             block.to(block_home)

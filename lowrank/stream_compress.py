@@ -28,6 +28,7 @@ from .plan import Plan
 from .refinement import RefineOptions
 from .sequential import BlockWork, block_of, block_stats
 from .shard_writer import ShardWriter
+from .stream_profile import StageClock
 from .targets import Target
 
 BOUNDARY_FILE = "boundary.safetensors"
@@ -92,9 +93,16 @@ def compress_pass(
     device: torch.device | str = "cpu",
     progress: bool = True,
     refine: RefineOptions | None = None,
-) -> None:
-    """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc)."""
+    keep_inputs: bool = True,
+) -> dict[str, float]:
+    """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc).
+
+    Returns the seconds spent per part (load, statistics, factor_update, propagate, write).
+    `keep_inputs`: the statistics forward keeps each layer's input for the update (faster; memory
+    for one block's layer inputs over all windows); else the update runs the dense block again.
+    """
     device = torch.device(device)
+    clock = StageClock()
     by_block: dict[int, list[str]] = {}
     for name in plan.factored:
         index = block_of(name, source.prefix)
@@ -120,26 +128,35 @@ def compress_pass(
 
     bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
     for index in bar:
-        block = source.load_block(index).to(device)
+        with clock("load"):
+            block = source.load_block(index).to(device)
         calls = captured.calls[index]
         names = by_block.get(index, [])
         if refining:  # the block is still dense: its outputs on the dense path
             for b in range(n_batches):
                 store.put(index + 1, n_batches + b, run_block(block, store.get(index, n_batches + b), calls[b], device))
         if names:
-            inputs = store.level(index, n_batches)
-            stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device)
-            dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
-            work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device,
-                             dense_outputs=dense_outputs)
-            compress_blocks(source.model, plan, [work], update=update, update_target=update_target, damping=damping,
-                            refine=refine)
-            del stats, work, inputs, dense_outputs
-        if index + 1 < len(source.blocks):
-            for b in range(n_batches):
-                store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
-        writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
+            with clock("statistics"):
+                inputs = store.level(index, n_batches)
+                kept = [] if keep_inputs and update and update_target == "dense" else None  # the update's x_d
+                stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
+                                    keep_inputs=kept)
+                dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
+            with clock("factor_update"):
+                work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device,
+                                 dense_inputs=kept or [], dense_outputs=dense_outputs)
+                compress_blocks(source.model, plan, [work], update=update, update_target=update_target,
+                                damping=damping, refine=refine)
+                del stats, work, inputs, kept, dense_outputs
+        with clock("propagate"):
+            if index + 1 < len(source.blocks):
+                for b in range(n_batches):
+                    store.put(index + 1, b, run_block(block, store.get(index, b), calls[b], device).to("cpu"))
+        with clock("write"):
+            writer.add_block(index, block_tensors(source, index, plan.factored), on_flush=save_boundary)
         store.drop_level(index, per_level)
         source.free_block(index)
-    writer.add_block(None, outside_tensors(source))
+    with clock("write"):
+        writer.add_block(None, outside_tensors(source))
     store.close()
+    return clock.rounded()

@@ -1,11 +1,13 @@
 """How much memory a streamed compression needs, said before it starts, and a refusal when it will not fit.
 
 Peak ≈ runtime + embeddings/head + max(profile pass, compress pass), where (docs/scale.md)
-- profile pass  = one block + its Grams + its largest SVD's work + every boundary's activations;
+- profile pass  = one block + its Grams + its largest SVD's work + two boundaries of the calibration
+  windows + every boundary of the sensitivity windows;
 - compress pass = three copies of one block (dense copy for the update, factors) + Grams and
-  cross-Grams + two boundaries' activations; with block refinement (`--refine-steps`), two more
-  boundaries (the dense path's inputs and outputs), Adam's state and gradients (three copies of
-  the block, an upper bound) and the autograd activations of one calibration batch through it.
+  cross-Grams + two boundaries + the block's layer inputs kept for the update; with block
+  refinement (`--refine-steps`), two more boundaries (the dense path's inputs and outputs), Adam's
+  state and gradients (three copies of the block, an upper bound) and the autograd activations of
+  one calibration batch through it.
 Boundary activations past the memory left go to `--offload-dir` when one is given.
 """
 
@@ -83,10 +85,12 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
              sensitivity_samples: int, refine: bool = False, batch_size: int = 8) -> MemoryEstimate:
     """The formula's parts for `source`, its targets and the calibration `windows` (`refine`: with block refinement)."""
     per_block: dict[str, int] = {}
+    per_block_inputs: dict[str, int] = {}
     for target in targets:
         block = target.name[len(source.prefix) + 1:].split(".", 1)[0]
         # one float64 Gram per target: an upper bound, since targets reading one input share theirs
         per_block[block] = per_block.get(block, 0) + target.in_features ** 2 * 8
+        per_block_inputs[block] = per_block_inputs.get(block, 0) + target.in_features
     widest = max(t.in_features for t in targets) ** 2 * 8 * 2  # one whitening's root and inverse
     biggest = max((t.out_features * min(t.shape) + t.out_features * t.in_features) * 8 for t in targets)  # W·S, U
     statistics = max(per_block.values(), default=0) + widest + biggest
@@ -94,9 +98,12 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     per_level = windows.numel() * hidden * 4
     levels = len(source.blocks) + 1
     fisher_levels = min(sensitivity_samples, windows.shape[0]) * windows.shape[1] * hidden * 4 * levels if prices else 0
+    # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
+    inputs_per_token = max(per_block_inputs.values(), default=0)
     return MemoryEstimate(block=source.block_bytes(0), statistics=statistics,
-                          boundaries_profile=per_level * levels + fisher_levels,
-                          boundaries_compress=(4 if refine else 2) * per_level, outside=source.outside_bytes(),
+                          boundaries_profile=2 * per_level + fisher_levels,
+                          boundaries_compress=(4 if refine else 2) * per_level + windows.numel() * inputs_per_token * 4,
+                          outside=source.outside_bytes(),
                           refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0)
 
 

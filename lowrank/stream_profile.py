@@ -1,20 +1,29 @@
 """The profile pass of streaming compression: a Profile measured one block at a time, Fishers never formed.
 
-Forward, block 0 → L−1: each block is loaded from disk and run on the calibration batches; its
-output hidden states (the next block boundary) go to a `BoundaryStore`, then the block is freed.
-The head turns the last boundary into the next-token loss and its gradient.
+Forward, block 0 → L−1: each block is loaded from disk and run on the calibration batches; hooks
+collect its Gram matrices on the way, and its output hidden states (the next block boundary) go to
+a `BoundaryStore`, the previous boundary being dropped. From the Grams come each target's whitening
+S and the SVD W·S = U Σ Vᵀ: σ(W), σ(W·S) are kept, the directions U wait on disk for the backward
+sweep, and the block and its Grams are freed. The sensitivity windows (a few calibration windows)
+run forward too, and their boundaries are all kept; at the last block the head turns them into the
+next-token loss and its gradient.
 
-Backward, block L−1 → 0: the block is loaded again; its inputs (the stored boundary) give its
-Gram matrices, hence each target's whitening S and the SVD W·S = U Σ Vᵀ. Its forward is then
-recomputed on the sensitivity windows with gradients on, and the incoming gradient is
-backpropagated through it alone. A hook on each target's output accumulates Σ_t (g_t·uⱼ)² for
-every whitened direction uⱼ: the price uⱼᵀFuⱼ without the out × out Fisher F. The gradient at
-the block's input flows on to the block below; the block, its Grams and its SVDs are freed.
+Backward, block L−1 → 0 (only where prices are wanted): the block is loaded again with its
+directions U; its forward is recomputed on the sensitivity windows with gradients on, and the
+incoming gradient is backpropagated through it alone. A hook on each target's output accumulates
+Σ_t (g_t·uⱼ)² for every whitened direction uⱼ: the price uⱼᵀFuⱼ without the out × out Fisher F.
+The gradient at the block's input flows on to the block below. Each block's calibration windows
+thus run forward once (the Grams ride along), not twice.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,16 +32,65 @@ from tqdm.auto import tqdm
 from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
-from .errors import LowrankError
+from .errors import CalibrationError, LowrankError
 from .factorize import DEFAULT_DAMPING, WhiteningCache
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
-from .sequential import block_of, block_stats
+from .calibration import StatsCollector
+from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
 
 #: Boundary levels of the sensitivity windows are stored after the calibration ones, from this offset.
 _FISHER_LEVELS = 1 << 20
+
+
+class StageClock:
+    """Seconds spent per named part of a pass, summed over blocks (`with clock("grams"): ...`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - started
+
+    def rounded(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + part: round(value, 3) for part, value in self.seconds.items()}
+
+
+class _Scratch:
+    """Each block's whitened directions U, from the forward sweep to the backward one: on disk, float64."""
+
+    def __init__(self, parent: str | Path | None):
+        self.folder = Path(tempfile.mkdtemp(prefix="lowrank-directions-", dir=parent))
+
+    def save(self, index: int, directions: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({n: u.contiguous() for n, u in directions.items()}, str(self.folder / f"block-{index}.safetensors"))
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.folder / f"block-{index}.safetensors"
+        directions = load_file(str(path))
+        path.unlink()
+        return directions
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_ran(names: list[str], stats: dict) -> None:
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise CalibrationError(f"{len(missing)} target layers never ran during calibration (first: {missing[0]}); "
+                               "exclude them with --exclude")
 
 
 class _Injector(nn.Module):
@@ -144,8 +202,13 @@ def profile_streamed(
     device: torch.device | str = "cpu",
     progress: bool = True,
     name: str | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> Profile:
-    """The Profile of `targets` (all inside the blocks) of a checkpoint read block by block (see the module doc)."""
+    """The Profile of `targets` (all inside the blocks) of a checkpoint read block by block (see the module doc).
+
+    Each block's whitened directions wait on disk for the backward sweep, in a temporary folder
+    under `scratch_dir` (default: the system's temporary folder), removed at the end.
+    """
     model, blocks, device = source.model, source.blocks, torch.device(device)
     if prices and not is_causal_lm(model):
         raise LowrankError(f"the sensitivity strategy needs a causal language model, and {type(model).__name__} "
@@ -161,6 +224,7 @@ def profile_streamed(
         by_block.setdefault(index, []).append(target.name)
     by_name = {t.name: t for t in targets}
 
+    clock = StageClock()
     started = time.perf_counter()
     captured = capture_block_inputs(model, windows, batch_size, device)
     calls = captured.calls
@@ -175,52 +239,70 @@ def profile_streamed(
             store.put(_FISHER_LEVELS, b, hidden)
     n_fisher = len(fisher.hidden) if fisher is not None else 0
     del captured
+    gradients: list[torch.Tensor] = []  # per sensitivity batch: ∂loss/∂(output of the block being priced)
 
     last = len(blocks) - 1 if prices else max(by_block, default=-1)
-    for index in tqdm(range(last), desc="Profile (forward)", unit="block", disable=not progress):
-        block = source.load_block(index).to(device)
-        for b in range(n_batches):
-            store.put(index + 1, b, run_block(block, store.get(index, b), calls[index][b], device))
-        for b in range(n_fisher):
-            store.put(_FISHER_LEVELS + index + 1, b,
-                      run_block(block, store.get(_FISHER_LEVELS + index, b), fisher.calls[index][b], device))
-        source.free_block(index)
+    scratch = _Scratch(scratch_dir)
+    spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for index in tqdm(range(last + 1), desc="Profile (forward)", unit="block", disable=not progress):
+            with clock("forward_load"):
+                block = source.load_block(index).to(device)
+            names = by_block.get(index, [])
+            with clock("forward_blocks_and_grams"), StatsCollector(model, [by_name[n] for n in names]) as grams:
+                for b in range(n_batches):
+                    output = run_block(block, store.get(index, b), calls[index][b], device)
+                    grams.end_batch()
+                    if index < last:
+                        store.put(index + 1, b, output)
+                    del output
+            store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
+            _check_ran(names, grams.stats)
+            with clock("forward_spectra"):
+                sigma, whitened, directions = _block_spectra(model, names, grams.stats, damping, prices)
+            spectra.update({n: (sigma[n], whitened[n]) for n in names})
+            if prices:
+                with clock("forward_save_directions"):
+                    scratch.save(index, directions)
+            del grams, directions
+            with clock("forward_sensitivity_windows"):
+                for b in range(n_fisher):
+                    inputs = store.get(_FISHER_LEVELS + index, b)
+                    if index < last:
+                        store.put(_FISHER_LEVELS + index + 1, b, run_block(block, inputs, fisher.calls[index][b],
+                                                                           device))
+                    else:
+                        final = run_block(block, inputs, fisher.calls[last][b], device)
+                        batch = fisher_windows[b * fisher_batch:(b + 1) * fisher_batch]
+                        gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+            source.free_block(index)
 
-    gradients: list[torch.Tensor] = []
-    if prices:
-        block = source.load_block(last).to(device)
-        for b, batch in enumerate(fisher_windows.split(fisher_batch)):
-            final = run_block(block, store.get(_FISHER_LEVELS + last, b), fisher.calls[last][b], device)
-            gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
-        source.free_block(last)
-
-    forward_seconds = time.perf_counter() - started
-    matrices: dict[str, MatrixProfile] = {}
-    for index in tqdm(range(last, -1, -1), desc="Profile (backward)", unit="block", disable=not progress):
-        names = by_block.get(index, [])
-        if not names and not prices:
-            continue
-        block = source.load_block(index).to(device)
-        inputs = store.level(index, n_batches)
-        stats = block_stats(model, block, [by_name[n] for n in names], inputs, calls[index], device) if names else {}
-        del inputs
-        sigma, whitened, directions = _block_spectra(model, names, stats, damping, prices)
-        del stats
-        price = {}
-        if prices:
-            gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index, gradients,
-                                              device)
-        del directions
-        for n in names:
-            matrices[n] = MatrixProfile(n, by_name[n].shape, sigma[n], whitened[n], price.get(n))
-        source.free_block(index)
-        store.drop_level(index + 1, n_batches)
-        store.drop_level(_FISHER_LEVELS + index + 1, n_fisher)
+        forward_seconds = time.perf_counter() - started
+        matrices: dict[str, MatrixProfile] = {}
+        for index in tqdm(range(last, -1, -1), desc="Profile (backward)", unit="block",
+                          disable=not progress or not prices):
+            names = by_block.get(index, [])
+            price = {}
+            if prices:
+                with clock("backward_load"):
+                    block = source.load_block(index).to(device)
+                    directions = scratch.load(index)
+                with clock("backward_prices"):
+                    gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index,
+                                                      gradients, device)
+                del directions
+                source.free_block(index)
+                store.drop_level(_FISHER_LEVELS + index, n_fisher)
+            for n in names:
+                matrices[n] = MatrixProfile(n, by_name[n].shape, spectra[n][0], spectra[n][1], price.get(n))
+    finally:
+        scratch.close()
     store.close()
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
                       model_params=count_parameters(model), options={"damping": damping, "streamed": True})
     profile.options["seconds"] = {"forward": round(forward_seconds, 3),
-                                  "backward": round(time.perf_counter() - started - forward_seconds, 3)}
+                                  "backward": round(time.perf_counter() - started - forward_seconds, 3),
+                                  **clock.rounded()}
     if prices:
         profile.options["sensitivity_samples"] = min(sensitivity_samples, windows.shape[0])
     return profile

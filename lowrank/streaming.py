@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import hf_integration
+from . import distributed, hf_integration
 from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
@@ -68,9 +68,33 @@ def check_streamable(source: str | Path) -> Path:
         open_tensors(source)  # a damaged GGUF or an architecture the reader cannot map: its own one line
     if not is_streamable(str(source)):
         raise LowrankError(f"--stream reads a model folder with safetensors weights, a .gguf file or a hub id, and "
-                           f"{source} is none of them; convert it (save_pretrained) or drop --stream")
+                           f"{source} is none of them; convert it (save_pretrained), or drop --stream and its options "
+                           "(--offload-dir, --max-memory, --save-dtype)")
     open_tensors(source)  # a damaged safetensors shard: refused before any work
     return Path(source)
+
+
+def should_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
+    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) when it can.
+
+    It can when the source is a causal LM checkpoint the block reader reads (`is_streamable`: today
+    a local safetensors folder), an output folder is given, and no option needs the whole model in
+    memory (one-shot, a method other than whiten, --include, a load dtype other than float32).
+    A streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for streaming.
+    """
+    if config.stream is not None:
+        return config.stream
+    if config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source":
+        return True
+    if distributed.active():  # several ranks: the in-memory path is the distributed one (docs/distributed.md)
+        return False
+    if output is None or not isinstance(source, (str, Path)) or not Path(source).is_dir() or not is_streamable(str(source)):
+        return False  # a .gguf file or a hub id streams when asked (--stream); by default it loads whole
+    if not (config.sequential and config.method == "whiten" and config.include is None
+            and config.dtype == "float32"):
+        return False
+    architectures = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _open_partial(output: str | Path, identity: dict, resume: bool) -> Path:
@@ -117,7 +141,7 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
             profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
-                                       name=str(source.path))
+                                       name=str(source.path), scratch_dir=config.offload_dir or partial)
             profile.save(partial / PROFILE_FILE)
         spectra = {m.name: m for m in profile.matrices}
         seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
@@ -173,11 +197,14 @@ def compress_streamed(
     save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
     writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)
     started = time.perf_counter()
-    compress_pass(source, plan, {t.name: t for t in targets}, windows, writer, BoundaryStore(cap, config.offload_dir),
-                  batch_size=config.batch_size, update=config.update is not False, damping=config.damping,
-                  device=device, progress=progress, refine=config.refinement())
+    parts = compress_pass(source, plan, {t.name: t for t in targets}, windows, writer,
+                          BoundaryStore(cap, config.offload_dir), batch_size=config.batch_size,
+                          update=config.update is not False, damping=config.damping, device=device, progress=progress,
+                          refine=config.refinement(),
+                          keep_inputs=cap is None)  # when memory is short, the update runs the dense block again
     writer.finish()
     seconds["compress"] = round(time.perf_counter() - started, 3)
+    seconds.update({f"compress_{part}": value for part, value in parts.items()})
     plan.options["stage_seconds"] = seconds
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:

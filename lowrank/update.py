@@ -93,7 +93,7 @@ class _PairedInputs:
             dim = self.names[name]
             work = torch.float64 if x_c.dtype == torch.float64 else torch.float32
             c = x_c.detach().reshape(-1, dim).to(work)
-            d = self.dense_inputs[name].detach().reshape(-1, dim).to(work)
+            d = self.dense_inputs[name].detach().reshape(-1, dim).to(x_c.device, work)
             if name not in self.gram:
                 self.gram[name] = torch.zeros(dim, dim, dtype=torch.float64)
                 self.cross[name] = torch.zeros(dim, dim, dtype=torch.float64)
@@ -103,7 +103,7 @@ class _PairedInputs:
         return hook
 
     def end_batch(self) -> None:
-        self.dense_inputs.clear()
+        self.dense_inputs = {}
         self._seen.clear()
 
     def close(self) -> None:
@@ -122,20 +122,25 @@ def update_block(
     device: torch.device,
     target: str = "dense",
     ridge: float = UPDATE_RIDGE,
+    dense_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Refit `up` of every factored layer of `block` (names relative to it) against the dense block.
 
     `target` "dense": match W·x_d, the dense layer on the dense block's own internal inputs (corrects
     the error of the layers before it in the block too); "compressed": match W·x_c, the dense layer
-    on the compressed block's inputs.
+    on the compressed block's inputs. `dense_inputs` (per batch, name → x_d, as `block_stats` keeps
+    them) saves running the dense block again: the same inputs, the same numbers.
     """
     if target not in UPDATE_TARGETS:
         raise LowrankError(f"unknown update target {target!r}; choose one of {', '.join(UPDATE_TARGETS)}")
     dims = {name: weight_matrix(dense_block.get_submodule(name)).shape[1] for name in factored}
     pairs = _PairedInputs(dense_block, block, dims)
     try:
-        for h, call in zip(hidden, calls):
-            run_block(dense_block, h, call, device)
+        for b, (h, call) in enumerate(zip(hidden, calls)):
+            if dense_inputs:
+                pairs.dense_inputs = dense_inputs[b]
+            else:
+                run_block(dense_block, h, call, device)
             run_block(block, h, call, device)
             pairs.end_batch()
     finally:

@@ -28,7 +28,7 @@ def _products(model) -> dict[str, torch.Tensor]:
 def _compress_both(tmp_path, arch: str, **stream_options):
     save_tiny_model(tmp_path / "src", arch)
     windows = random_windows(12, 24)
-    dense = lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    dense = lowrank.compress(tmp_path / "src", CompressConfig(stream=False), windows, output=tmp_path / "mem", progress=False)
     streamed = lowrank.compress(tmp_path / "src", CompressConfig(stream=True, **stream_options), windows,
                                 output=tmp_path / "str", progress=False)
     return dense, streamed, windows
@@ -102,7 +102,7 @@ def test_bf16_source_is_saved_in_bf16_unless_asked(tmp_path):
     lowrank.compress(tmp_path / "src", CompressConfig(stream=True), windows, output=tmp_path / "bf16", progress=False)
     lowrank.compress(tmp_path / "src", CompressConfig(stream=True, save_dtype="float32"), windows,
                      output=tmp_path / "f32out", progress=False)
-    lowrank.compress(tmp_path / "src", CompressConfig(), windows, output=tmp_path / "mem", progress=False)
+    lowrank.compress(tmp_path / "src", CompressConfig(stream=False), windows, output=tmp_path / "mem", progress=False)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as handle:
@@ -184,3 +184,67 @@ def test_streamed_output_reloads_with_device_map_auto_in_bf16(tmp_path):
         high = wide(input_ids=windows).logits
     assert (low - high).abs().max() < 0.05 * high.abs().max()
     assert torch.nn.functional.cosine_similarity(low.flatten(), high.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_update_on_kept_inputs_equals_running_the_dense_block_again(tmp_path, arch, monkeypatch):
+    """The statistics forward keeps each layer's dense input; the update on them is bit-identical."""
+    import copy
+
+    import lowrank.compression as compression
+    from lowrank.compression import compress_sequential, uniform_plan
+    from lowrank.targets import find_targets
+
+    model = save_tiny_model(tmp_path, arch)
+    windows = random_windows(12, 24)
+    original = compression.sequential_statistics
+    results = []
+    for keep in (True, False):
+        monkeypatch.setattr(compression, "sequential_statistics",
+                            lambda *args, keep_inputs=False, **kw: original(*args, keep_inputs=keep, **kw))
+        copy_ = copy.deepcopy(model)
+        compress_sequential(copy_, uniform_plan(copy_, find_targets(copy_), 0.6), windows, update=True,
+                            progress=False)
+        results.append(_products(copy_))
+    assert results[0].keys() == results[1].keys() and results[0]
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+
+
+def test_profile_pass_runs_each_calibration_batch_forward_once(tmp_path, monkeypatch):
+    """The Grams ride along the forward sweep: no second pass of the calibration windows."""
+    import lowrank.stream_profile as stream_profile
+
+    model = save_tiny_model(tmp_path, "llama")
+    windows = random_windows(12, 24)  # batches of 8: 2 calibration batches, 3 sensitivity batches of 4
+    calls = []
+    original = stream_profile.run_block
+
+    def counting(block, hidden, call, device):
+        calls.append(hidden.shape[0])
+        return original(block, hidden, call, device)
+
+    monkeypatch.setattr(stream_profile, "run_block", counting)
+    profile_streamed(BlockSource(tmp_path), targets_of(model), windows, BoundaryStore(), progress=False)
+    blocks = model.config.num_hidden_layers
+    # forward sweep, per block: the calibration batches (8 + 4 windows) once, the sensitivity ones (4 + 4);
+    # backward sweep: the sensitivity batches again, nothing else
+    assert calls == [8, 4, 4, 4] * blocks + [4, 4] * blocks
+
+
+@pytest.mark.parametrize("case, stream", [("folder", True), ("no-stream", False), ("one-shot", False),
+                                          ("include", False), ("svd", False), ("no-output", False),
+                                          ("compressed", False), ("encoder", False), ("offload", True)])
+def test_streaming_is_the_default_where_it_applies(tmp_path, case, stream):
+    from lowrank.streaming import should_stream
+
+    save_tiny_model(tmp_path / "src", "bert" if case == "encoder" else "llama")
+    source = tmp_path / "src"
+    config = {"no-stream": CompressConfig(stream=False), "one-shot": CompressConfig(sequential=False),
+              "include": CompressConfig(include="mlp"), "svd": CompressConfig(method="svd"),
+              "offload": CompressConfig(offload_dir=str(tmp_path / "spill"))}.get(case, CompressConfig())
+    if case == "compressed":
+        lowrank.compress(source, CompressConfig(), random_windows(12, 24), output=tmp_path / "c", progress=False)
+        source = tmp_path / "c"
+    output = None if case == "no-output" else tmp_path / "out"
+    assert should_stream(str(source), config, output) is stream

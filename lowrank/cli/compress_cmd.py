@@ -89,11 +89,12 @@ def describe(plan) -> str:
 @click.option("--refine-dense/--no-refine-dense", default=DEFAULTS.refine_dense, show_default=True,
               help="Let the block refinement also train the block's linear layers that the plan kept dense "
                    "(ranks and parameter counts stay as planned).")
-@click.option("--stream/--no-stream", default=DEFAULTS.stream, show_default=True,
+@click.option("--stream/--no-stream", default=DEFAULTS.stream,
               help="Read the checkpoint (safetensors folder, .gguf file or hub id) block by block from disk and write "
-                   "the output shard by shard: "
-                   "memory holds one block, its statistics and the calibration activations (docs/scale.md). "
-                   "Same factors as without it.")
+                   "the output shard by shard: memory holds one block, its statistics and the calibration activations "
+                   "(docs/scale.md). Same factors as without it. Default: stream a causal LM's safetensors folder "
+                   "unless an option needs the whole model (--one-shot, --method svd/asvd, --include, --dtype) or "
+                   "the run has several ranks; --no-stream loads it whole.")
 @click.option("--offload-dir", default=DEFAULTS.offload_dir, type=click.Path(file_okay=False),
               help="With --stream: spill calibration activations to this folder once memory would run out.")
 @click.option("--max-memory", default=DEFAULTS.max_memory, metavar="SIZE",

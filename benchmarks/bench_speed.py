@@ -1,0 +1,162 @@
+"""Wall time of the default compress of SmolLM2-135M against its floor, one dense forward pass, in one run.
+
+    python benchmarks/bench_speed.py prepare /tmp/smollm2-st       # the GGUF, saved once as a safetensors folder
+    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 [--in-memory] [--keep DIR]
+    python benchmarks/bench_speed.py report                        # reports/speed.md from reports/speed.json
+
+`run` measures, in one process and in this order: the floor (the dense model, loaded from the
+folder, run forward over the calibration windows in batches of 8, no gradients: logits included),
+the streamed default compress (`lowrank.compress(folder, CompressConfig(stream=True, ratio=r))`:
+sensitivity planner, sequential, update, 64 × 512 tokens of Hamlet), optionally the in-memory
+default (`--in-memory`), and the floor again. The ratio is the compress wall time over the mean of
+the two floors; the stage seconds come from the plan (`stage_seconds`). The load average of the
+machine is recorded beside the numbers: the cores are shared.
+"""
+
+from __future__ import annotations
+
+import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts its OpenMP runtime)
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+RESULTS = REPORTS / "speed.json"
+BATCH = 8
+
+
+def prepare(folder: Path) -> None:
+    """SmolLM2-135M from its GGUF, saved as a float32 safetensors folder with its tokenizer."""
+    from lowrank.loading import load_model
+
+    loaded = load_model("smollm2-135m")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+
+
+def floor_seconds(folder: Path, windows: torch.Tensor) -> float:
+    """One dense forward pass over `windows`, model loading excluded."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in windows.split(BATCH):
+            model(input_ids=batch, use_cache=False)
+    seconds = time.perf_counter() - started
+    del model
+    return round(seconds, 2)
+
+
+def timed_compress(folder: Path, config, calibration, keep: Path | None = None) -> dict:
+    """One compress, timed; its output is removed unless `keep` names where to move it."""
+    out = Path(tempfile.mkdtemp(prefix="bench-speed-", dir="/tmp")) / "out"
+    started = time.perf_counter()
+    try:
+        plan = lowrank.compress(str(folder), config, calibration, output=out, progress=False)
+        seconds = time.perf_counter() - started
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.move(str(out), str(keep))
+        return {"wall_seconds": round(seconds, 1), "stage_seconds": plan.options.get("stage_seconds"),
+                "factored": len(plan.factored), "target_ratio": plan.summary()["target_ratio"]}
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def run(folder: Path, ratio: float, in_memory: bool, keep: Path | None) -> None:
+    from lowrank.calibration import text_windows
+    from lowrank.config import CalibrationConfig, CompressConfig
+    from lowrank.loading import load_tokenizer
+
+    calibration = CalibrationConfig()
+    tokenizer = load_tokenizer(str(folder), None, False)
+    windows = text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len,
+                           calibration.seed)
+    result: dict = {"ratio": ratio, "samples": calibration.samples, "seq_len": calibration.seq_len,
+                    "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    floors = [floor_seconds(folder, windows)]
+    result["stream"] = timed_compress(folder, CompressConfig(stream=True, ratio=ratio), calibration, keep)
+    if in_memory:
+        result["in_memory"] = timed_compress(folder, CompressConfig(stream=False, ratio=ratio), calibration)
+    floors.append(floor_seconds(folder, windows))
+    result["floor_seconds"] = floors
+    floor = sum(floors) / len(floors)
+    for mode in ("stream", "in_memory"):
+        if mode in result:
+            result[mode]["times_floor"] = round(result[mode]["wall_seconds"] / floor, 2)
+    result["load_average_end"] = os.getloadavg()[0]
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[f"smollm2-r{ratio}"] = result
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(result, indent=1))
+    report()
+
+
+def _stage_rows(stages: dict[str, float], wall: float) -> list[str]:
+    top = {k: v for k, v in stages.items() if k in ("profile_forward", "profile_backward", "planning", "compress")}
+    rows = [f"| **{k}** | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in top.items()]
+    rows += [f"| {k} | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in stages.items() if k not in top]
+    return rows
+
+
+def report() -> None:
+    results = json.loads(RESULTS.read_text())
+    lines = ["# Speed: the default compress of SmolLM2-135M against its floor", "",
+             "Written by `benchmarks/bench_speed.py` (see its docstring for the protocol). Floor: one dense forward "
+             "pass of the float32 model over the same 64 × 512 calibration windows (batches of 8, logits "
+             "included), measured before and after the compress in the same process. Machine: 2 CPU cores "
+             "shared with other jobs (load average recorded).", "",
+             "| ratio | run | wall (s) | floor (s, before / after) | × floor | load avg (start / end) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, r in results.items():
+        for mode in ("stream", "in_memory"):
+            if mode in r:
+                lines.append(f"| {r['ratio']} | {mode.replace('_', '-')} | {r[mode]['wall_seconds']:.0f} | "
+                             f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | "
+                             f"{r[mode]['times_floor']:.2f} | {r['load_average_start']:.1f} / "
+                             f"{r['load_average_end']:.1f} |")
+    for key, r in results.items():
+        stages = r["stream"].get("stage_seconds") or {}
+        wall = r["stream"]["wall_seconds"]
+        lines += ["", f"## Where the streamed time goes ({key}, wall {wall:.0f} s)", "",
+                  "Top-level stages in bold; the parts below them sum to (about) their stage.", "",
+                  "| stage | seconds | share of wall |", "| --- | --- | --- |", *_stage_rows(stages, wall)]
+    notes = REPORTS / "speed-notes.md"
+    text = "\n".join(lines) + "\n"
+    if notes.is_file():
+        text += "\n" + notes.read_text()
+    (REPORTS / "speed.md").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("prepare")
+    make.add_argument("folder", type=Path)
+    measure = sub.add_parser("run")
+    measure.add_argument("folder", type=Path)
+    measure.add_argument("--ratio", type=float, default=0.8)
+    measure.add_argument("--in-memory", action="store_true")
+    measure.add_argument("--keep", type=Path, help="move the streamed output here (for `lowrank eval`)")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.folder)
+    elif args.command == "run":
+        run(args.folder, args.ratio, args.in_memory, args.keep)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
