@@ -31,7 +31,7 @@ from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
 from .errors import LowrankError
 from .fileio import LOADED_INPUTS, check_output_dir, replace_folder
-from .model_info import count_parameters
+from .model_info import count_parameters, is_causal_lm
 from .plan import Plan
 from .planner import check_feasible, default_strategy, needs_spectra, plan_targets
 from .profile import Profile
@@ -181,6 +181,8 @@ def compress_streamed(
     source = BlockSource(folder, torch.float32, trust_remote_code=trust_remote_code)
     targets = find_targets(source.model, config.include, config.exclude)
     strategy = config.strategy or default_strategy(config.method, source.model)
+    if strategy == "sensitivity" and config.strategy is None and not is_causal_lm(source.model):
+        strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally
     est = estimate(source, targets, windows, strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES,
                    refine=config.refinement().enabled, batch_size=config.batch_size)
     limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else available_bytes()

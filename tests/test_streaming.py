@@ -28,8 +28,10 @@ def _products(model) -> dict[str, torch.Tensor]:
 def _compress_both(tmp_path, arch: str, **stream_options):
     save_tiny_model(tmp_path / "src", arch)
     windows = random_windows(12, 24)
-    dense = lowrank.compress(tmp_path / "src", CompressConfig(stream=False), windows, output=tmp_path / "mem", progress=False)
-    streamed = lowrank.compress(tmp_path / "src", CompressConfig(stream=True, **stream_options), windows,
+    strategy = "global" if arch == "bert" else None  # streamed, an encoder plans globally (no embedding prices)
+    dense = lowrank.compress(tmp_path / "src", CompressConfig(stream=False, strategy=strategy), windows,
+                             output=tmp_path / "mem", progress=False)
+    streamed = lowrank.compress(tmp_path / "src", CompressConfig(stream=True, strategy=strategy, **stream_options), windows,
                                 output=tmp_path / "str", progress=False)
     return dense, streamed, windows
 
