@@ -320,7 +320,8 @@ def should_report(exc: BaseException) -> bool:
     Before the ranks join, every rank runs the same checks on the same command line and fails
     alike, so rank 0 speaks. After, the ranks count their failures in the process group's store
     (an atomic add): the first one reports, and a peer that only noticed it (a lost connection)
-    stays silent. Should the store be gone with rank 0, a rank reports all but a lost peer.
+    stays silent. A store that is gone went with rank 0's process, which had already failed and
+    counted itself (or was killed, which the launcher reports): then this rank stays silent.
     """
     if not active():
         return os.environ.get("RANK", "0") == "0"
@@ -329,7 +330,7 @@ def should_report(exc: BaseException) -> bool:
         store.set_timeout(timedelta(seconds=10))
         return store.add(FAILURE_KEY, 1) == 1
     except Exception:  # noqa: BLE001 — its host (rank 0's process) is gone, after reporting its own error
-        return not isinstance(exc, PeerFailure)
+        return rank() == 0
 
 
 def origin(exc: BaseException) -> str:

@@ -168,7 +168,8 @@ def test_the_minilm_recipe_runs_whole_on_a_tiny_bert(tmp_path, capsys, monkeypat
     assert 0 < before["min_cosine"] <= before["mean_cosine"] <= 1 + 1e-9
     history = [json.loads(line) for line in (tmp_path / "minilm-r0.8-recovered.train.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history if h["event"] == "train"]
-    assert len(losses) == 6 and all(0 < loss < 2 for loss in losses)  # 1 − cosine lies in [0, 2]
+    # 1 − cosine lies in [0, 2] (up to float32 rounding: the random tiny BERT's embeddings nearly coincide)
+    assert len(losses) == 6 and all(-1e-6 < loss < 2 for loss in losses)
     assert (tmp_path / "minilm-r0.8-recovered.loss.png").is_file()
     from lowrank.loading import load_model
 
