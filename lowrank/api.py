@@ -34,6 +34,7 @@ from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
 from .streaming import check_streamable, compress_streamed, should_stream
+from .speed_model import resolve_round_to
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
@@ -147,12 +148,17 @@ def compress(
     if needs_statistics(config.method) or (plan is None and strategy == "sensitivity"):
         windows = _calibration_windows(tokenizer_object, calibration, sentences=is_encoder(model),
                                        batch_size=config.batch_size)
+    asked = config  # recorded as asked ("auto" included); the plan holds what auto measured
+    config, timings = resolve_round_to(config, [t.shape for t in find_targets(model, config.include, config.exclude)],
+                                       compute_device, progress)
     plan = compress_model(model, ratio=config.ratio, budget=config.budget, strategy=strategy, plan=plan,
                           method=config.method, windows=windows, include=config.include, exclude=config.exclude,
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
                           batch_size=config.batch_size, damping=config.damping, progress=progress,
                           source=None if in_memory else str(source), sequential=sequential, update=config.update,
                           device=compute_device, refine=config.refinement())
+    if timings is not None:  # --round-to auto: what was measured, so that the plan replays without timing again
+        plan.options.update(round_to=config.round_to, round_to_auto=True, timings=timings.to_dict())
     texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
     if isinstance(calibration, torch.Tensor):
         plan.options.update({"samples": calibration.shape[0], "seq_len": calibration.shape[1]})
@@ -167,7 +173,7 @@ def compress(
                              "seq_len": texts_config.seq_len, "seed": texts_config.seed,
                              "calibration": list(texts_config.texts) or ["bundled:hamlet"]})
     if output is not None:
-        record = config_record(config, None if isinstance(calibration, (torch.Tensor, list)) else texts_config)
+        record = config_record(asked, None if isinstance(calibration, (torch.Tensor, list)) else texts_config)
         with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
             if distributed.is_writer():
                 save_compressed(model, tokenizer_object, plan, output, overwrite=overwrite,

@@ -22,6 +22,7 @@ from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
 from .refinement import RefineOptions
 from .shard_writer import parse_size
+from .speed_model import parse_round_to
 
 #: The file, in every output folder, that records the configs the folder was made with.
 CONFIG_FILE = "lowrank_config.json"
@@ -50,7 +51,7 @@ class CompressConfig(ConfigBase):
     exclude: str | None = None          # regex: never factor matching modules
     min_rank: int = 1
     max_rank: int | None = None
-    round_to: int = 1                   # every rank a multiple of this
+    round_to: int | str = 1             # every rank a multiple of this; "auto": what the device likes (timed)
     overrides: dict[str, int | float | str] | None = None  # regex → rank, fraction or "dense" (PEFT's rank_pattern)
     sequential: bool = True             # block by block, each from the compressed blocks' outputs
     update: bool | None = None          # least-squares refit of `up`; None: on when sequential
@@ -82,6 +83,8 @@ class CompressConfig(ConfigBase):
             Budget.parse(self.budget)
         if self.plan is not None and self.budget is not None:
             raise LowrankError("--plan already fixes every rank; drop --budget (or drop --plan to plan inline)")
+        if isinstance(self.round_to, str):
+            self.round_to = parse_round_to(self.round_to)  # "auto", or a number written as text
         self.limits()  # min_rank / max_rank / round_to messages
         parse_overrides(self.overrides)
         check_regex(self.SECTION, "--include", self.include)
@@ -120,7 +123,9 @@ class CompressConfig(ConfigBase):
                                "pass --method whiten, or drop --stream")
 
     def limits(self) -> RankLimits:
-        return RankLimits(min_rank=self.min_rank, max_rank=self.max_rank, round_to=self.round_to)
+        """The rank limits; `round_to="auto"` counts as 1 until `speed_model.resolve_round_to` decides it."""
+        round_to = 1 if self.round_to == "auto" else self.round_to
+        return RankLimits(min_rank=self.min_rank, max_rank=self.max_rank, round_to=round_to)
 
 
 @dataclass

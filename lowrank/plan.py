@@ -183,6 +183,8 @@ class Plan:
             raise LowrankError(f"plan file {path} does not exist; write one with `lowrank plan`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LowrankError(f"plan file {path} is not valid JSON ({exc}); fix or regenerate it") from None
+        if isinstance(data, dict) and path.name == "lowrank_plan.json":  # a compressed folder's plan: replayable too
+            data.pop("files", None)  # the folder's checksums (folder_format), not part of the plan
         return cls.from_dict(data, where=str(path))
 
 

@@ -301,3 +301,18 @@ def parse_round_to(value: str | int) -> int | str:
             raise LowrankError(f"--round-to must be a positive integer or auto, got {value!r}")
         return number
     return "auto"
+
+
+def resolve_round_to(config, shapes: list[tuple[int, int]], device: str | torch.device, progress: bool = True):
+    """`compress --round-to auto`: the config with the multiple the device likes, timed once on the most common
+    target shape, and the timings (stored in the plan); any other config comes back as it is, with None."""
+    import dataclasses
+
+    if config.round_to != "auto":
+        return config, None
+    shapes = [tuple(s) for s in shapes]
+    if not shapes:
+        raise LowrankError("--round-to auto has no target layers to time; check --include and --exclude")
+    common = max(sorted(set(shapes)), key=shapes.count)
+    table = measure_table([common], device, progress=progress)
+    return dataclasses.replace(config, round_to=table.round_to()), table

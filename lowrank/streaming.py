@@ -37,6 +37,7 @@ from .planner import check_feasible, default_strategy, needs_spectra, plan_targe
 from .profile import Profile
 from .profiling import DEFAULT_SENSITIVITY_SAMPLES
 from .shard_writer import ShardWriter, parse_size
+from .speed_model import resolve_round_to
 from .stream_compress import compress_pass
 from .stream_memory import available_bytes, check_fits, estimate
 from .stream_profile import profile_streamed
@@ -191,10 +192,13 @@ def compress_streamed(
         tqdm.write(est.describe(cap))
     log.info(est.describe(cap))
     device = resolve_device(config.device)
-    partial = _open_partial(output, run_identity(source, config, windows), resume)
+    config, timings = resolve_round_to(config, [t.shape for t in targets], device, progress)  # before the identity:
+    partial = _open_partial(output, run_identity(source, config, windows), resume)  # a resume must round alike
     seconds: dict[str, float] = {}
     plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
     plan.method = config.method
+    if timings is not None:
+        plan.options.update(round_to=config.round_to, round_to_auto=True, timings=timings.to_dict())
     (partial / PARTIAL_PLAN).write_text(json.dumps(plan.to_dict(), indent=1) + "\n", encoding="utf-8")
     save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
     writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)

@@ -476,6 +476,8 @@ ROWS = [
         r"'half' is not a valid float", exit_code=2),
     Row("round-to-zero", "budget", "--round-to 0", compress("{model}", "-o", "OUT", "--round-to", "0", *SAMPLES),
         r"--round-to must be a positive integer"),
+    Row("round-to-word", "budget", "`--round-to fast`: neither a number nor auto",
+        compress("{model}", "-o", "OUT", "--round-to", "fast", *SAMPLES), r"--round-to must be a positive integer or auto"),
     Row("budget-infeasible", "budget", "--budget 1K, below the smallest plan that can exist",
         compress("{model}", "-o", "OUT", "--budget", "1K", *SAMPLES), r"the budget cannot be met"),
     Row("budget-zero", "budget", "--budget 0", compress("{model}", "-o", "OUT", "--budget", "0", *SAMPLES),

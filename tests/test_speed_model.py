@@ -157,3 +157,24 @@ def test_plan_speed_bad_inputs(tiny_model_folder, tmp_path, capsys):
     assert code != 0 and "--round-to must be a positive integer or auto" in err
     code, _, err = run_cli(capsys, "plan", "--speed", "--max-rank", "4", "-o", tmp_path / "p.json")
     assert code != 0 and "drop one of them" in err
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_compress_round_to_auto_rounds_to_the_measured_multiple(tiny_model_folder, tmp_path, capsys, one_thread,
+                                                                 stream):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compress", tiny_model_folder, "--round-to", "auto", stream, "--samples", "4",
+                           "--seq-len", "32", "--device", "cpu", "-o", out, "-q")
+    assert code == 0, err
+    plan = json.loads((out / "lowrank_plan.json").read_text())
+    multiple = plan["options"]["round_to"]
+    assert plan["options"]["round_to_auto"] is True
+    assert multiple == SpeedTable.from_dict(plan["options"]["timings"]).round_to()
+    ranks = [m["rank"] for m in plan["modules"].values() if m["rank"]]
+    assert ranks and all(rank % multiple == 0 for rank in ranks)
+    assert json.loads((out / "lowrank_config.json").read_text())["compress"]["round_to"] == "auto"  # as asked
+    again = tmp_path / "again"  # replaying the plan gives the same ranks, without timing again
+    code, _, err = run_cli(capsys, "compress", tiny_model_folder, "--plan", out / "lowrank_plan.json", stream,
+                           "--samples", "4", "--seq-len", "32", "-o", again, "-q")
+    assert code == 0, err
+    assert json.loads((again / "lowrank_plan.json").read_text())["modules"] == plan["modules"]

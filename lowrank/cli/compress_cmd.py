@@ -64,8 +64,9 @@ def describe(plan) -> str:
               help="whiten: truncation-aware whitening (SVD-LLM); asvd: activation-scaled SVD; svd: plain SVD "
                    "(needs no calibration text).")
 @calibration_options()
-@click.option("--round-to", type=int, default=DEFAULTS.round_to, show_default=True,
-              help="Round every rank down to a multiple of this (e.g. 8 for tensor cores).")
+@click.option("--round-to", default=str(DEFAULTS.round_to), show_default=True, metavar="N|auto",
+              help="Round every rank down to a multiple of this (e.g. 8 for tensor cores); auto: the multiple the "
+                   "--device's matmuls like, timed once on it (8 on CUDA), stored in the plan.")
 @click.option("--include", default=DEFAULTS.include, help="Regex: factor only modules whose name matches (default: every "
               "linear layer in the transformer blocks).")
 @click.option("--exclude", default=DEFAULTS.exclude, help="Regex: never factor modules whose name matches.")
