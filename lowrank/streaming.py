@@ -155,6 +155,15 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     return plan
 
 
+class StreamInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a streamed run, after its partial folder exists: the finished work stays there for --resume."""
+
+    def __init__(self, partial: Path):
+        self.hint = (f"interrupted; the finished blocks are kept in {partial} (rerun with --resume to continue, or "
+                     "delete it); the input is untouched")
+        super().__init__(self.hint)
+
+
 def compress_streamed(
     folder: str | Path,
     config: CompressConfig,
@@ -194,6 +203,17 @@ def compress_streamed(
     device = resolve_device(config.device)
     config, timings = resolve_round_to(config, [t.shape for t in targets], device, progress)  # before the identity:
     partial = _open_partial(output, run_identity(source, config, windows), resume)  # a resume must round alike
+    try:
+        return _run_passes(source, targets, config, strategy, windows, partial, cap, device, timings, output,
+                           tokenizer, extra_files, plan_options, progress)
+    except KeyboardInterrupt as exc:
+        raise StreamInterrupted(partial) from exc
+
+
+def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: str, windows: torch.Tensor,
+                partial: Path, cap, device, timings, output, tokenizer, extra_files, plan_options,
+                progress: bool) -> Plan:
+    """Profile pass, plan, compress pass, then publish the partial folder as `output` (see the module doc)."""
     seconds: dict[str, float] = {}
     plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
     plan.method = config.method

@@ -1106,7 +1106,7 @@ for stage in stages:
 def test_ctrl_c_from_outside(inputs, tmp_path):
     """A parent sends SIGINT to a `lowrank compress` process inside each stage: exit 130, nothing written."""
     before = tree_hashes(inputs.root)
-    argv = ["compress", inputs["model"], "-o", "OUT", *SAMPLES, "-q"]
+    argv = ["compress", inputs["model"], "--no-stream", "-o", "OUT", *SAMPLES, "-q"]  # streamed: test_streaming
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), ",".join(STAGES), *argv], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []

@@ -250,3 +250,32 @@ def test_streaming_is_the_default_where_it_applies(tmp_path, case, stream):
         source = tmp_path / "c"
     output = None if case == "no-output" else tmp_path / "out"
     assert should_stream(str(source), config, output) is stream
+
+
+def test_ctrl_c_in_a_streamed_run_names_the_partial_folder_to_resume(tmp_path, monkeypatch, capsys):
+    """The CLI's one line after Ctrl-C in a streamed run says where the finished blocks wait, and --resume works."""
+    from helpers import run_cli
+
+    save_tiny_model(tmp_path / "src", "llama")
+    capsys.readouterr()  # what saving the tiny model printed
+    original, loads = BlockSource.load_block, []
+
+    def load_then_stop(self, index):
+        loads.append(index)
+        if loads.count(1) == 3:  # profile forward, profile backward, then the compress pass's block 1
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    argv = ["compress", str(tmp_path / "src"), "--samples", "12", "--seq-len", "24", "--max-shard-size", "30KB",
+            "-o", str(tmp_path / "out"), "-q"]
+    code, _, err = run_cli(capsys, *argv)
+    partial = partial_dir(tmp_path / "out")
+    assert code == 130 and err.strip().splitlines() == [
+        f"error: interrupted; the finished blocks are kept in {partial} (rerun with --resume to continue, or delete "
+        "it); the input is untouched"]
+    assert partial.is_dir() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(BlockSource, "load_block", original)
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert (tmp_path / "out").is_dir() and not partial.exists()

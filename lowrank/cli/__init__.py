@@ -61,11 +61,12 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=args, prog_name="lowrank", standalone_mode=False, obj={"argv": list(args)})
         return result if isinstance(result, int) else 0
-    except click.exceptions.Abort as exc:
-        _error("error: interrupted; nothing was written and the input is untouched", exc)
+    except click.exceptions.Abort as exc:  # click's form of Ctrl-C: the KeyboardInterrupt is its context
+        _error(f"error: {getattr(exc.__context__, 'hint', 'interrupted; nothing was written and the input is untouched')}",
+               exc)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt as exc:
-        _error("error: interrupted; nothing was written and the input is untouched", exc)
+    except KeyboardInterrupt as exc:  # a streamed run says where its finished blocks wait for --resume
+        _error(f"error: {getattr(exc, 'hint', 'interrupted; nothing was written and the input is untouched')}", exc)
         return EXIT_INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
