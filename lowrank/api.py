@@ -7,6 +7,7 @@ already in memory. The CLI and recipes call exactly these functions with the con
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,13 @@ from .sentences import sentence_batches
 from .planner import default_strategy, needs_spectra
 from .recovery import recover_folder
 from .report import write_compressed_report
-from .streaming import check_streamable, compress_streamed, should_stream
+from .streaming import can_stream, check_streamable, compress_streamed, should_stream
 from .speed_model import resolve_round_to
 from .targets import find_targets
 from .training import recover as train_in_memory
 from .verify import check_finite_weights
+
+log = logging.getLogger(__name__)
 
 
 def config_record(config: CompressConfig, calibration: CalibrationConfig | None) -> dict[str, Any]:
@@ -115,9 +118,9 @@ def compress(
     windows (n, seq_len). A name or path is loaded first (`tokenizer` names the tokenizer's folder
     when the model's lacks one). The output folder, written atomically, holds the weights, the
     plan and lowrank_config.json (these configs). Returns the Plan that was followed.
-    A checkpoint the block reader can read is compressed block by block from disk unless
-    `config.stream` is False (lowrank.streaming.should_stream): a folder, and, when asked, a .gguf file or
-    hub id; `resume` continues an interrupted streamed run.
+    With `config.stream` (or a streaming-only option) a safetensors folder, .gguf file or hub id is
+    compressed block by block from disk (lowrank.streaming.should_stream); `resume` continues an
+    interrupted streamed run.
     """
 
     config = config or CompressConfig()
@@ -129,6 +132,9 @@ def compress(
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)
+    if progress and not dry_run and config.stream is None and can_stream(source, config, output):
+        log.info("%s can be compressed block by block from disk with --stream (memory: one block, not the model)",
+                 source)
     plan = Plan.load(config.plan) if config.plan else None
     in_memory = isinstance(source, nn.Module)
     if output is not None:

@@ -76,21 +76,26 @@ def check_streamable(source: str | Path) -> Path:
 
 
 def should_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
-    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) when it can.
+    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) only when a
+    streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for it.
 
-    It can when the source is a causal LM checkpoint the block reader reads (`is_streamable`: today
-    a local safetensors folder), an output folder is given, and no option needs the whole model in
-    memory (one-shot, a method other than whiten, --include, a load dtype other than float32).
-    A streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for streaming.
+    `can_stream` says where streaming would apply; it is not the default yet, because the bad-input
+    behaviour of the streamed path (its messages, Ctrl-C and disk-full handling) has not been checked
+    row by row against the in-memory path's (docs/robustness.md).
     """
     if config.stream is not None:
         return config.stream
-    if config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source":
-        return True
-    if distributed.active():  # several ranks: the in-memory path is the distributed one (docs/distributed.md)
+    return config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source"
+
+
+def can_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
+    """Whether streaming applies: a causal LM's local safetensors folder, an output folder, one process, and no
+    option that needs the whole model in memory (one-shot, a method other than whiten, --include, a load
+    dtype other than float32)."""
+    if distributed.active() or output is None or not isinstance(source, (str, Path)) or not Path(source).is_dir():
         return False
-    if output is None or not isinstance(source, (str, Path)) or not Path(source).is_dir() or not is_streamable(str(source)):
-        return False  # a .gguf file or a hub id streams when asked (--stream); by default it loads whole
+    if not is_streamable(str(source)):
+        return False
     if not (config.sequential and config.method == "whiten" and config.include is None
             and config.dtype == "float32"):
         return False

@@ -234,11 +234,12 @@ def test_profile_pass_runs_each_calibration_batch_forward_once(tmp_path, monkeyp
     assert calls == [8, 4, 4, 4] * blocks + [4, 4] * blocks
 
 
-@pytest.mark.parametrize("case, stream", [("folder", True), ("no-stream", False), ("one-shot", False),
-                                          ("include", False), ("svd", False), ("no-output", False),
-                                          ("compressed", False), ("encoder", False), ("offload", True)])
-def test_streaming_is_the_default_where_it_applies(tmp_path, case, stream):
-    from lowrank.streaming import should_stream
+@pytest.mark.parametrize("case, can", [("folder", True), ("no-stream", True), ("one-shot", False),
+                                       ("include", False), ("svd", False), ("no-output", False),
+                                       ("compressed", False), ("encoder", False), ("offload", True)])
+def test_where_streaming_applies_and_when_it_is_asked_for(tmp_path, case, can):
+    """Streaming applies to a causal LM's safetensors folder; it runs when asked (--stream or a streaming-only option)."""
+    from lowrank.streaming import can_stream, should_stream
 
     save_tiny_model(tmp_path / "src", "bert" if case == "encoder" else "llama")
     source = tmp_path / "src"
@@ -249,7 +250,10 @@ def test_streaming_is_the_default_where_it_applies(tmp_path, case, stream):
         lowrank.compress(source, CompressConfig(), random_windows(12, 24), output=tmp_path / "c", progress=False)
         source = tmp_path / "c"
     output = None if case == "no-output" else tmp_path / "out"
-    assert should_stream(str(source), config, output) is stream
+    assert can_stream(str(source), config, output) is can
+    assert should_stream(str(source), config, output) is (case == "offload")
+    if can:
+        assert should_stream(str(source), config.replace(stream=True), output) is True
 
 
 def test_ctrl_c_in_a_streamed_run_names_the_partial_folder_to_resume(tmp_path, monkeypatch, capsys):
@@ -267,7 +271,7 @@ def test_ctrl_c_in_a_streamed_run_names_the_partial_folder_to_resume(tmp_path, m
         return original(self, index)
 
     monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
-    argv = ["compress", str(tmp_path / "src"), "--samples", "12", "--seq-len", "24", "--max-shard-size", "30KB",
+    argv = ["compress", str(tmp_path / "src"), "--stream", "--samples", "12", "--seq-len", "24", "--max-shard-size", "30KB",
             "-o", str(tmp_path / "out"), "-q"]
     code, _, err = run_cli(capsys, *argv)
     partial = partial_dir(tmp_path / "out")

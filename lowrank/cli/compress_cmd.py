@@ -64,7 +64,7 @@ def describe(plan) -> str:
               help="whiten: truncation-aware whitening (SVD-LLM); asvd: activation-scaled SVD; svd: plain SVD "
                    "(needs no calibration text).")
 @calibration_options()
-@click.option("--round-to", default=str(DEFAULTS.round_to), show_default=True, metavar="N|auto",
+@click.option("--round-to", type=str, default=DEFAULTS.round_to, show_default=True, metavar="N|auto",
               help="Round every rank down to a multiple of this (e.g. 8 for tensor cores); auto: the multiple the "
                    "--device's matmuls like, timed once on it (8 on CUDA), stored in the plan.")
 @click.option("--include", default=DEFAULTS.include, help="Regex: factor only modules whose name matches (default: every "
@@ -93,9 +93,8 @@ def describe(plan) -> str:
 @click.option("--stream/--no-stream", default=DEFAULTS.stream,
               help="Read the checkpoint (safetensors folder, .gguf file or hub id) block by block from disk and write "
                    "the output shard by shard: memory holds one block, its statistics and the calibration activations "
-                   "(docs/scale.md). Same factors as without it. Default: stream a causal LM's safetensors folder "
-                   "unless an option needs the whole model (--one-shot, --method svd/asvd, --include, --dtype) or "
-                   "the run has several ranks; --no-stream loads it whole.")
+                   "(docs/scale.md). Same factors as without it. Default: off, unless --offload-dir, --max-memory or "
+                   "--save-dtype asks for it.")
 @click.option("--offload-dir", default=DEFAULTS.offload_dir, type=click.Path(file_okay=False),
               help="With --stream: spill calibration activations to this folder once memory would run out.")
 @click.option("--max-memory", default=DEFAULTS.max_memory, metavar="SIZE",
