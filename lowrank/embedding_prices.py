@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .calibration import model_device, window_batches
 from .encoders import embed
 from .errors import LowrankError
+from .model_info import frozen_in_eval
 from .targets import Target
 
 #: Random probes per sentence (one backward pass each).
@@ -93,31 +94,24 @@ def measure_embedding_prices(
 
         return hook
 
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
     handles = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))]
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for target in targets:
-            handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.enable_grad():
-            for batch in tqdm(window_batches(windows, batch_size), desc="Embedding prices", unit="batch",
-                              disable=not progress):
-                embeddings = embed(model, batch.to(device))
-                for k in range(probes):
-                    probe = torch.randn(embeddings.shape, generator=generator).to(embeddings)
-                    (embeddings * probe).sum().backward(retain_graph=k < probes - 1)
-                counts["samples"] += batch.shape[0] * probes
-                projected_inputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        model.train(was_training)
+    with frozen_in_eval(model):
+        try:
+            for target in targets:
+                handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
+            generator = torch.Generator().manual_seed(seed)
+            with torch.enable_grad():
+                for batch in tqdm(window_batches(windows, batch_size), desc="Embedding prices", unit="batch",
+                                  disable=not progress):
+                    embeddings = embed(model, batch.to(device))
+                    for k in range(probes):
+                        probe = torch.randn(embeddings.shape, generator=generator).to(embeddings)
+                        (embeddings * probe).sum().backward(retain_graph=k < probes - 1)
+                    counts["samples"] += batch.shape[0] * probes
+                    projected_inputs.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
     prices = {name: total / max(counts["samples"], 1) for name, total in sums.items()}
     for name, price in prices.items():
         if not torch.isfinite(price).all():

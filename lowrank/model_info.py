@@ -6,6 +6,9 @@ use it without importing one another.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from torch import nn
 
 
@@ -41,3 +44,20 @@ def without_cache(model: nn.Module) -> dict:
     import inspect
 
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+@contextmanager
+def frozen_in_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode with every parameter frozen (gradients reach only what hooks open up); both
+    the mode and each parameter's requires_grad are restored afterwards, whatever happens."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)

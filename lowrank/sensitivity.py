@@ -26,7 +26,7 @@ from . import distributed
 from .calibration import model_device, shortest_window, window_batches
 from .encoders import embed
 from .errors import LowrankError
-from .model_info import is_causal_lm, without_cache
+from .model_info import frozen_in_eval, is_causal_lm, without_cache
 from .targets import Target
 
 #: What the backward passes differentiate: None picks next-token for causal LMs, embedding otherwise.
@@ -160,30 +160,23 @@ def measure_output_fisher(
     def make_differentiable(module, args, output):
         return output.requires_grad_(True)
 
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        handles.append(model.get_input_embeddings().register_forward_hook(make_differentiable))
-        for target in targets:
-            handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
-        generator = torch.Generator().manual_seed(seed)
-        batches = window_batches(windows, batch_size)
-        mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
-        with torch.enable_grad():
-            for index, batch in enumerate(tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress)):
-                if index in mine:
-                    BACKWARD[objective](model, batch.to(device), generator)
-                else:  # another rank's batch: draw its random numbers all the same, so seeds do not depend on N
-                    skip_draws(objective, model, batch, generator)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        model.train(was_training)
+    with frozen_in_eval(model):
+        try:
+            handles.append(model.get_input_embeddings().register_forward_hook(make_differentiable))
+            for target in targets:
+                handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
+            generator = torch.Generator().manual_seed(seed)
+            batches = window_batches(windows, batch_size)
+            mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
+            with torch.enable_grad():
+                for index, batch in enumerate(tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress)):
+                    if index in mine:
+                        BACKWARD[objective](model, batch.to(device), generator)
+                    else:  # another rank's batch: draw its random numbers all the same, so seeds do not depend on N
+                        skip_draws(objective, model, batch, generator)
+        finally:
+            for handle in handles:
+                handle.remove()
     all_reduce_fishers(fishers)
     for name, fisher in fishers.items():
         if not torch.isfinite(fisher.matrix).all():
