@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import TINY_ARCHITECTURES, make_tiny_model, make_tiny_tokenizer, random_windows
 
-from lowrank.calibration import (ActivationStats, StatsCollector, collect_stats, distinct_tokens_covered, load_text,
+from lowrank.calibration import (ActivationStats, StatsCollector, add_gram_, collect_stats, distinct_tokens_covered, load_text,
                                  sample_text_path, statistics_runner, text_windows, token_windows)
 from lowrank.errors import CalibrationError
 from lowrank.targets import find_targets
@@ -63,6 +63,23 @@ def test_statistics_skip_the_head_and_equal_a_full_forward(arch):
         with_head = find_targets(model, include=head_name.replace(".", r"\.") + "$")
         assert statistics_runner(model, with_head) is model
         assert collect_stats(model, with_head, windows, progress=False)[head_name].count == 4 * 12
+
+
+@pytest.mark.parametrize("dim, block", [(48, 16), (96, 40), (600, 256), (40, 64)])
+def test_gram_from_upper_blocks_equals_the_full_product(dim, block):
+    """add_gram_ forms only the blocks on and above the diagonal and mirrors them: float32 sums are the same
+    bits as the full x.T @ x on CPU, and float64 ones agree to rounding."""
+    g = torch.Generator().manual_seed(dim)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(300, dim, generator=g, dtype=dtype) * torch.rand(dim, generator=g, dtype=dtype)
+        gram = torch.zeros(dim, dim, dtype=torch.float64)
+        full = torch.zeros(dim, dim, dtype=torch.float64)
+        for _ in range(2):
+            add_gram_(gram, x, block)
+            full += (x.T @ x).double()
+        if dtype == torch.float32:
+            assert torch.equal(gram, full)
+        assert torch.allclose(gram, full, rtol=1e-12, atol=1e-12 * float(full.abs().max()))
 
 
 def test_modules_reading_one_input_share_one_accumulation():
