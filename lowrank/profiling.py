@@ -21,7 +21,7 @@ from .calibration import ActivationStats, collect_stats, first_windows, window_c
 from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
 from .encoders import is_encoder
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache
+from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
 from .layers import LowRankLinear
 from .model_info import count_parameters
 from .profile import MatrixProfile, Profile
@@ -116,7 +116,7 @@ def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputF
     product = weight.detach().to(torch.float64)
     if white is not None:
         product = product @ white.root
-    left, sigma, _ = torch.linalg.svd(product, full_matrices=False)
+    left, sigma, _ = top_singular(product)
     return sigma, direction_costs(fisher, left)
 
 
