@@ -27,6 +27,7 @@ from .model_info import count_parameters
 from .profile import MatrixProfile, Profile
 from .sensitivity import OutputFisher, direction_costs, measure_output_fisher
 from .spectrum import DEFAULT_BATCH_BYTES, ShapeBatcher
+from .stage_times import stage
 from .targets import Target, find_targets, name_filter, weight_matrix
 
 #: Calibration windows that the sensitivity prices backpropagate through.
@@ -81,11 +82,13 @@ def measure(
         stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
         return stats, embedding_prices(model, targets, windows, stats, damping=damping, batch_size=batch_size,
                                        progress=progress)
-    stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
+    with stage("profile_statistics"):
+        stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
     fisher = None
     if prices:
-        fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
-                                       batch_size=max(1, min(batch_size, 4)), progress=progress)
+        with stage("profile_sensitivity"):
+            fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
+                                           batch_size=max(1, min(batch_size, 4)), progress=progress)
     return stats, fisher
 
 
