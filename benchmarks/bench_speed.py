@@ -118,7 +118,8 @@ def report() -> None:
              "| ratio | run | date | wall (s) | floor (s, before / after) | × floor | load avg (start / end) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
-        lines.append(f"| {r['ratio']} | {r['mode']} | {r['date']} | {r['wall_seconds']:.0f} | "
+        mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r['wall_seconds']:.0f} | "
                      f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
                      f"{r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
     for key, r in results.items():
