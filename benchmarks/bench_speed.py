@@ -1,14 +1,15 @@
 """Wall time of the default compress of SmolLM2-135M against its floor, one dense forward pass, in one run.
 
     python benchmarks/bench_speed.py prepare /tmp/smollm2-st       # the GGUF, saved once as a safetensors folder
-    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 [--in-memory] [--keep DIR]
+    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode in-memory [--keep DIR]
+    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode stream [--keep DIR]
     python benchmarks/bench_speed.py report                        # reports/speed.md from reports/speed.json
 
 `run` measures, in one process and in this order: the floor (the dense model, loaded from the
 folder, run forward over the calibration windows in batches of 8, no gradients: logits included),
-the streamed default compress (`lowrank.compress(folder, CompressConfig(stream=True, ratio=r))`:
-sensitivity planner, sequential, update, 64 × 512 tokens of Hamlet), optionally the in-memory
-default (`--in-memory`), and the floor again. The ratio is the compress wall time over the mean of
+the default compress (`lowrank.compress(folder, CompressConfig(stream=..., ratio=r))`: sensitivity
+planner, sequential, update, 64 × 512 tokens of Hamlet), in memory (the default `lowrank compress`)
+or streamed (`--stream`), and the floor again. The ratio is the compress wall time over the mean of
 the two floors; the stage seconds come from the plan (`stage_seconds`). The load average of the
 machine is recorded beside the numbers: the cores are shared.
 """
@@ -72,7 +73,7 @@ def timed_compress(folder: Path, config, calibration, keep: Path | None = None) 
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def run(folder: Path, ratio: float, in_memory: bool, keep: Path | None) -> None:
+def run(folder: Path, ratio: float, mode: str, keep: Path | None) -> None:
     from lowrank.calibration import text_windows
     from lowrank.config import CalibrationConfig, CompressConfig
     from lowrank.loading import load_tokenizer
@@ -81,29 +82,27 @@ def run(folder: Path, ratio: float, in_memory: bool, keep: Path | None) -> None:
     tokenizer = load_tokenizer(str(folder), None, False)
     windows = text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len,
                            calibration.seed)
-    result: dict = {"ratio": ratio, "samples": calibration.samples, "seq_len": calibration.seq_len,
+    result: dict = {"ratio": ratio, "mode": mode, "samples": calibration.samples, "seq_len": calibration.seq_len,
                     "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     floors = [floor_seconds(folder, windows)]
-    result["stream"] = timed_compress(folder, CompressConfig(stream=True, ratio=ratio), calibration, keep)
-    if in_memory:
-        result["in_memory"] = timed_compress(folder, CompressConfig(stream=False, ratio=ratio), calibration)
+    result.update(timed_compress(folder, CompressConfig(stream=mode == "stream", ratio=ratio), calibration, keep))
     floors.append(floor_seconds(folder, windows))
     result["floor_seconds"] = floors
-    floor = sum(floors) / len(floors)
-    for mode in ("stream", "in_memory"):
-        if mode in result:
-            result[mode]["times_floor"] = round(result[mode]["wall_seconds"] / floor, 2)
+    result["times_floor"] = round(result["wall_seconds"] / (sum(floors) / len(floors)), 2)
     result["load_average_end"] = os.getloadavg()[0]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[f"smollm2-r{ratio}"] = result
+    results[f"smollm2-r{ratio}-{mode}"] = result
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(result, indent=1))
     report()
 
 
+TOP_STAGES = ("profile", "profile_forward", "profile_backward", "planning", "compress")
+
+
 def _stage_rows(stages: dict[str, float], wall: float) -> list[str]:
-    top = {k: v for k, v in stages.items() if k in ("profile_forward", "profile_backward", "planning", "compress")}
+    top = {k: stages[k] for k in TOP_STAGES if k in stages}
     rows = [f"| **{k}** | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in top.items()]
     rows += [f"| {k} | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in stages.items() if k not in top]
     return rows
@@ -116,21 +115,19 @@ def report() -> None:
              "pass of the float32 model over the same 64 × 512 calibration windows (batches of 8, logits "
              "included), measured before and after the compress in the same process. Machine: 2 CPU cores "
              "shared with other jobs (load average recorded).", "",
-             "| ratio | run | wall (s) | floor (s, before / after) | × floor | load avg (start / end) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| ratio | run | date | wall (s) | floor (s, before / after) | × floor | load avg (start / end) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results.values():
+        mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r['wall_seconds']:.0f} | "
+                     f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
+                     f"{r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
     for key, r in results.items():
-        for mode in ("stream", "in_memory"):
-            if mode in r:
-                lines.append(f"| {r['ratio']} | {mode.replace('_', '-')} | {r[mode]['wall_seconds']:.0f} | "
-                             f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | "
-                             f"{r[mode]['times_floor']:.2f} | {r['load_average_start']:.1f} / "
-                             f"{r['load_average_end']:.1f} |")
-    for key, r in results.items():
-        stages = r["stream"].get("stage_seconds") or {}
-        wall = r["stream"]["wall_seconds"]
-        lines += ["", f"## Where the streamed time goes ({key}, wall {wall:.0f} s)", "",
-                  "Top-level stages in bold; the parts below them sum to (about) their stage.", "",
-                  "| stage | seconds | share of wall |", "| --- | --- | --- |", *_stage_rows(stages, wall)]
+        stages = r.get("stage_seconds") or {}
+        lines += ["", f"## Where the time goes ({key}, wall {r['wall_seconds']:.0f} s)", "",
+                  "Top-level stages in bold; the parts below them sum to (about) their stage; the rest of the "
+                  "wall time is loading the model and saving the output.", "",
+                  "| stage | seconds | share of wall |", "| --- | --- | --- |", *_stage_rows(stages, r["wall_seconds"])]
     notes = REPORTS / "speed-notes.md"
     text = "\n".join(lines) + "\n"
     if notes.is_file():
@@ -146,14 +143,15 @@ def main() -> None:
     measure = sub.add_parser("run")
     measure.add_argument("folder", type=Path)
     measure.add_argument("--ratio", type=float, default=0.8)
-    measure.add_argument("--in-memory", action="store_true")
-    measure.add_argument("--keep", type=Path, help="move the streamed output here (for `lowrank eval`)")
+    measure.add_argument("--mode", choices=("in-memory", "stream"), default="in-memory",
+                         help="in-memory: the default `lowrank compress`; stream: `--stream`")
+    measure.add_argument("--keep", type=Path, help="move the compressed output here (for `lowrank eval`)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder)
     elif args.command == "run":
-        run(args.folder, args.ratio, args.in_memory, args.keep)
+        run(args.folder, args.ratio, args.mode, args.keep)
     else:
         report()
 

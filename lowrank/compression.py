@@ -32,6 +32,7 @@ from .planner import (DEFAULT_STRATEGY, STRATEGIES, check_feasible, default_stra
 from .profiling import DEFAULT_SENSITIVITY_SAMPLES, measure, profile_model
 from .ranks import check_ratio
 from .refinement import Average, RefineOptions, refine_block
+from .stage_times import recording, stage, summary
 from .sequential import BlockWork, dense_statistics, peak_memory_mib, sequential_statistics
 from .targets import Target, find_targets, weight_matrix
 from .update import update_block
@@ -143,11 +144,13 @@ def plan_model(
                                 sensitivity_samples=sensitivity_samples, damping=damping, progress=progress)
     spectra = None
     if needs_spectra(strategy):
-        profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
+        with stage("profile_spectra"):
+            profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
         spectra = {m.name: m for m in profile.matrices}
         del profile, fisher
-    plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=method, limits=limits,
-                        overrides=overrides, source=source, speed=speed)
+    with stage("planning"):
+        plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=method, limits=limits,
+                            overrides=overrides, source=source, speed=speed)
     plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
     if prices:
         plan.options["sensitivity_samples"] = min(sensitivity_samples, window_count(windows))
@@ -227,14 +230,16 @@ def compress_blocks(
     try:
         for block_work in producer:
             dense_block = copy.deepcopy(block_work.block) if update and block_work.block is not None else None
-            _factor_modules(model, plan, block_work, damping, progress)
+            with stage("compress_factor"):
+                _factor_modules(model, plan, block_work, damping, progress)
             block_work.stats = None
             if dense_block is not None:
                 relative = {n[len(block_work.prefix):]: plan.factored[n] for n in block_work.names}
                 kept = [{n[len(block_work.prefix):]: x for n, x in batch.items()} for batch in block_work.dense_inputs]
-                update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
-                             block_work.device, target=update_target,
-                             dense_inputs=kept if update_target == "dense" else None)
+                with stage("compress_update"):
+                    update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
+                                 block_work.device, target=update_target,
+                                 dense_inputs=kept if update_target == "dense" else None)
                 del dense_block, kept
             block_work.dense_inputs = []
             if refine is not None and refine.enabled and block_work.dense_outputs is not None:
@@ -356,6 +361,20 @@ def compress_model(
         except re.error as exc:
             raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
     targets = find_targets(model, include, exclude)
+    with recording() as seconds:  # plan.options["stage_seconds"]: where the time went
+        plan = _profile_plan_compress(model, plan, targets, ratio=ratio, method=method, windows=windows,
+                                      round_to=round_to, batch_size=batch_size, damping=damping, progress=progress,
+                                      source=source, sequential=sequential, update=update, device=device,
+                                      strategy=strategy, budget=budget, limits=limits, overrides=overrides,
+                                      refine=refine)
+    plan.options["stage_seconds"] = summary(seconds)
+    return plan
+
+
+def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Target], *, ratio, method, windows,
+                           round_to, batch_size, damping, progress, source, sequential, update, device, strategy,
+                           budget, limits, overrides, refine) -> Plan:
+    """compress_model's stages: plan (profiling where the strategy needs it) unless given, then compress."""
     planning_stats = None  # statistics the profile collected, reused by one-shot factoring
     if plan is None:
         plan, planning_stats = plan_model(
@@ -368,9 +387,10 @@ def compress_model(
         plan.method = method
         if plan.model_params is None:
             plan.model_params = count_parameters(model)
-    return compress_with_plan(model, plan, targets, windows=windows, method=method, sequential=sequential,
-                              update=update, device=device, batch_size=batch_size, damping=damping, progress=progress,
-                              stats=planning_stats, refine=refine)
+    with stage("compress"):
+        return compress_with_plan(model, plan, targets, windows=windows, method=method, sequential=sequential,
+                                  update=update, device=device, batch_size=batch_size, damping=damping,
+                                  progress=progress, stats=planning_stats, refine=refine)
 
 
 def compress_with_plan(

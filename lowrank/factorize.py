@@ -107,14 +107,37 @@ class WhiteningCache:
         return entry[1]
 
 
+def top_singular(product: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k leading singular triplets (U_k, σ_k, V_kᵀ) of a float64 matrix A, σ descending (k=None: all).
+
+    From a symmetric eigensolve of the smaller Gram matrix (A Aᵀ or Aᵀ A), where LAPACK's SVD of A
+    costs 2–3× more on these shapes; the other side's vectors follow as Aᵀ U / σ or A V / σ. σ² is
+    exact to about max(m, n)·ε·σ₁², as in `gram_svdvals`: directions below that are returned with
+    σ = 0 and a zero vector on the divided side (callers that need them exactly fall back to an SVD).
+    """
+    m, n = product.shape
+    k = min(m, n) if k is None else min(k, m, n)
+    wide = m <= n
+    squares, vectors = torch.linalg.eigh(product @ product.T if wide else product.T @ product)
+    squares, vectors = squares.flip(0)[:k], vectors.flip(1)[:, :k]
+    floor = max(m, n) * torch.finfo(squares.dtype).eps * squares[:1].clamp_min(0.0)
+    sigma = torch.where(squares > floor, squares, torch.zeros_like(squares)).sqrt()
+    inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
+    if wide:
+        return vectors, sigma, (vectors.T @ product) * inverse[:, None]
+    return (product @ vectors) * inverse, sigma, vectors.T
+
+
 def _truncate(product: torch.Tensor, k: int, back: torch.Tensor | None) -> Factors:
     """Rank-k factors of `product` = W·S, mapped back to W's input space by `back` = S⁻¹.
 
     The singular values are split evenly between the factors (√σ each), which keeps both on
     the same scale: better conditioned for storage in low precision and for fine-tuning.
     """
-    u, s, vh = torch.linalg.svd(product, full_matrices=False)
-    k = max(1, min(k, s.numel()))
+    k = max(1, min(k, *product.shape))
+    u, s, vh = top_singular(product, k)
+    if s[-1] <= 0:  # directions lost to the Gram's rounding: only a full SVD resolves them
+        u, s, vh = torch.linalg.svd(product, full_matrices=False)
     root_s = s[:k].sqrt()
     up = u[:, :k] * root_s
     down = root_s[:, None] * vh[:k]

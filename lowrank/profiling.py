@@ -21,12 +21,13 @@ from .calibration import ActivationStats, collect_stats, first_windows, window_c
 from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
 from .encoders import is_encoder
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache
+from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
 from .layers import LowRankLinear
 from .model_info import count_parameters
 from .profile import MatrixProfile, Profile
 from .sensitivity import OutputFisher, direction_costs, measure_output_fisher
 from .spectrum import DEFAULT_BATCH_BYTES, ShapeBatcher
+from .stage_times import stage
 from .targets import Target, find_targets, name_filter, weight_matrix
 
 #: Calibration windows that the sensitivity prices backpropagate through.
@@ -81,11 +82,13 @@ def measure(
         stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
         return stats, embedding_prices(model, targets, windows, stats, damping=damping, batch_size=batch_size,
                                        progress=progress)
-    stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
+    with stage("profile_statistics"):
+        stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
     fisher = None
     if prices:
-        fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
-                                       batch_size=max(1, min(batch_size, 4)), progress=progress)
+        with stage("profile_sensitivity"):
+            fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
+                                           batch_size=max(1, min(batch_size, 4)), progress=progress)
     return stats, fisher
 
 
@@ -116,7 +119,7 @@ def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputF
     product = weight.detach().to(torch.float64)
     if white is not None:
         product = product @ white.root
-    left, sigma, _ = torch.linalg.svd(product, full_matrices=False)
+    left, sigma, _ = top_singular(product)
     return sigma, direction_costs(fisher, left)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .calibration import model_device, shortest_window, window_batches
+from .calibration import add_gram_, model_device, shortest_window, window_batches
 from .encoders import embed
 from .errors import LowrankError
 from .model_info import frozen_in_eval, is_causal_lm, without_cache
@@ -150,7 +150,7 @@ def measure_output_fisher(
 
             def accumulate(grad):
                 flat = grad.detach().reshape(-1, grad.shape[-1]).float()
-                fishers[name].matrix += (flat.T @ flat).to(device="cpu", dtype=torch.float64)
+                add_gram_(fishers[name].matrix, flat)  # Σ g gᵀ from its upper block triangle (same bits)
                 fishers[name].tokens += flat.shape[0]
 
             output.register_hook(accumulate)

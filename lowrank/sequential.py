@@ -25,6 +25,7 @@ from .block_capture import BlockCall, CapturedInputs, capture_block_inputs, mode
 from .calibration import ActivationStats, StatsCollector, all_reduce_stats, collect_stats
 from .errors import CalibrationError
 from .plan import Plan
+from .stage_times import stage
 from .targets import Target, find_block_list
 
 
@@ -152,7 +153,8 @@ def sequential_statistics(
     model.eval()
     try:
         last_needed = max(by_block, default=-1)
-        captured = capture_block_inputs(model, windows, batch_size, device) if by_block else CapturedInputs()
+        with stage("compress_capture"):
+            captured = capture_block_inputs(model, windows, batch_size, device) if by_block else CapturedInputs()
         hidden = captured.hidden
         dense_hidden = captured.hidden if dense_stream else None  # the dense path's block inputs
         bar = tqdm(range(last_needed + 1), desc="Sequential", unit="block", disable=not progress)
@@ -167,13 +169,16 @@ def sequential_statistics(
                                 for h, call in zip(dense_hidden, captured.calls[index])]
             if names:
                 kept = [] if keep_inputs else None
-                stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index], device,
-                                    keep_inputs=kept)
+                with stage("compress_statistics"):
+                    stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index],
+                                        device, keep_inputs=kept)
                 yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device,
                                 dense_inputs=kept or [], dense_outputs=dense_hidden)
                 del stats, kept
             if index < last_needed:
-                hidden = [run_block(block, h, call, device).to("cpu") for h, call in zip(hidden, captured.calls[index])]
+                with stage("compress_propagate"):
+                    hidden = [run_block(block, h, call, device).to("cpu")
+                              for h, call in zip(hidden, captured.calls[index])]
             block.to(block_home)
         del hidden, dense_hidden, captured
         if outside:

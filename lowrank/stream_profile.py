@@ -33,7 +33,7 @@ from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .errors import CalibrationError, LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache
+from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
 from .calibration import StatsCollector
@@ -179,7 +179,7 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ current[1].root
         if priced:
-            left, whitened[name], _ = torch.linalg.svd(product, full_matrices=False)
+            left, whitened[name], _ = top_singular(product)
             directions[name] = left
         else:
             whitened[name] = torch.linalg.svdvals(product)

@@ -7,8 +7,6 @@ the compressed block and x_d its input inside the dense block, both fed the same
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -40,15 +38,28 @@ def refit_up(
     the target is W·X_c, the dense layer on the compressed path's own inputs. Closed form:
     up = W·C·downᵀ (down·G·downᵀ + λI)⁻¹, with λ = `ridge` × mean eigenvalue of down·G·downᵀ.
     """
-    w = weight.to(torch.float64)
     d = down.to(torch.float64)
     g = gram.to(torch.float64)
     c = g if cross is None else cross.to(torch.float64)
-    reduced = d @ g @ d.T  # (k, k): Gram matrix of the rank-k codes
+    return refit_up_from_codes(weight, d @ g @ d.T, c @ d.T, ridge)
+
+
+def refit_up_from_codes(
+    weight: torch.Tensor,
+    code_gram: torch.Tensor,
+    cross_codes: torch.Tensor,
+    ridge: float = UPDATE_RIDGE,
+) -> torch.Tensor:
+    """`refit_up` from sums over the rank-k codes z = down·x_c: `code_gram` = Σ z zᵀ (k × k) and
+    `cross_codes` = Σ x_d zᵀ (in × k; Σ x_c zᵀ for the compressed target). The same solution,
+    without any in × in matrix: up = W·cross_codes·(code_gram + λI)⁻¹.
+    """
+    w = weight.to(torch.float64)
+    reduced = code_gram.to(torch.float64)  # (k, k): Gram matrix of the rank-k codes
     reduced = (reduced + reduced.T) / 2
     scale = torch.diagonal(reduced).mean().clamp(min=torch.finfo(torch.float64).tiny)
     reduced = reduced + ridge * scale * torch.eye(reduced.shape[0], dtype=torch.float64, device=reduced.device)
-    rhs = w @ c @ d.T  # (out, k)
+    rhs = w @ cross_codes.to(torch.float64)  # (out, k)
     # up · reduced = rhs, and reduced is symmetric positive definite.
     up = torch.linalg.solve(reduced, rhs.T).T
     if not torch.isfinite(up).all():
@@ -56,55 +67,55 @@ def refit_up(
     return up
 
 
-class _PairedInputs:
-    """Hooks that accumulate, per factored layer of a block, Σ x_c x_cᵀ and Σ x_d x_cᵀ.
+class _PairedCodes:
+    """Hooks that accumulate, per factored layer of a block, Σ z zᵀ and Σ x zᵀ over its rank-k codes.
 
-    x_d is the layer's input in the dense copy of the block, x_c in the compressed block, for the
-    same batch. Layers reading the very same input tensor (q/k/v, gate/up) share one accumulation.
+    z = down·x_c is the code the compressed layer computes anyway (its `down`'s output); x is the
+    layer's input in the dense copy of the block (x_d, target "dense") or in the compressed block
+    (x_c, target "compressed"), for the same batch. Per token this costs k² + in·k, where the
+    in × in sums Σ x_c x_cᵀ and Σ x_d x_cᵀ would cost 2·in².
     """
 
-    def __init__(self, dense: nn.Module, compressed: nn.Module, names: dict[str, int]):
-        self.names = names  # name relative to the block -> in_features
+    def __init__(self, dense: nn.Module, compressed: nn.Module, names: list[str], target: str):
+        self.target = target
         self.dense_inputs: dict[str, torch.Tensor] = {}
-        self.gram: dict[str, torch.Tensor] = {}
+        self.code_gram: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._linked: set[str] = set()
+        self._inputs: dict[str, torch.Tensor] = {}  # this batch's x_c of each layer
         self._handles = []
         for name in names:
-            self._handles.append(dense.get_submodule(name).register_forward_pre_hook(self._dense_hook(name)))
-            self._handles.append(compressed.get_submodule(name).register_forward_pre_hook(self._compressed_hook(name)))
+            layer = compressed.get_submodule(name)
+            if target == "dense":
+                self._handles.append(dense.get_submodule(name).register_forward_pre_hook(self._dense_hook(name)))
+            self._handles.append(layer.register_forward_pre_hook(self._input_hook(name)))
+            self._handles.append(layer.down.register_forward_hook(self._code_hook(name)))
 
     def _dense_hook(self, name: str):
         def hook(module, args):
             self.dense_inputs[name] = args[0]
         return hook
 
-    def _compressed_hook(self, name: str):
+    def _input_hook(self, name: str):
         def hook(module, args):
-            if name in self._linked:
-                return  # reads the same input as an earlier layer: accumulated there
-            x_c = args[0]
-            entry = self._seen.get(id(x_c))
-            if entry is not None and entry[0]() is x_c and name not in self.gram:
-                self.gram[name], self.cross[name] = self.gram[entry[1]], self.cross[entry[1]]
-                self._linked.add(name)
-                return
-            dim = self.names[name]
-            work = torch.float64 if x_c.dtype == torch.float64 else torch.float32
-            c = x_c.detach().reshape(-1, dim).to(work)
-            d = self.dense_inputs[name].detach().reshape(-1, dim).to(x_c.device, work)
-            if name not in self.gram:
-                self.gram[name] = torch.zeros(dim, dim, dtype=torch.float64)
-                self.cross[name] = torch.zeros(dim, dim, dtype=torch.float64)
-            self.gram[name] += (c.T @ c).to("cpu", torch.float64)
-            self.cross[name] += (d.T @ c).to("cpu", torch.float64)
-            self._seen[id(x_c)] = (weakref.ref(x_c), name)
+            self._inputs[name] = args[0]
+        return hook
+
+    def _code_hook(self, name: str):
+        def hook(module, args, codes):
+            x = self.dense_inputs[name] if self.target == "dense" else self._inputs[name]
+            work = torch.float64 if codes.dtype == torch.float64 else torch.float32
+            z = codes.detach().reshape(-1, codes.shape[-1]).to(work)
+            x = x.detach().reshape(-1, x.shape[-1]).to(z.device, work)
+            if name not in self.code_gram:
+                self.code_gram[name] = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
+                self.cross[name] = torch.zeros(x.shape[1], z.shape[1], dtype=torch.float64)
+            self.code_gram[name] += (z.T @ z).to("cpu", torch.float64)
+            self.cross[name] += (x.T @ z).to("cpu", torch.float64)
         return hook
 
     def end_batch(self) -> None:
         self.dense_inputs = {}
-        self._seen.clear()
+        self._inputs = {}
 
     def close(self) -> None:
         for handle in self._handles:
@@ -133,28 +144,29 @@ def update_block(
     """
     if target not in UPDATE_TARGETS:
         raise LowrankError(f"unknown update target {target!r}; choose one of {', '.join(UPDATE_TARGETS)}")
-    dims = {name: weight_matrix(dense_block.get_submodule(name)).shape[1] for name in factored}
-    pairs = _PairedInputs(dense_block, block, dims)
+    layers = [name for name in factored if isinstance(block.get_submodule(name), LowRankLinear)]
+    dims = {name: weight_matrix(dense_block.get_submodule(name)).shape[1] for name in layers}
+    ranks = {name: block.get_submodule(name).rank for name in layers}
+    codes = _PairedCodes(dense_block, block, layers, target)
     try:
         for b, (h, call) in enumerate(zip(hidden, calls)):
-            if dense_inputs:
-                pairs.dense_inputs = dense_inputs[b]
-            else:
-                run_block(dense_block, h, call, device)
+            if target == "dense":
+                if dense_inputs:
+                    codes.dense_inputs = dense_inputs[b]
+                else:
+                    run_block(dense_block, h, call, device)
             run_block(block, h, call, device)
-            pairs.end_batch()
+            codes.end_batch()
     finally:
-        pairs.close()
-    sums = distributed.reduce_shared({n: [pairs.gram[n], pairs.cross[n]] for n in pairs.gram}, list(factored),
-                                     lambda n: [torch.zeros(dims[n], dims[n]), torch.zeros(dims[n], dims[n])],
+        codes.close()
+    sums = distributed.reduce_shared({n: [codes.code_gram[n], codes.cross[n]] for n in codes.code_gram}, layers,
+                                     lambda n: [torch.zeros(ranks[n], ranks[n]), torch.zeros(dims[n], ranks[n])],
                                      "the least-squares update")
-    layers = [name for name in factored if isinstance(block.get_submodule(name), LowRankLinear)]
 
     def refit(name: str) -> list[torch.Tensor]:
-        layer = block.get_submodule(name)
         weight = weight_matrix(dense_block.get_submodule(name)).detach().cpu()
-        gram, cross = sums[name]
-        return [refit_up(weight, layer.down.weight.detach().cpu(), gram, cross if target == "dense" else None, ridge)]
+        code_gram, cross = sums[name]
+        return [refit_up_from_codes(weight, code_gram, cross, ridge)]
 
     def receive(name: str) -> list[torch.Tensor]:  # another rank refits it (distributed runs)
         return [torch.empty(block.get_submodule(name).up.weight.shape, dtype=torch.float64)]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import make_tiny_model, make_tiny_tokenizer, random_windows
+from helpers import TINY_ARCHITECTURES, make_tiny_model, make_tiny_tokenizer, random_windows
 
-from lowrank.calibration import (ActivationStats, collect_stats, distinct_tokens_covered, load_text, sample_text_path,
-                                 text_windows, token_windows)
+from lowrank.calibration import (ActivationStats, StatsCollector, add_gram_, collect_stats, distinct_tokens_covered, load_text,
+                                 sample_text_path, statistics_runner, text_windows, token_windows)
 from lowrank.errors import CalibrationError
 from lowrank.targets import find_targets
 
@@ -34,6 +34,52 @@ def test_gram_count_and_mean_abs_match_direct_computation():
         assert s.count == 6 * 20
         assert torch.allclose(s.gram, x.T @ x, rtol=1e-5, atol=1e-5)
         assert torch.allclose(s.mean_abs, x.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_statistics_skip_the_head_and_equal_a_full_forward(arch):
+    """collect_stats runs the backbone only (the head's logits are unused): the same Grams, bit for bit, as
+    hooks on a full-model forward, and the head never runs; with the head as a target, the whole model runs."""
+    model = make_tiny_model(arch)
+    targets = find_targets(model)
+    windows = random_windows(4, 12)
+    head = model.get_output_embeddings()
+    head_calls = []
+    handle = head.register_forward_hook(lambda *a: head_calls.append(1)) if head is not None else None
+    stats = collect_stats(model, targets, windows, batch_size=2, progress=False)
+    assert head_calls == []
+    if handle is not None:
+        handle.remove()
+    full = StatsCollector(model, targets)
+    with full, torch.no_grad():
+        for batch in windows.split(2):
+            model(input_ids=batch)
+            full.end_batch()
+    for target in targets:
+        assert torch.equal(stats[target.name].gram, full.stats[target.name].gram), target.name
+        assert torch.equal(stats[target.name].abs_sum, full.stats[target.name].abs_sum), target.name
+    if head is not None and isinstance(head, torch.nn.Linear) and arch != "bert":
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        with_head = find_targets(model, include=head_name.replace(".", r"\.") + "$")
+        assert statistics_runner(model, with_head) is model
+        assert collect_stats(model, with_head, windows, progress=False)[head_name].count == 4 * 12
+
+
+@pytest.mark.parametrize("dim, block", [(48, 16), (96, 40), (600, 256), (40, 64)])
+def test_gram_from_upper_blocks_equals_the_full_product(dim, block):
+    """add_gram_ forms only the blocks on and above the diagonal and mirrors them: float32 sums are the same
+    bits as the full x.T @ x on CPU, and float64 ones agree to rounding."""
+    g = torch.Generator().manual_seed(dim)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(300, dim, generator=g, dtype=dtype) * torch.rand(dim, generator=g, dtype=dtype)
+        gram = torch.zeros(dim, dim, dtype=torch.float64)
+        full = torch.zeros(dim, dim, dtype=torch.float64)
+        for _ in range(2):
+            add_gram_(gram, x, block)
+            full += (x.T @ x).double()
+        if dtype == torch.float32:
+            assert torch.equal(gram, full)
+        assert torch.allclose(gram, full, rtol=1e-12, atol=1e-12 * float(full.abs().max()))
 
 
 def test_modules_reading_one_input_share_one_accumulation():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowrank.factorize import (asvd_factors, factorize, gram_svdvals, output_error, svd_factors, whiten_factors,
-                               whitened_singular_values, whitening)
+from lowrank.factorize import (asvd_factors, factorize, gram_svdvals, output_error, svd_factors, top_singular,
+                               whiten_factors, whitened_singular_values, whitening)
 
 
 def correlated_inputs(n_tokens=400, dim=24, seed=0):
@@ -160,3 +160,30 @@ def test_whitening_cache_computes_one_whitening_per_shared_input():
     other = cache.get(alone, "o")
     assert other is not first
     torch.testing.assert_close(other.root @ other.root.T, alone.gram, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9)])
+def test_top_singular_equals_the_svd(shape):
+    """The eigh route gives the SVD's σ and, up to sign, its leading vectors; A ≈ U diag(σ) Vᵀ at full k."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, shape[1], dtype=torch.float64))
+    u, s, vh = top_singular(a)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(a, full_matrices=False)
+    assert torch.allclose(s, s_ref, rtol=1e-10, atol=1e-12)
+    signs = torch.sign((u * u_ref).sum(0))
+    assert torch.allclose(u * signs, u_ref, atol=1e-8)
+    assert torch.allclose(vh * signs[:, None], vh_ref, atol=1e-8)
+    assert torch.allclose((u * s) @ vh, a, atol=1e-12)
+    u3, s3, vh3 = top_singular(a, 3)
+    assert u3.shape == (shape[0], 3) and vh3.shape == (3, shape[1]) and torch.allclose(s3, s_ref[:3], rtol=1e-12)
+
+
+def test_top_singular_zeroes_directions_below_rounding_and_truncation_falls_back_to_the_svd():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(10, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64)
+    u, s, vh = top_singular(a)  # rank 3: five σ are rounding noise; tall, so U = A V / σ is the divided side
+    assert (s[3:] == 0).all() and (u[:, 3:] == 0).all() and torch.isfinite(vh).all()
+    u, s, vh = top_singular(a.T)  # wide: Vᵀ = Uᵀ A / σ is
+    assert (s[3:] == 0).all() and (vh[3:] == 0).all() and torch.isfinite(u).all()
+    factors = svd_factors(a, 8)  # every direction asked for: the fallback SVD keeps the result finite and exact
+    assert torch.isfinite(factors.up).all() and torch.allclose(factors.matrix(), a, atol=1e-12)

@@ -1,9 +1,15 @@
 """The closed-form update: `refit_up` is the ridge least-squares solution."""
 
-import torch
+import copy
 
+import pytest
+import torch
+from helpers import make_tiny_model, random_windows
+
+from lowrank.block_capture import capture_block_inputs, run_block
 from lowrank.factorize import whiten_factors
-from lowrank.update import refit_up
+from lowrank.layers import LowRankLinear
+from lowrank.update import UPDATE_TARGETS, refit_up, update_block
 
 
 def test_refit_up_is_the_least_squares_solution():
@@ -30,3 +36,44 @@ def test_refit_up_leaves_whitened_truncation_unchanged_on_its_own_inputs():
     assert torch.allclose(refit_up(weight, factors.down, x.T @ x, ridge=0.0), factors.up, atol=1e-8)
 
 
+
+
+@pytest.mark.parametrize("target", UPDATE_TARGETS)
+def test_update_block_from_codes_equals_the_input_space_formula(target):
+    """update_block sums over the rank-k codes only; its `up` equals refit_up from the full in × in
+    sums Σ x_c x_cᵀ and Σ x_d x_cᵀ, captured independently (float64, so only rounding may differ)."""
+    model = make_tiny_model("llama").double()
+    dense = copy.deepcopy(model.model.layers[0])
+    block = model.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"]
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        weight = block.get_submodule(name).weight.detach()
+        factors = whiten_factors(weight, torch.eye(weight.shape[1], dtype=torch.float64), 5)
+        parent, _, leaf = name.rpartition(".")
+        setattr(block.get_submodule(parent), leaf, LowRankLinear.from_factors(factors, dtype=torch.float64))
+    captured = capture_block_inputs(model, random_windows(4, 10), batch_size=2)
+    hidden = [h + 0.05 * torch.randn(h.shape, generator=g, dtype=h.dtype) for h in captured.hidden]
+    calls = captured.calls[0]
+    inputs = {}  # (which block, name) -> that layer's inputs over all batches, recorded before the update
+    handles = [m.get_submodule(n).register_forward_pre_hook(
+        lambda mod, a, key=(tag, n): inputs.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for tag, m in (("dense", dense), ("compressed", block)) for n in names]
+    with torch.no_grad():
+        for h, call in zip(hidden, calls):
+            run_block(dense, h, call, torch.device("cpu"))
+            run_block(block, h, call, torch.device("cpu"))
+    for handle in handles:
+        handle.remove()
+    expected = {}
+    for name in names:
+        x_c, x_d = torch.cat(inputs["compressed", name]), torch.cat(inputs["dense", name])
+        down = block.get_submodule(name).down.weight.detach()
+        cross = x_d.T @ x_c if target == "dense" else None
+        expected[name] = refit_up(dense.get_submodule(name).weight.detach(), down, x_c.T @ x_c, cross)
+    before = {name: block.get_submodule(name).up.weight.detach().clone() for name in names}
+    update_block(dense, block, {n: 5 for n in names}, hidden, calls, torch.device("cpu"), target=target)
+    for name in names:
+        up = block.get_submodule(name).up.weight
+        assert torch.allclose(up, expected[name], rtol=1e-9, atol=1e-12), name
+        assert (up - before[name]).norm() > 1e-3 * before[name].norm(), name  # the refit did move `up`
