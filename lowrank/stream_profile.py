@@ -41,10 +41,6 @@ from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
 
-#: Boundary levels of the sensitivity windows are stored after the calibration ones, from this offset.
-_FISHER_LEVELS = 1 << 20
-
-
 class StageClock:
     """Seconds spent per named part of a pass, summed over blocks (`with clock("grams"): ...`)."""
 
@@ -165,19 +161,19 @@ class _Projections:
 def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool) -> tuple[dict, dict, dict]:
     """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
 
-    Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, and
-    each Gram is released (popped from `stats`) once its last reader is done.
+    Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, each
+    Gram is freed as soon as it is whitened, and each whitening once its last reader is done.
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened, directions = {}, {}
-    current = None  # (statistics, its whitening)
+    whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
     for name in names:
         layer_stats = stats.pop(name)
-        if current is None or current[0] is not layer_stats:
-            current = None
-            current = (layer_stats, WhiteningCache(damping).get(layer_stats, name))
+        root = whitenings.get(layer_stats, name).root
+        whitenings.done(layer_stats)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
-        product = weight.to(torch.float64) @ current[1].root
+        product = weight.to(torch.float64) @ root
+        del root
         if priced:
             left, whitened[name], _ = torch.linalg.svd(product, full_matrices=False)
             directions[name] = left
@@ -234,17 +230,22 @@ def profile_streamed(
     fisher_windows = windows[:sensitivity_samples] if prices else windows[:0]
     fisher_batch = max(1, min(batch_size, 4))
     fisher = capture_block_inputs(model, fisher_windows, fisher_batch, device) if prices else None
-    if fisher is not None:
-        for b, hidden in enumerate(fisher.hidden):
-            store.put(_FISHER_LEVELS, b, hidden)
+    scratch = _Scratch(scratch_dir)
+    # every level of the sensitivity windows waits for the backward sweep: on disk, so that memory does not grow
+    # with depth (one level is read back at a time)
+    levels = BoundaryStore(0, scratch.folder)
     n_fisher = len(fisher.hidden) if fisher is not None else 0
     del captured
+    source.free_outside()  # only blocks run until the head's gradient (embeddings and head: back to disk)
     gradients: list[torch.Tensor] = []  # per sensitivity batch: ∂loss/∂(output of the block being priced)
 
     last = len(blocks) - 1 if prices else max(by_block, default=-1)
-    scratch = _Scratch(scratch_dir)
     spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
+        for b in range(n_fisher):
+            levels.put(0, b, fisher.hidden[b])
+        if fisher is not None:
+            fisher.hidden = []
         for index in tqdm(range(last + 1), desc="Profile (forward)", unit="block", disable=not progress):
             with clock("forward_load"):
                 block = source.load_block(index).to(device)
@@ -267,14 +268,16 @@ def profile_streamed(
             del grams, directions
             with clock("forward_sensitivity_windows"):
                 for b in range(n_fisher):
-                    inputs = store.get(_FISHER_LEVELS + index, b)
+                    inputs = levels.get(index, b)
                     if index < last:
-                        store.put(_FISHER_LEVELS + index + 1, b, run_block(block, inputs, fisher.calls[index][b],
-                                                                           device))
+                        levels.put(index + 1, b, run_block(block, inputs, fisher.calls[index][b], device))
                     else:
                         final = run_block(block, inputs, fisher.calls[last][b], device)
                         batch = fisher_windows[b * fisher_batch:(b + 1) * fisher_batch]
+                        if b == 0:
+                            source.load_outside()
                         gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+            source.free_outside()
             source.free_block(index)
 
         forward_seconds = time.perf_counter() - started
@@ -288,14 +291,15 @@ def profile_streamed(
                     block = source.load_block(index).to(device)
                     directions = scratch.load(index)
                 with clock("backward_prices"):
-                    gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index,
+                    gradients, price = _backpropagate(model, block, directions, levels, fisher.calls[index], index,
                                                       gradients, device)
                 del directions
                 source.free_block(index)
-                store.drop_level(_FISHER_LEVELS + index, n_fisher)
+                levels.drop_level(index, n_fisher)
             for n in names:
                 matrices[n] = MatrixProfile(n, by_name[n].shape, spectra[n][0], spectra[n][1], price.get(n))
     finally:
+        levels.close()
         scratch.close()
     store.close()
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
@@ -308,7 +312,7 @@ def profile_streamed(
     return profile
 
 
-def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, torch.Tensor], store: BoundaryStore,
+def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, torch.Tensor], levels: BoundaryStore,
                    calls: list[BlockCall], index: int, gradients: list[torch.Tensor], device: torch.device,
                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Recompute `block` on the sensitivity windows, backpropagate `gradients` through it, price its directions.
@@ -320,7 +324,7 @@ def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, tor
     try:
         with torch.enable_grad():
             for b, (gradient, call) in enumerate(zip(gradients, calls)):
-                hidden = store.get(_FISHER_LEVELS + index, b).to(device).requires_grad_(True)
+                hidden = levels.get(index, b).to(device).requires_grad_(True)
                 output = run_block(block, hidden, call, device)
                 (incoming,) = torch.autograd.grad(output, hidden, gradient.to(device))
                 below.append(incoming.cpu())
