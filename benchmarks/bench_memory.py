@@ -86,10 +86,34 @@ def vm_hwm_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> dict:
-    """One measured run in this process; returns its numbers."""
+def _watch(tracer, log: Path, started: float, every: float = 30.0) -> None:
+    """Every `every` seconds, the stage running, VmHWM and the peak per stage so far, as one JSON line in `log`:
+    a run stopped before its end still says how far it got and what it peaked at."""
+    import threading
+
+    def loop():
+        while not tracer._stop.wait(every):
+            snapshot = {"seconds": round(time.perf_counter() - started), "stage": tracer.stack[-1],
+                        "peak_rss_bytes": vm_hwm_bytes(), "stage_peaks": dict(tracer.peaks)}
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(snapshot) + "\n")
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, log: Path | None = None) -> dict:
+    """One measured run in this process; returns its numbers (with the peak VmRSS per stage where traced)."""
     import lowrank
     from lowrank.config import CompressConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trace_memory import Tracer, install
+
+    tracer = Tracer(interval=0.02)
+    install(tracer)
+    tracer.__enter__()
+    if log is not None:
+        _watch(tracer, log, time.perf_counter())
 
     windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
@@ -121,7 +145,9 @@ def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | No
             result["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
-    result.update({"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": vm_hwm_bytes()})
+    tracer.__exit__(None, None, None)
+    result.update({"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": vm_hwm_bytes(),
+                   "stage_peaks": {label: tracer.peaks[label] for label in tracer.order}})
     return result
 
 
@@ -133,13 +159,17 @@ def checkpoint_facts(folder: Path) -> dict:
 
 
 def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> None:
-    command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or ""]
-    done = subprocess.run(command, capture_output=True, text=True)
+    facts = checkpoint_facts(folder)
+    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"  # progress: one JSON line every 30 s
+    log.unlink(missing_ok=True)
+    print(f"progress in {log}", flush=True)
+    command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or "",
+               str(log)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed: {done.stderr[-2000:]}")
     numbers = json.loads(done.stdout.strip().splitlines()[-1])
-    facts = checkpoint_facts(folder)
-    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
                     **numbers}
@@ -171,8 +201,8 @@ def report() -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        folder, mode, samples, seq_len, offload = sys.argv[2:7]
-        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None)))
+        folder, mode, samples, seq_len, offload, log = sys.argv[2:8]
+        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None, Path(log))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
