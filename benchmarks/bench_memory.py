@@ -158,7 +158,20 @@ def checkpoint_facts(folder: Path) -> dict:
             "mlp": config["intermediate_size"], "dtype": config.get("dtype"), "checkpoint_bytes": size}
 
 
-def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> None:
+def _status_bytes(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, stop_above: float | None = None,
+        stop_after: float | None = None) -> None:
+    """One row: the child's numbers, or, when it passes `stop_above` GiB of RSS or `stop_after` seconds, the peak
+    and stage it reached when stopped (marked unfinished)."""
     facts = checkpoint_facts(folder)
     key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
     log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"  # progress: one JSON line every 30 s
@@ -166,10 +179,35 @@ def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None
     print(f"progress in {log}", flush=True)
     command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or "",
                str(log)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed: {done.stderr[-2000:]}")
-    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        stopped, hwm = None, 0
+        while child_process.poll() is None:
+            time.sleep(2)
+            hwm = max(hwm, _status_bytes(child_process.pid, "VmHWM") or 0)
+            rss = _status_bytes(child_process.pid, "VmRSS") or 0
+            if stop_above is not None and rss > stop_above * 2**30:
+                stopped = f"stopped at {rss / 2**30:.2f} GiB of RSS (limit {stop_above} GiB)"
+            elif stop_after is not None and time.perf_counter() - started > stop_after:
+                stopped = f"stopped unfinished after {stop_after:.0f} s"
+            if stopped:
+                child_process.kill()
+                child_process.wait()
+                break
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if stopped:
+        lines = log.read_text().splitlines() if log.is_file() else []
+        last = json.loads(lines[-1]) if lines else {}
+        numbers = {"finished": False, "stopped": stopped, "stage": last.get("stage"),
+                   "wall_seconds": round(time.perf_counter() - started, 1),
+                   "peak_rss_bytes": max(hwm, last.get("peak_rss_bytes", 0)), "stage_peaks": last.get("stage_peaks")}
+    elif child_process.returncode != 0:
+        raise SystemExit(f"child failed: {stderr[-2000:]}")
+    else:
+        numbers = {"finished": True, **json.loads(stdout.strip().splitlines()[-1])}
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
                     **numbers}
@@ -218,12 +256,14 @@ def main() -> None:
     measure.add_argument("--samples", type=int, default=8)
     measure.add_argument("--seq-len", type=int, default=256)
     measure.add_argument("--offload-dir")
+    measure.add_argument("--stop-above", type=float, help="stop the run past this many GiB of RSS (recorded unfinished)")
+    measure.add_argument("--stop-after", type=float, help="stop the run after this many seconds (recorded unfinished)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "make":
         make_checkpoint(args.folder, args.layers, args.hidden, args.mlp, args.dtype)
     elif args.command == "run":
-        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir)
+        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after)
     else:
         report()
 
