@@ -101,7 +101,8 @@ def _watch(tracer, log: Path, started: float, every: float = 30.0) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
-def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, log: Path | None = None) -> dict:
+def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, log: Path | None = None,
+          keep: Path | None = None) -> dict:
     """One measured run in this process; returns its numbers (with the peak VmRSS per stage where traced)."""
     import lowrank
     from lowrank.config import CompressConfig
@@ -143,6 +144,8 @@ def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | No
             result["stage_seconds"] = plan.options.get("stage_seconds")
             result["target_ratio"] = plan.summary()["target_ratio"]
             result["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            if keep is not None:  # for benchmarks/check_reload.py
+                shutil.move(str(out), str(keep))
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
     tracer.__exit__(None, None, None)
@@ -169,7 +172,7 @@ def _status_bytes(pid: int, field: str) -> int | None:
 
 
 def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, stop_above: float | None = None,
-        stop_after: float | None = None) -> None:
+        stop_after: float | None = None, keep: Path | None = None) -> None:
     """One row: the child's numbers, or, when it passes `stop_above` GiB of RSS or `stop_after` seconds, the peak
     and stage it reached when stopped (marked unfinished)."""
     facts = checkpoint_facts(folder)
@@ -178,7 +181,7 @@ def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None
     log.unlink(missing_ok=True)
     print(f"progress in {log}", flush=True)
     command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or "",
-               str(log)]
+               str(log), str(keep or "")]
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
@@ -239,8 +242,9 @@ def report() -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        folder, mode, samples, seq_len, offload, log = sys.argv[2:8]
-        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None, Path(log))))
+        folder, mode, samples, seq_len, offload, log, keep = sys.argv[2:9]
+        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None, Path(log),
+                               Path(keep) if keep else None)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,12 +262,14 @@ def main() -> None:
     measure.add_argument("--offload-dir")
     measure.add_argument("--stop-above", type=float, help="stop the run past this many GiB of RSS (recorded unfinished)")
     measure.add_argument("--stop-after", type=float, help="stop the run after this many seconds (recorded unfinished)")
+    measure.add_argument("--keep-output", type=Path, help="keep the compressed folder here (for check_reload.py)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "make":
         make_checkpoint(args.folder, args.layers, args.hidden, args.mlp, args.dtype)
     elif args.command == "run":
-        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after)
+        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after,
+            args.keep_output)
     else:
         report()
 
