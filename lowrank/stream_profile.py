@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,17 +66,21 @@ class _Scratch:
     def __init__(self, parent: str | Path | None):
         self.folder = Path(tempfile.mkdtemp(prefix="lowrank-directions-", dir=parent))
 
-    def save(self, index: int, directions: dict[str, torch.Tensor]) -> None:
+    def save(self, index: int, name: str, directions: torch.Tensor) -> None:
+        """One target's U, written as soon as it exists (a block's together would be ~0.25 GiB at 1B)."""
         from safetensors.torch import save_file
 
-        save_file({n: u.contiguous() for n, u in directions.items()}, str(self.folder / f"block-{index}.safetensors"))
+        count = len(list(self.folder.glob(f"block-{index}-*.safetensors")))
+        save_file({name: directions.contiguous()}, str(self.folder / f"block-{index}-{count}.safetensors"))
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s directions, every target's, removed from disk."""
         from safetensors.torch import load_file
 
-        path = self.folder / f"block-{index}.safetensors"
-        directions = load_file(str(path))
-        path.unlink()
+        directions = {}
+        for path in sorted(self.folder.glob(f"block-{index}-*.safetensors"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+            directions.update(load_file(str(path)))
+            path.unlink()
         return directions
 
     def close(self) -> None:
@@ -158,14 +163,15 @@ class _Projections:
             handle.remove()
 
 
-def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool) -> tuple[dict, dict, dict]:
-    """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
+def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float,
+                   keep: Callable[[str, torch.Tensor], None] | None) -> tuple[dict, dict]:
+    """σ(W) and σ(W·S) for one block's targets; where `keep` is given, it receives each left directions U of W·S.
 
     Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, each
     Gram is freed as soon as it is whitened, and each whitening once its last reader is done.
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
-    whitened, directions = {}, {}
+    whitened = {}
     whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
     for name in names:
         layer_stats = stats.pop(name)
@@ -174,14 +180,15 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ root
         del root
-        if priced:
+        if keep is not None:
             left, whitened[name], _ = torch.linalg.svd(product, full_matrices=False)
-            directions[name] = left
+            keep(name, left)
+            del left
         else:
             whitened[name] = torch.linalg.svdvals(product)
         del product
         plain.add(name, weight)
-    return plain.finish(), whitened, directions
+    return plain.finish(), whitened
 
 
 @torch.no_grad()
@@ -260,12 +267,10 @@ def profile_streamed(
             store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
-                sigma, whitened, directions = _block_spectra(model, names, grams.stats, damping, prices)
+                keep = (lambda name, u: scratch.save(index, name, u)) if prices else None  # to disk at once
+                sigma, whitened = _block_spectra(model, names, grams.stats, damping, keep)
             spectra.update({n: (sigma[n], whitened[n]) for n in names})
-            if prices:
-                with clock("forward_save_directions"):
-                    scratch.save(index, directions)
-            del grams, directions
+            del grams
             with clock("forward_sensitivity_windows"):
                 for b in range(n_fisher):
                     inputs = levels.get(index, b)
