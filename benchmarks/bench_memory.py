@@ -202,40 +202,59 @@ def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if stopped:
-        lines = log.read_text().splitlines() if log.is_file() else []
-        last = json.loads(lines[-1]) if lines else {}
-        numbers = {"finished": False, "stopped": stopped, "stage": last.get("stage"),
-                   "wall_seconds": round(time.perf_counter() - started, 1),
-                   "peak_rss_bytes": max(hwm, last.get("peak_rss_bytes", 0)), "stage_peaks": last.get("stage_peaks")}
+        numbers = _unfinished(log, stopped, hwm, round(time.perf_counter() - started, 1))
     elif child_process.returncode != 0:
         raise SystemExit(f"child failed: {stderr[-2000:]}")
     else:
         numbers = {"finished": True, **json.loads(stdout.strip().splitlines()[-1])}
+    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload), **numbers})
+
+
+def _unfinished(log: Path, why: str, hwm: int = 0, wall: float | None = None) -> dict:
+    """The numbers of a run stopped before its end: its progress log's last line (and the VmHWM last read)."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"finished": False, "stopped": why, "stage": last.get("stage"),
+            "wall_seconds": wall if wall is not None else last.get("seconds", 0),
+            "peak_rss_bytes": max(hwm, last.get("peak_rss_bytes", 0)), "stage_peaks": last.get("stage_peaks")}
+
+
+def _record(key: str, row: dict) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
-                    **numbers}
+    results[key] = row
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(key, json.dumps(results[key]))
+    print(key, json.dumps(row))
+
+
+def record_stopped(folder: Path, mode: str, samples: int, seq_len: int, offload: bool, why: str) -> None:
+    """A row for a run stopped by hand (its child killed), from the progress log the run left."""
+    facts = checkpoint_facts(folder)
+    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"
+    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": offload,
+                  **_unfinished(log, why)})
 
 
 def report() -> None:
     results = json.loads(RESULTS.read_text())
     gib = 2**30
     lines = ["# Memory and time: streamed against in-memory compression", "",
-             "Synthetic random Llamas (hidden 2048, MLP 5632 unless noted), default compress (sensitivity planner, "
-             "sequential, update, ratio 0.8), random token windows. Each row is its own process; peak = VmHWM. "
-             "Written by `benchmarks/bench_memory.py`; the machine: 2 shared CPU cores, 24 GiB.", "",
-             "| run | layers | dtype | checkpoint | calibration | peak RSS | wall | × floor | stages (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    floors = {(r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]): r["wall_seconds"]
-              for r in results.values() if r["mode"] == "floor"}
+             "Synthetic random Llamas, default compress (sensitivity planner, sequential, update, ratio 0.8), random "
+             "token windows. Each row is its own process; peak = VmHWM; *peak stage* is where the highest VmRSS was "
+             "read (benchmarks/trace_memory.py's sampler). Written by `python benchmarks/bench_memory.py report` from "
+             "reports/memory.json; the machine: 2 CPU cores shared with four other jobs (load 9–13), 24 GiB.", "",
+             "| run | layers | dtype | checkpoint | calibration | peak RSS | peak stage | finished | wall | stages (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results.items():
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("stage_seconds") or {}).items())
-        floor = floors.get((r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]))
-        times = f"{r['wall_seconds'] / floor:.1f}" if floor and r["mode"] != "floor" else "–"
+        seconds = r.get("stage_seconds") or {}
+        stages = ", ".join(f"{k} {seconds[k]:.0f}" for k in ("profile_forward", "profile_backward", "planning",
+                                                               "compress") if k in seconds)
+        peaks = r.get("stage_peaks") or {}
+        top = max(peaks, key=peaks.get) if peaks else "–"
+        finished = "yes" if r.get("finished", True) else f"no: {r.get('stopped')}, in {r.get('stage')}"
         lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
                      f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
-                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {times} | {stages} |")
+                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {top} | {finished} | {r['wall_seconds']:.0f} s | {stages} |")
     notes = (REPORTS / "memory-notes.md").read_text() if (REPORTS / "memory-notes.md").is_file() else ""
     (REPORTS / "memory.md").write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
@@ -263,6 +282,13 @@ def main() -> None:
     measure.add_argument("--stop-above", type=float, help="stop the run past this many GiB of RSS (recorded unfinished)")
     measure.add_argument("--stop-after", type=float, help="stop the run after this many seconds (recorded unfinished)")
     measure.add_argument("--keep-output", type=Path, help="keep the compressed folder here (for check_reload.py)")
+    stopped = sub.add_parser("stopped", help="record a run stopped by hand, from its progress log")
+    stopped.add_argument("folder", type=Path)
+    stopped.add_argument("--mode", choices=("stream", "memory", "floor"), default="stream")
+    stopped.add_argument("--samples", type=int, default=8)
+    stopped.add_argument("--seq-len", type=int, default=256)
+    stopped.add_argument("--offload", action="store_true")
+    stopped.add_argument("--why", required=True)
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "make":
@@ -270,6 +296,8 @@ def main() -> None:
     elif args.command == "run":
         run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after,
             args.keep_output)
+    elif args.command == "stopped":
+        record_stopped(args.folder, args.mode, args.samples, args.seq_len, args.offload, args.why)
     else:
         report()
 
