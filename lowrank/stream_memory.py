@@ -49,6 +49,7 @@ class MemoryEstimate:
     update: int = 0  # the update's Grams and cross-Grams (after the factoring's statistics are freed)
 
     def compress_fixed(self) -> int:
+        """The compress pass without its boundary activations."""
         return 2 * self.block + max(self.statistics, self.update) + self.refinement
 
     @property
