@@ -122,7 +122,21 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--trim", action="store_true",
+                        help="experiment: glibc malloc_trim(0) after each block is freed (is the growth fragmentation?)")
     args = parser.parse_args()
+    if args.trim:
+        import ctypes
+
+        from lowrank.block_source import BlockSource
+
+        libc, free_block = ctypes.CDLL("libc.so.6"), BlockSource.free_block
+
+        def free_and_trim(self, index: int) -> None:
+            free_block(self, index)
+            libc.malloc_trim(0)
+
+        BlockSource.free_block = free_and_trim
 
     import lowrank
     from lowrank.config import CompressConfig
