@@ -86,10 +86,35 @@ def vm_hwm_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> dict:
-    """One measured run in this process; returns its numbers."""
+def _watch(tracer, log: Path, started: float, every: float = 30.0) -> None:
+    """Every `every` seconds, the stage running, VmHWM and the peak per stage so far, as one JSON line in `log`:
+    a run stopped before its end still says how far it got and what it peaked at."""
+    import threading
+
+    def loop():
+        while not tracer._stop.wait(every):
+            snapshot = {"seconds": round(time.perf_counter() - started), "stage": tracer.stack[-1],
+                        "peak_rss_bytes": vm_hwm_bytes(), "stage_peaks": dict(tracer.peaks)}
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(snapshot) + "\n")
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, log: Path | None = None,
+          keep: Path | None = None) -> dict:
+    """One measured run in this process; returns its numbers (with the peak VmRSS per stage where traced)."""
     import lowrank
     from lowrank.config import CompressConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trace_memory import Tracer, install
+
+    tracer = Tracer(interval=0.02)
+    install(tracer)
+    tracer.__enter__()
+    if log is not None:
+        _watch(tracer, log, time.perf_counter())
 
     windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
@@ -119,9 +144,13 @@ def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | No
             result["stage_seconds"] = plan.options.get("stage_seconds")
             result["target_ratio"] = plan.summary()["target_ratio"]
             result["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            if keep is not None:  # for benchmarks/check_reload.py
+                shutil.move(str(out), str(keep))
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
-    result.update({"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": vm_hwm_bytes()})
+    tracer.__exit__(None, None, None)
+    result.update({"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": vm_hwm_bytes(),
+                   "stage_peaks": {label: tracer.peaks[label] for label in tracer.order}})
     return result
 
 
@@ -132,47 +161,109 @@ def checkpoint_facts(folder: Path) -> dict:
             "mlp": config["intermediate_size"], "dtype": config.get("dtype"), "checkpoint_bytes": size}
 
 
-def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None) -> None:
-    command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or ""]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed: {done.stderr[-2000:]}")
-    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+def _status_bytes(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, stop_above: float | None = None,
+        stop_after: float | None = None, keep: Path | None = None) -> None:
+    """One row: the child's numbers, or, when it passes `stop_above` GiB of RSS or `stop_after` seconds, the peak
+    and stage it reached when stopped (marked unfinished)."""
     facts = checkpoint_facts(folder)
     key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"  # progress: one JSON line every 30 s
+    log.unlink(missing_ok=True)
+    print(f"progress in {log}", flush=True)
+    command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or "",
+               str(log), str(keep or "")]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        stopped, hwm = None, 0
+        while child_process.poll() is None:
+            time.sleep(2)
+            hwm = max(hwm, _status_bytes(child_process.pid, "VmHWM") or 0)
+            rss = _status_bytes(child_process.pid, "VmRSS") or 0
+            if stop_above is not None and rss > stop_above * 2**30:
+                stopped = f"stopped at {rss / 2**30:.2f} GiB of RSS (limit {stop_above} GiB)"
+            elif stop_after is not None and time.perf_counter() - started > stop_after:
+                stopped = f"stopped unfinished after {stop_after:.0f} s"
+            if stopped:
+                child_process.kill()
+                child_process.wait()
+                break
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if stopped:
+        numbers = _unfinished(log, stopped, hwm, round(time.perf_counter() - started, 1))
+    elif child_process.returncode != 0:
+        raise SystemExit(f"child failed: {stderr[-2000:]}")
+    else:
+        numbers = {"finished": True, **json.loads(stdout.strip().splitlines()[-1])}
+    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload), **numbers})
+
+
+def _unfinished(log: Path, why: str, hwm: int = 0, wall: float | None = None) -> dict:
+    """The numbers of a run stopped before its end: its progress log's last line (and the VmHWM last read)."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"finished": False, "stopped": why, "stage": last.get("stage"),
+            "wall_seconds": wall if wall is not None else last.get("seconds", 0),
+            "peak_rss_bytes": max(hwm, last.get("peak_rss_bytes", 0)), "stage_peaks": last.get("stage_peaks")}
+
+
+def _record(key: str, row: dict) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[key] = {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
-                    **numbers}
+    results[key] = row
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(key, json.dumps(results[key]))
+    print(key, json.dumps(row))
+
+
+def record_stopped(folder: Path, mode: str, samples: int, seq_len: int, offload: bool, why: str) -> None:
+    """A row for a run stopped by hand (its child killed), from the progress log the run left."""
+    facts = checkpoint_facts(folder)
+    key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"
+    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": offload,
+                  **_unfinished(log, why)})
 
 
 def report() -> None:
     results = json.loads(RESULTS.read_text())
     gib = 2**30
     lines = ["# Memory and time: streamed against in-memory compression", "",
-             "Synthetic random Llamas (hidden 2048, MLP 5632 unless noted), default compress (sensitivity planner, "
-             "sequential, update, ratio 0.8), random token windows. Each row is its own process; peak = VmHWM. "
-             "Written by `benchmarks/bench_memory.py`; the machine: 2 shared CPU cores, 24 GiB.", "",
-             "| run | layers | dtype | checkpoint | calibration | peak RSS | wall | × floor | stages (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    floors = {(r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]): r["wall_seconds"]
-              for r in results.values() if r["mode"] == "floor"}
+             "Synthetic random Llamas, default compress (sensitivity planner, sequential, update, ratio 0.8), random "
+             "token windows. Each row is its own process; peak = VmHWM; *peak stage* is where the highest VmRSS was "
+             "read (benchmarks/trace_memory.py's sampler). Written by `python benchmarks/bench_memory.py report` from "
+             "reports/memory.json; the machine: 2 CPU cores shared with four other jobs (load 9–13), 24 GiB.", "",
+             "| run | layers | dtype | checkpoint | calibration | peak RSS | peak stage | finished | wall | stages (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results.items():
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("stage_seconds") or {}).items())
-        floor = floors.get((r["hidden"], r["layers"], r["dtype"], r["samples"], r["seq_len"]))
-        times = f"{r['wall_seconds'] / floor:.1f}" if floor and r["mode"] != "floor" else "–"
+        seconds = r.get("stage_seconds") or {}
+        stages = ", ".join(f"{k} {seconds[k]:.0f}" for k in ("profile_forward", "profile_backward", "planning",
+                                                               "compress") if k in seconds)
+        peaks = r.get("stage_peaks") or {}
+        top = max(peaks, key=peaks.get) if peaks else "–"
+        finished = "yes" if r.get("finished", True) else f"no: {r.get('stopped')}, in {r.get('stage')}"
         lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
                      f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
-                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['wall_seconds']:.0f} s | {times} | {stages} |")
+                     f"{r['peak_rss_bytes'] / gib:.2f} GiB | {top} | {finished} | {r['wall_seconds']:.0f} s | {stages} |")
     notes = (REPORTS / "memory-notes.md").read_text() if (REPORTS / "memory-notes.md").is_file() else ""
     (REPORTS / "memory.md").write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        folder, mode, samples, seq_len, offload = sys.argv[2:7]
-        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None)))
+        folder, mode, samples, seq_len, offload, log, keep = sys.argv[2:9]
+        print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None, Path(log),
+                               Path(keep) if keep else None)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,12 +279,25 @@ def main() -> None:
     measure.add_argument("--samples", type=int, default=8)
     measure.add_argument("--seq-len", type=int, default=256)
     measure.add_argument("--offload-dir")
+    measure.add_argument("--stop-above", type=float, help="stop the run past this many GiB of RSS (recorded unfinished)")
+    measure.add_argument("--stop-after", type=float, help="stop the run after this many seconds (recorded unfinished)")
+    measure.add_argument("--keep-output", type=Path, help="keep the compressed folder here (for check_reload.py)")
+    stopped = sub.add_parser("stopped", help="record a run stopped by hand, from its progress log")
+    stopped.add_argument("folder", type=Path)
+    stopped.add_argument("--mode", choices=("stream", "memory", "floor"), default="stream")
+    stopped.add_argument("--samples", type=int, default=8)
+    stopped.add_argument("--seq-len", type=int, default=256)
+    stopped.add_argument("--offload", action="store_true")
+    stopped.add_argument("--why", required=True)
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "make":
         make_checkpoint(args.folder, args.layers, args.hidden, args.mlp, args.dtype)
     elif args.command == "run":
-        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir)
+        run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after,
+            args.keep_output)
+    elif args.command == "stopped":
+        record_stopped(args.folder, args.mode, args.samples, args.seq_len, args.offload, args.why)
     else:
         report()
 

@@ -127,9 +127,8 @@ class BlockSource:
         self.available = self.tensors.names()
         self.prefix, self.blocks = find_block_list(self.model)
         self.source_dtype = self._stored_dtype()
-        outside = [name for name, _ in self._tensors(self.model) if not self._in_blocks(name)]
-        self._load(self.model, "", names=outside)
-        self.model.tie_weights()
+        self._outside = [name for name, _ in self._tensors(self.model) if not self._in_blocks(name)]
+        self.load_outside()
         for name, tensor in self._tensors(self.model):
             if not self._in_blocks(name) and tensor.is_meta:
                 raise LowrankError(f"{self.path}: tensor {name} is missing from the checkpoint; "
@@ -201,14 +200,52 @@ class BlockSource:
         return block
 
     def free_block(self, index: int) -> None:
-        """Send block `index` back to the meta device: its memory is released."""
+        """Send block `index` back to the meta device: its memory is released (and handed back to the system)."""
         self.blocks[index].to("meta")
+        release_freed_memory()
+
+    def load_outside(self) -> None:
+        """(Re)load the checkpoint's tensors outside the blocks (embeddings, final norm, head), tied as configured."""
+        if self._outside and not any(_get_tensor(self.model, name).is_meta for name in self._outside):
+            return  # loaded already
+        self._load(self.model, "", names=self._outside)
+        self.model.tie_weights()
+
+    def free_outside(self) -> None:
+        """Send the tensors outside the blocks back to the meta device while only blocks run (for a 1B Llama,
+        embeddings and head are 0.5 GiB); `load_outside` brings them back from disk."""
+        empty: dict[int, torch.Tensor] = {}  # tied weights stay tied (one meta tensor for both names)
+        for name in self._outside:
+            tensor = _get_tensor(self.model, name)
+            if not tensor.is_meta:
+                if id(tensor) not in empty:
+                    empty[id(tensor)] = _like(tensor, torch.empty_like(tensor, device="meta"))
+                owner_name, _, leaf = name.rpartition(".")
+                owner = self.model.get_submodule(owner_name) if owner_name else self.model
+                (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = empty[id(tensor)]
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to return freed heap memory to the system. It keeps freed chunks below its mmap threshold
+    (up to 32 MB) for reuse, and a block's many 16-32 MB temporaries then made the resident set grow block
+    after block (+0.5 GiB over 8 blocks at hidden 1024; benchmarks/trace_memory.py --trim). No-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
 
 
 def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def _like(old: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a frozen Parameter where `old` is one, else as it is."""
+    return nn.Parameter(tensor, requires_grad=False) if isinstance(old, nn.Parameter) else tensor
 
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -161,7 +161,10 @@ def plan_model(
 
 def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: float, progress: bool) -> None:
     """Replace every module of `work` by a LowRankLinear holding its factors."""
-    whitenings = WhiteningCache(damping)  # one whitening per shared input
+    # one whitening per shared input; a sequential block's statistics are its own (nobody reads them after), so
+    # there each Gram is freed once whitened and each whitening after its last reader: one alive at a time
+    owned = work.block is not None and work.stats and plan.method == "whiten"
+    whitenings = WhiteningCache(damping, [work.stats[n] for n in work.names if n in work.stats] if owned else None)
     bar = tqdm(total=len(work.names), desc="Factoring", unit="matrix", disable=not progress)
 
     def factor(name: str) -> list[torch.Tensor]:
@@ -180,6 +183,8 @@ def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: floa
             name=name,
             white=white,
         )
+        if white is not None:
+            whitenings.done(layer_stats)
         bar.update()
         return [factors.down.to(torch.float64).contiguous(), factors.up.to(torch.float64).contiguous()]
 
@@ -202,6 +207,13 @@ def _factor_modules(model: nn.Module, plan: Plan, work: BlockWork, damping: floa
             raise LowrankError(f"factoring {name} produced NaN or Inf; check the weights of that module")
         replace_module(model, name, new)
     bar.close()
+
+
+def _dense_copy(block: nn.Module) -> nn.Module:
+    """The block as it is now, for the update: new modules over the same tensors (factoring replaces modules and
+    never writes into a dense weight), so the dense weights are not copied, only kept."""
+    shared = {id(t): t for t in [*block.parameters(), *block.buffers()]}
+    return copy.deepcopy(block, shared)
 
 
 def compress_blocks(
@@ -229,7 +241,7 @@ def compress_blocks(
     producer = iter(work)
     try:
         for block_work in producer:
-            dense_block = copy.deepcopy(block_work.block) if update and block_work.block is not None else None
+            dense_block = _dense_copy(block_work.block) if update and block_work.block is not None else None
             with stage("compress_factor"):
                 _factor_modules(model, plan, block_work, damping, progress)
             block_work.stats = None

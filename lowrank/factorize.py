@@ -65,46 +65,82 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
     root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
-    In both cases the ridge δ keeps every direction invertible.
+    In both cases the ridge δ keeps every direction invertible. Memory: at most four in × in
+    float64 matrices beside `gram` (eigh's work space counts two), three once `gram` is symmetrized
+    when the caller passed its only reference (`WhiteningCache` with readers does).
     """
     gram = gram.to(torch.float64)
     _check_finite(gram, f"the Gram matrix of {name}")
-    gram = (gram + gram.T) / 2
-    scale = torch.diagonal(gram).mean()  # = mean eigenvalue
+    scale = torch.diagonal(gram).mean()  # = mean eigenvalue (the diagonal of (G + Gᵀ)/2 is G's own)
     if scale <= 0:
         raise LowrankError(
             f"{name} received only zero inputs during calibration; "
             "use more or different calibration text, or exclude the layer with --exclude"
         )
-    identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    lower, info = torch.linalg.cholesky_ex(gram + damping * scale * identity)
+    gram = gram + gram.T  # (G + Gᵀ)/2 in one new buffer; the bits of `(gram + gram.T) / 2`
+    gram.div_(2)
+    damped = gram.clone()
+    damped.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
+    lower, info = torch.linalg.cholesky_ex(damped)
+    del damped
     if int(info) == 0 and torch.isfinite(lower).all():
+        identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
         inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
         if torch.isfinite(inverse).all():
             return Whitening(root=lower, inverse=inverse)
+        del identity, inverse
+    del lower
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    del gram
     eigenvalues = eigenvalues.clamp(min=0.0) + damping * scale
     sqrt = eigenvalues.sqrt()
-    root = (eigenvectors * sqrt) @ eigenvectors.T
-    inverse = (eigenvectors / sqrt) @ eigenvectors.T
+    scaled = eigenvectors * sqrt
+    root = scaled @ eigenvectors.T
+    torch.div(eigenvectors, sqrt, out=scaled)  # the same buffer again: one in × in fewer at the peak
+    inverse = scaled @ eigenvectors.T
     return Whitening(root=root, inverse=inverse)
 
 
 class WhiteningCache:
     """One whitening per distinct layer input: modules that read the same input (q/k/v, gate/up) share
-    one statistics object (see `calibration.StatsCollector`), so they share one whitening too."""
+    one statistics object (see `calibration.StatsCollector`), so they share one whitening too.
 
-    def __init__(self, damping: float = DEFAULT_DAMPING):
+    With `readers` (each module's statistics object, one entry per module that will ask), a Gram
+    matrix is handed to its whitening and freed there, and a whitening is dropped after its last
+    reader's `done`: memory holds one input's whitening at a time where inputs are read in order.
+    """
+
+    def __init__(self, damping: float = DEFAULT_DAMPING, readers: list | None = None):
         self.damping = damping
         self._by_input: dict[int, tuple[object, Whitening]] = {}
+        self._left: dict[int, int] | None = None
+        if readers is not None:
+            self._left = {}
+            for stats in readers:
+                self._left[id(stats)] = self._left.get(id(stats), 0) + 1
 
     def get(self, stats, name: str = "layer") -> Whitening:
         """The whitening of `stats.gram`, computed on first use (`name` labels its errors)."""
         entry = self._by_input.get(id(stats))
         if entry is None or entry[0] is not stats:
-            entry = (stats, whitening(stats.gram, self.damping, name))
+            entry = (stats, whitening(self._gram(stats), self.damping, name))
             self._by_input[id(stats)] = entry
         return entry[1]
+
+    def _gram(self, stats) -> torch.Tensor:
+        """`stats.gram`; with readers, taken from `stats`, so that the whitening holds the only reference."""
+        gram = stats.gram
+        if self._left is not None and id(stats) in self._left:
+            stats.gram = None
+        return gram
+
+    def done(self, stats) -> None:
+        """One reader of `stats` is finished; after the last (with readers), its whitening is dropped."""
+        if self._left is None or id(stats) not in self._left:
+            return
+        self._left[id(stats)] -= 1
+        if self._left[id(stats)] <= 0:
+            self._by_input.pop(id(stats), None)
 
 
 def top_singular(product: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

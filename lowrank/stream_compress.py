@@ -110,7 +110,9 @@ def compress_pass(
             raise LowrankError(f"{name} lies outside the transformer blocks, which streaming compression does not "
                                "factor; drop it from the plan, or pass --no-stream")
         by_block.setdefault(index, []).append(name)
+    source.load_outside()  # the embeddings, for the first block's inputs (the profile pass may have freed them)
     captured = capture_block_inputs(source.model, windows, batch_size, device)
+    source.free_outside()  # back to disk until the last shard is written
     n_batches = len(captured.hidden)
     refining = refine is not None and refine.enabled
     per_level = 2 * n_batches if refining else n_batches  # batches n.. of a level: the dense path's (refinement)
@@ -139,15 +141,16 @@ def compress_pass(
             with clock("statistics"):
                 inputs = store.level(index, n_batches)
                 kept = [] if keep_inputs and update and update_target == "dense" else None  # the update's x_d
-                stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
-                                    keep_inputs=kept)
-                dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
+                work = BlockWork(names, None, block, source.block_name(index) + ".", inputs, calls, device)
+                work.stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
+                                         keep_inputs=kept)  # held by `work` alone: freed once factored
+                work.dense_inputs = kept or []
+                work.dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
+                del kept
             with clock("factor_update"):
-                work = BlockWork(names, stats, block, source.block_name(index) + ".", inputs, calls, device,
-                                 dense_inputs=kept or [], dense_outputs=dense_outputs)
                 compress_blocks(source.model, plan, [work], update=update, update_target=update_target,
                                 damping=damping, refine=refine)
-                del stats, work, inputs, kept, dense_outputs
+                del work, inputs
         with clock("propagate"):
             if index + 1 < len(source.blocks):
                 for b in range(n_batches):
@@ -157,6 +160,7 @@ def compress_pass(
         store.drop_level(index, per_level)
         source.free_block(index)
     with clock("write"):
+        source.load_outside()
         writer.add_block(None, outside_tensors(source))
     store.close()
     return clock.rounded()

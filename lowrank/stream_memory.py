@@ -1,13 +1,17 @@
 """How much memory a streamed compression needs, said before it starts, and a refusal when it will not fit.
 
-Peak ≈ runtime + embeddings/head + max(profile pass, compress pass), where (docs/scale.md)
-- profile pass  = one block + its Grams + its largest SVD's work + two boundaries of the calibration
-  windows + every boundary of the sensitivity windows;
-- compress pass = three copies of one block (dense copy for the update, factors) + Grams and
-  cross-Grams + two boundaries + the block's layer inputs kept for the update; with block
-  refinement (`--refine-steps`), two more boundaries (the dense path's inputs and outputs), Adam's
-  state and gradients (three copies of the block, an upper bound) and the autograd activations of
-  one calibration batch through it.
+Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (docs/scale.md)
+- the head's step = embeddings and head (on disk the rest of the time) + one block + the head's logits;
+- profile pass  = one block + its statistics + two boundaries of the calibration windows + two of the
+  sensitivity windows (their other levels wait on disk);
+- compress pass = two copies of one block (the dense tensors kept for the update beside the factors) +
+  its statistics, or the update's Grams and cross-Grams when larger + two boundaries + the block's layer
+  inputs kept for the update; with block refinement (`--refine-steps`), two more boundaries (the dense
+  path's inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound)
+  and the autograd activations of one calibration batch through it.
+- its statistics = the block's Gram matrices (float64, one per target: an upper bound) + a whitening's
+  temporaries (three in × in beside its Gram: the symmetric copy, the eigenvectors and eigh's work space
+  of two) + the largest SVD (W·S and U).
 Boundary activations past the memory left go to `--offload-dir` when one is given.
 """
 
@@ -39,9 +43,14 @@ class MemoryEstimate:
     statistics: int
     boundaries_profile: int
     boundaries_compress: int
-    outside: int
+    outside: int  # the head's step: embeddings and head, one block, the head's logits
     runtime: int = RUNTIME_BYTES
     refinement: int = 0  # block refinement: optimizer state, gradients, one batch's autograd activations
+    update: int = 0  # the update's Grams and cross-Grams (after the factoring's statistics are freed)
+
+    def compress_fixed(self) -> int:
+        """The compress pass without its boundary activations."""
+        return 2 * self.block + max(self.statistics, self.update) + self.refinement
 
     @property
     def profile_peak(self) -> int:
@@ -49,7 +58,7 @@ class MemoryEstimate:
 
     @property
     def compress_peak(self) -> int:
-        return 3 * self.block + 2 * self.statistics + self.refinement + self.boundaries_compress
+        return self.compress_fixed() + self.boundaries_compress
 
     def total(self, activations_cap: int | None = None) -> int:
         """The peak, with boundary activations limited to `activations_cap` (None: all in memory)."""
@@ -57,15 +66,15 @@ class MemoryEstimate:
             return b if activations_cap is None else min(b, activations_cap)
 
         profile = self.block + self.statistics + capped(self.boundaries_profile)
-        compress = 3 * self.block + 2 * self.statistics + self.refinement + capped(self.boundaries_compress)
-        return self.runtime + self.outside + max(profile, compress)
+        compress = self.compress_fixed() + capped(self.boundaries_compress)
+        return self.runtime + max(self.outside, profile, compress)
 
     def describe(self, activations_cap: int | None = None) -> str:
         spilled = "" if activations_cap is None else f", {human(activations_cap)} of them in memory"
         return (f"streaming: estimated peak memory {human(self.total(activations_cap))} (one block "
                 f"{human(self.block)}, its statistics {human(self.statistics)}, boundary activations "
-                f"{human(self.boundaries_profile)}{spilled}, embeddings and head {human(self.outside)}, "
-                f"runtime {human(self.runtime)}"
+                f"{human(max(self.boundaries_profile, self.boundaries_compress))}{spilled}, the head's step "
+                f"{human(self.outside)}, runtime {human(self.runtime)}"
                 + (f", block refinement {human(self.refinement)}" if self.refinement else "") + ")")
 
 
@@ -91,20 +100,24 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
         # one float64 Gram per target: an upper bound, since targets reading one input share theirs
         per_block[block] = per_block.get(block, 0) + target.in_features ** 2 * 8
         per_block_inputs[block] = per_block_inputs.get(block, 0) + target.in_features
-    widest = max(t.in_features for t in targets) ** 2 * 8 * 2  # one whitening's root and inverse
+    grams = max(per_block.values(), default=0)
+    widest = max(t.in_features for t in targets) ** 2 * 8 * 3  # a whitening's temporaries beside its Gram
     biggest = max((t.out_features * min(t.shape) + t.out_features * t.in_features) * 8 for t in targets)  # W·S, U
-    statistics = max(per_block.values(), default=0) + widest + biggest
+    statistics = grams + widest + biggest
     hidden = getattr(source.config, "hidden_size", None) or getattr(source.config, "n_embd", None) or 0
     per_level = windows.numel() * hidden * 4
-    levels = len(source.blocks) + 1
-    fisher_levels = min(sensitivity_samples, windows.shape[0]) * windows.shape[1] * hidden * 4 * levels if prices else 0
+    sensitivity_windows = min(sensitivity_samples, windows.shape[0])
+    fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
+    vocab = getattr(source.config, "vocab_size", 0) or 0
+    logits = 4 * min(4, sensitivity_windows) * windows.shape[1] * vocab * 4 if prices else 0  # a batch's, 4 copies
     # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
     inputs_per_token = max(per_block_inputs.values(), default=0)
     return MemoryEstimate(block=source.block_bytes(0), statistics=statistics,
                           boundaries_profile=2 * per_level + fisher_levels,
                           boundaries_compress=(4 if refine else 2) * per_level + windows.numel() * inputs_per_token * 4,
-                          outside=source.outside_bytes(),
-                          refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0)
+                          outside=source.outside_bytes() + source.block_bytes(0) + logits,
+                          refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0,
+                          update=2 * grams)
 
 
 def available_bytes() -> int:
@@ -121,9 +134,8 @@ def available_bytes() -> int:
 
 def activations_cap(est: MemoryEstimate, limit: int) -> int:
     """The boundary activations that fit in memory under `limit` (the rest spill to --offload-dir)."""
-    fixed = est.runtime + est.outside + max(est.block + est.statistics,
-                                            3 * est.block + 2 * est.statistics + est.refinement)
-    return max(0, limit - fixed)
+    fixed = est.runtime + max(est.block + est.statistics, est.compress_fixed())
+    return max(0, limit - fixed) if est.runtime + est.outside <= limit else 0
 
 
 def check_fits(est: MemoryEstimate, limit: int, offload: bool) -> int | None:

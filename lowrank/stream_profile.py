@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,10 +41,6 @@ from .calibration import StatsCollector
 from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
-
-#: Boundary levels of the sensitivity windows are stored after the calibration ones, from this offset.
-_FISHER_LEVELS = 1 << 20
-
 
 class StageClock:
     """Seconds spent per named part of a pass, summed over blocks (`with clock("grams"): ...`)."""
@@ -69,17 +66,21 @@ class _Scratch:
     def __init__(self, parent: str | Path | None):
         self.folder = Path(tempfile.mkdtemp(prefix="lowrank-directions-", dir=parent))
 
-    def save(self, index: int, directions: dict[str, torch.Tensor]) -> None:
+    def save(self, index: int, name: str, directions: torch.Tensor) -> None:
+        """One target's U, written as soon as it exists (a block's together would be ~0.25 GiB at 1B)."""
         from safetensors.torch import save_file
 
-        save_file({n: u.contiguous() for n, u in directions.items()}, str(self.folder / f"block-{index}.safetensors"))
+        count = len(list(self.folder.glob(f"block-{index}-*.safetensors")))
+        save_file({name: directions.contiguous()}, str(self.folder / f"block-{index}-{count}.safetensors"))
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s directions, every target's, removed from disk."""
         from safetensors.torch import load_file
 
-        path = self.folder / f"block-{index}.safetensors"
-        directions = load_file(str(path))
-        path.unlink()
+        directions = {}
+        for path in sorted(self.folder.glob(f"block-{index}-*.safetensors"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+            directions.update(load_file(str(path)))
+            path.unlink()
         return directions
 
     def close(self) -> None:
@@ -162,30 +163,32 @@ class _Projections:
             handle.remove()
 
 
-def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool) -> tuple[dict, dict, dict]:
-    """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
+def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float,
+                   keep: Callable[[str, torch.Tensor], None] | None) -> tuple[dict, dict]:
+    """σ(W) and σ(W·S) for one block's targets; where `keep` is given, it receives each left directions U of W·S.
 
-    Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, and
-    each Gram is released (popped from `stats`) once its last reader is done.
+    Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, each
+    Gram is freed as soon as it is whitened, and each whitening once its last reader is done.
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
-    whitened, directions = {}, {}
-    current = None  # (statistics, its whitening)
+    whitened = {}
+    whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
     for name in names:
         layer_stats = stats.pop(name)
-        if current is None or current[0] is not layer_stats:
-            current = None
-            current = (layer_stats, WhiteningCache(damping).get(layer_stats, name))
+        root = whitenings.get(layer_stats, name).root
+        whitenings.done(layer_stats)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
-        product = weight.to(torch.float64) @ current[1].root
-        if priced:
+        product = weight.to(torch.float64) @ root
+        del root
+        if keep is not None:
             left, whitened[name], _ = top_singular(product)
-            directions[name] = left
+            keep(name, left)
+            del left
         else:
             whitened[name] = torch.linalg.svdvals(product)
         del product
         plain.add(name, weight)
-    return plain.finish(), whitened, directions
+    return plain.finish(), whitened
 
 
 @torch.no_grad()
@@ -234,17 +237,22 @@ def profile_streamed(
     fisher_windows = windows[:sensitivity_samples] if prices else windows[:0]
     fisher_batch = max(1, min(batch_size, 4))
     fisher = capture_block_inputs(model, fisher_windows, fisher_batch, device) if prices else None
-    if fisher is not None:
-        for b, hidden in enumerate(fisher.hidden):
-            store.put(_FISHER_LEVELS, b, hidden)
+    scratch = _Scratch(scratch_dir)
+    # every level of the sensitivity windows waits for the backward sweep: on disk, so that memory does not grow
+    # with depth (one level is read back at a time)
+    levels = BoundaryStore(0, scratch.folder)
     n_fisher = len(fisher.hidden) if fisher is not None else 0
     del captured
+    source.free_outside()  # only blocks run until the head's gradient (embeddings and head: back to disk)
     gradients: list[torch.Tensor] = []  # per sensitivity batch: ∂loss/∂(output of the block being priced)
 
     last = len(blocks) - 1 if prices else max(by_block, default=-1)
-    scratch = _Scratch(scratch_dir)
     spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
+        for b in range(n_fisher):
+            levels.put(0, b, fisher.hidden[b])
+        if fisher is not None:
+            fisher.hidden = []
         for index in tqdm(range(last + 1), desc="Profile (forward)", unit="block", disable=not progress):
             with clock("forward_load"):
                 block = source.load_block(index).to(device)
@@ -259,22 +267,22 @@ def profile_streamed(
             store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
-                sigma, whitened, directions = _block_spectra(model, names, grams.stats, damping, prices)
+                keep = (lambda name, u: scratch.save(index, name, u)) if prices else None  # to disk at once
+                sigma, whitened = _block_spectra(model, names, grams.stats, damping, keep)
             spectra.update({n: (sigma[n], whitened[n]) for n in names})
-            if prices:
-                with clock("forward_save_directions"):
-                    scratch.save(index, directions)
-            del grams, directions
+            del grams
             with clock("forward_sensitivity_windows"):
                 for b in range(n_fisher):
-                    inputs = store.get(_FISHER_LEVELS + index, b)
+                    inputs = levels.get(index, b)
                     if index < last:
-                        store.put(_FISHER_LEVELS + index + 1, b, run_block(block, inputs, fisher.calls[index][b],
-                                                                           device))
+                        levels.put(index + 1, b, run_block(block, inputs, fisher.calls[index][b], device))
                     else:
                         final = run_block(block, inputs, fisher.calls[last][b], device)
                         batch = fisher_windows[b * fisher_batch:(b + 1) * fisher_batch]
+                        if b == 0:
+                            source.load_outside()
                         gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+            source.free_outside()
             source.free_block(index)
 
         forward_seconds = time.perf_counter() - started
@@ -288,14 +296,15 @@ def profile_streamed(
                     block = source.load_block(index).to(device)
                     directions = scratch.load(index)
                 with clock("backward_prices"):
-                    gradients, price = _backpropagate(model, block, directions, store, fisher.calls[index], index,
+                    gradients, price = _backpropagate(model, block, directions, levels, fisher.calls[index], index,
                                                       gradients, device)
                 del directions
                 source.free_block(index)
-                store.drop_level(_FISHER_LEVELS + index, n_fisher)
+                levels.drop_level(index, n_fisher)
             for n in names:
                 matrices[n] = MatrixProfile(n, by_name[n].shape, spectra[n][0], spectra[n][1], price.get(n))
     finally:
+        levels.close()
         scratch.close()
     store.close()
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
@@ -308,7 +317,7 @@ def profile_streamed(
     return profile
 
 
-def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, torch.Tensor], store: BoundaryStore,
+def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, torch.Tensor], levels: BoundaryStore,
                    calls: list[BlockCall], index: int, gradients: list[torch.Tensor], device: torch.device,
                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Recompute `block` on the sensitivity windows, backpropagate `gradients` through it, price its directions.
@@ -320,7 +329,7 @@ def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, tor
     try:
         with torch.enable_grad():
             for b, (gradient, call) in enumerate(zip(gradients, calls)):
-                hidden = store.get(_FISHER_LEVELS + index, b).to(device).requires_grad_(True)
+                hidden = levels.get(index, b).to(device).requires_grad_(True)
                 output = run_block(block, hidden, call, device)
                 (incoming,) = torch.autograd.grad(output, hidden, gradient.to(device))
                 below.append(incoming.cpu())

@@ -1,0 +1,141 @@
+"""What keeps a streamed run's peak down, piece by piece, with the numbers unchanged.
+
+- whitening: the temporaries are freed early, and the bits equal the textbook formula on both paths;
+- a sequential block's Grams are handed to their whitening, and each whitening is dropped after its
+  last reader;
+- the update's dense block shares the dense tensors instead of copying them;
+- a BlockSource sends embeddings and head back to disk while only blocks run, and brings them back;
+- the profile pass keeps the sensitivity windows' boundaries on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows, save_tiny_model
+
+from lowrank import stream_profile
+from lowrank.block_source import BlockSource
+from lowrank.boundary_store import BoundaryStore
+from lowrank.calibration import ActivationStats
+from lowrank.compression import _dense_copy
+from lowrank.factorize import DEFAULT_DAMPING, WhiteningCache, whitening
+from lowrank.layers import LowRankLinear, replace_module
+from lowrank.model_info import count_parameters
+from lowrank.profiling import targets_of
+from lowrank.factorize import Factors
+
+
+def _reference_whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula as written before the memory work: (G + Gᵀ)/2, G + δ·s·I, Cholesky, else the eigh root."""
+    gram = (gram + gram.T) / 2
+    scale = torch.diagonal(gram).mean()
+    identity = torch.eye(gram.shape[0], dtype=torch.float64)
+    lower, info = torch.linalg.cholesky_ex(gram + damping * scale * identity)
+    if int(info) == 0 and torch.isfinite(lower).all():
+        inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
+        if torch.isfinite(inverse).all():
+            return lower, inverse
+    values, vectors = torch.linalg.eigh(gram)
+    sqrt = (values.clamp(min=0.0) + damping * scale).sqrt()
+    return (vectors * sqrt) @ vectors.T, (vectors / sqrt) @ vectors.T
+
+
+def _grams(n: int = 96) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, n, generator=generator) * torch.rand(n, generator=generator)
+    full = (x.T @ x).double()
+    full[0, 1] += 1e-9  # not exactly symmetric, as accumulated Grams are not
+    basis, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    values = torch.cat([torch.ones(5), torch.full((n - 5,), -1e-3)]).double()  # negative: Cholesky fails
+    return {"cholesky": full, "eigh": basis @ torch.diag(values) @ basis.T}
+
+
+def test_whitening_equals_the_textbook_formula_bit_for_bit_on_both_paths(monkeypatch):
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    for path, gram in _grams().items():
+        calls.clear()
+        got = whitening(gram.clone())
+        assert len(calls) == (1 if path == "eigh" else 0), path  # the path this Gram is meant to take
+        root, inverse = _reference_whitening(gram)
+        assert torch.equal(got.root, root) and torch.equal(got.inverse, inverse), path
+
+
+def _stats(gram: torch.Tensor) -> ActivationStats:
+    return ActivationStats(gram.shape[0], gram.clone(), torch.zeros(gram.shape[0], dtype=torch.float64), 1)
+
+
+def test_whitening_cache_with_readers_frees_each_gram_and_drops_each_whitening_after_its_last_reader():
+    grams = _grams()
+    shared, single = _stats(grams["cholesky"]), _stats(grams["eigh"])
+    cache = WhiteningCache(readers=[shared, shared, single])  # q and k read one input, down another
+    first = cache.get(shared, "q")
+    assert shared.gram is None  # handed to the whitening, freed there
+    assert torch.equal(first.root, whitening(grams["cholesky"]).root)
+    cache.done(shared)
+    assert cache.get(shared, "k") is first  # the second reader gets the same whitening, not a recomputed one
+    cache.done(shared)
+    assert id(shared) not in cache._by_input  # dropped after its last reader
+    assert torch.equal(cache.get(single, "down").inverse, whitening(grams["eigh"]).inverse)
+    plain = _stats(grams["cholesky"])
+    WhiteningCache().get(plain)
+    assert plain.gram is not None  # without readers (the one-shot path reuses its statistics), nothing is taken
+
+
+def test_the_update_dense_block_shares_the_dense_tensors_and_keeps_them_when_the_block_is_factored():
+    model = make_tiny_model("llama")
+    block = model.model.layers[0]
+    dense = _dense_copy(block)
+    assert dense is not block and dense.mlp is not block.mlp
+    assert all(a is b for a, b in zip(dense.parameters(), block.parameters()))  # no tensor copied
+    before = block.mlp.down_proj.weight.detach().clone()
+    factors = Factors(torch.randn(4, before.shape[1]), torch.randn(before.shape[0], 4))
+    replace_module(block, "mlp.down_proj", LowRankLinear.from_factors(factors, bias=None))
+    assert isinstance(block.mlp.down_proj, LowRankLinear)
+    assert torch.equal(dense.mlp.down_proj.weight, before)  # the dense weight lives on in the copy
+
+
+def _outside(source: BlockSource) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in source.model.named_parameters() if not n.startswith(source.prefix + ".")}
+
+
+def test_block_source_sends_embeddings_and_head_to_disk_and_back(tmp_path):
+    for tied in (False, True):
+        config = make_tiny_model("llama").config
+        config.tie_word_embeddings = tied
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / str(tied))
+        source = BlockSource(tmp_path / str(tied))
+        loaded, params = _outside(source), count_parameters(source.model)
+        source.free_outside()
+        assert all(p.is_meta for n, p in source.model.named_parameters() if n in loaded)
+        assert count_parameters(source.model) == params  # tied weights stay one tensor on the meta device too
+        source.load_outside()
+        again = _outside(source)
+        assert again.keys() == loaded.keys() and all(torch.equal(again[n], loaded[n]) for n in loaded)
+        assert (source.model.lm_head.weight is source.model.model.embed_tokens.weight) == tied
+
+
+def test_profile_pass_keeps_the_sensitivity_boundaries_on_disk(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "src", CAUSAL_ARCHITECTURES[0])
+    stores = []
+
+    class Recorded(BoundaryStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.most_held = 0
+            stores.append(self)
+
+        def put(self, *args):
+            super().put(*args)
+            self.most_held = max(self.most_held, self.held_bytes)
+
+    monkeypatch.setattr(stream_profile, "BoundaryStore", Recorded)
+    calibration = BoundaryStore()
+    profile = stream_profile.profile_streamed(BlockSource(tmp_path / "src"), targets_of(model), random_windows(12, 24),
+                                              calibration, progress=False)
+    (levels,) = stores
+    assert levels.spilled_bytes > 0 and levels.most_held == 0  # every level of the sensitivity windows on disk
+    assert all(m.price is not None and torch.isfinite(m.price).all() for m in profile.matrices)
