@@ -275,6 +275,25 @@ def computed_by_owner(
     return results
 
 
+def carry(tensor: torch.Tensor | None, src: int, dst: int, what: str = "the boundary") -> torch.Tensor | None:
+    """Rank `src`'s CPU `tensor` on rank `dst` (point to point; its dtype and shape travel first), None elsewhere."""
+    if not active() or src == dst:
+        return tensor if rank() == src else None
+    header = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    if rank() == src:
+        text = json.dumps([str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]).encode()
+        header[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        _guarded(what, torch.distributed.send, header, dst)
+        _guarded(what, torch.distributed.send, tensor.detach().contiguous(), dst)
+        return None
+    if rank() != dst:
+        return None
+    _guarded(what, torch.distributed.recv, header, src)
+    dtype, shape = json.loads(bytes(header[header != 0].tolist()).decode())
+    received = torch.empty(shape, dtype=getattr(torch, dtype))
+    _guarded(what, torch.distributed.recv, received, src)
+    return received
+
 # ---- failing together -----------------------------------------------------------------------------
 
 def _first_line(exc: BaseException) -> str:

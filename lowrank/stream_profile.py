@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
@@ -36,7 +37,7 @@ from .errors import CalibrationError, LowrankError
 from .factorize import DEFAULT_DAMPING, WhiteningCache
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
-from .calibration import StatsCollector
+from .calibration import StatsCollector, all_reduce_stats, window_batches
 from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
@@ -162,7 +163,8 @@ class _Projections:
             handle.remove()
 
 
-def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool) -> tuple[dict, dict, dict]:
+def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float, priced: bool,
+                   whitening=None) -> tuple[dict, dict, dict]:
     """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
 
     Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, and
@@ -175,7 +177,7 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         layer_stats = stats.pop(name)
         if current is None or current[0] is not layer_stats:
             current = None
-            current = (layer_stats, WhiteningCache(damping).get(layer_stats, name))
+            current = (layer_stats, whitening if whitening is not None else WhiteningCache(damping).get(layer_stats, name))
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ current[1].root
         if priced:
@@ -186,6 +188,33 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         del product
         plain.add(name, weight)
     return plain.finish(), whitened, directions
+
+
+def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: float,
+                      priced: bool) -> tuple[dict, dict, dict]:
+    """`_block_spectra` on several ranks: each rank takes its share of the block's SVDs, then all receive all."""
+    if not distributed.active():
+        return _block_spectra(model, names, stats, damping, priced)
+    shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
+    current: list = [None, None]  # (statistics, its whitening): targets sharing an input share one
+
+    def compute(name: str) -> list[torch.Tensor]:
+        if current[0] is not stats[name]:
+            current[:] = [stats[name], WhiteningCache(damping).get(stats[name], name)]
+        sigma, whitened, directions = _block_spectra(model, [name], {name: stats[name]}, damping, priced,
+                                                     whitening=current[1])
+        return [sigma[name], whitened[name]] + ([directions[name]] if priced else [])
+
+    def like(name: str) -> list[torch.Tensor]:
+        out, k = shapes[name][0], min(shapes[name])
+        return [torch.empty(k, dtype=torch.float64) for _ in range(2)] + (
+            [torch.empty(out, k, dtype=torch.float64)] if priced else [])
+
+    costs = [float(shapes[n][0] * shapes[n][1] * min(shapes[n])) for n in names]
+    done = distributed.computed_by_owner(names, costs, compute, like, "the spectra")
+    stats.clear()
+    return ({n: done[n][0] for n in names}, {n: done[n][1] for n in names},
+            {n: done[n][2] for n in names} if priced else {})
 
 
 @torch.no_grad()
@@ -238,6 +267,7 @@ def profile_streamed(
         for b, hidden in enumerate(fisher.hidden):
             store.put(_FISHER_LEVELS, b, hidden)
     n_fisher = len(fisher.hidden) if fisher is not None else 0
+    fisher_batches = distributed.my_share(window_batches(fisher_windows, fisher_batch))  # this rank's, as captured
     del captured
     gradients: list[torch.Tensor] = []  # per sensitivity batch: ∂loss/∂(output of the block being priced)
 
@@ -257,9 +287,10 @@ def profile_streamed(
                         store.put(index + 1, b, output)
                     del output
             store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
+            grams.stats = all_reduce_stats(grams.stats, [by_name[n] for n in names])  # this rank's batches → all
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
-                sigma, whitened, directions = _block_spectra(model, names, grams.stats, damping, prices)
+                sigma, whitened, directions = _spectra_on_ranks(model, names, grams.stats, damping, prices)
             spectra.update({n: (sigma[n], whitened[n]) for n in names})
             if prices:
                 with clock("forward_save_directions"):
@@ -273,8 +304,7 @@ def profile_streamed(
                                                                            device))
                     else:
                         final = run_block(block, inputs, fisher.calls[last][b], device)
-                        batch = fisher_windows[b * fisher_batch:(b + 1) * fisher_batch]
-                        gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+                        gradients.append(head_gradient(model, blocks, final, fisher_batches[b], device).cpu())
             source.free_block(index)
 
         forward_seconds = time.perf_counter() - started
@@ -326,9 +356,11 @@ def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, tor
                 below.append(incoming.cpu())
     finally:
         projections.close()
+    tokens = {name: torch.tensor(float(count), dtype=torch.float64) for name, count in projections.tokens.items()}
+    distributed.all_reduce_sum_([*projections.sums.values(), *tokens.values()], "the sensitivity")  # over the ranks
     prices = {}
     for name in directions:
-        prices[name] = projections.sums[name] / max(projections.tokens[name], 1)
+        prices[name] = projections.sums[name] / max(float(tokens[name]), 1)
         if not torch.isfinite(prices[name]).all():
             raise LowrankError(f"the loss gradient at {name} is NaN or Inf; check the model and calibration text")
     return below, prices
