@@ -221,8 +221,11 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int, what: str = "the fa
     """Overwrite `tensors` on every rank with rank `src`'s (shapes and dtypes agree on all ranks)."""
     if not active():
         return
-    for t in tensors:
-        _guarded(what, torch.distributed.broadcast, t, src)
+    for t in tensors:  # sent as laid out in memory: a non-contiguous tensor travels through a contiguous copy
+        buffer = t if t.is_contiguous() else t.contiguous()
+        _guarded(what, torch.distributed.broadcast, buffer, src)
+        if buffer is not t:
+            t.copy_(buffer)
 
 
 def reduce_shared(

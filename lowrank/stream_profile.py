@@ -203,7 +203,8 @@ def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: 
             current[:] = [stats[name], WhiteningCache(damping).get(stats[name], name)]
         sigma, whitened, directions = _block_spectra(model, [name], {name: stats[name]}, damping, priced,
                                                      whitening=current[1])
-        return [sigma[name], whitened[name]] + ([directions[name]] if priced else [])
+        found = [sigma[name], whitened[name]] + ([directions[name]] if priced else [])
+        return [t.contiguous() for t in found]  # broadcast as laid out: an SVD's U is column-major
 
     def like(name: str) -> list[torch.Tensor]:
         out, k = shapes[name][0], min(shapes[name])

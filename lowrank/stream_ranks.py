@@ -10,6 +10,7 @@ to rank 0 and saved in one process's batch order, so that any number of ranks ca
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from . import distributed
 from .calibration import window_batches
 from .plan import Plan
 from .shard_writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 
 def rank_folder(offload_dir: str | Path | None) -> str | None:
@@ -83,6 +86,7 @@ class SharedWriter:
             def announced(last: int) -> None:
                 distributed.broadcast_json(last, 0, "writing the shards")
                 on_flush(last)
+                log.info("saved the boundary after block %d, gathered from %d ranks", last, distributed.world_size())
 
             self.writer.add_block(index, tensors, on_flush=announced if on_flush is not None else None)
             if on_flush is not None:
