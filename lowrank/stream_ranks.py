@@ -83,12 +83,16 @@ class SharedWriter:
 
     def add_block(self, index: int | None, tensors: dict[str, torch.Tensor], on_flush=None) -> None:
         if self.writer is not None:
+            flushed = []
+
             def announced(last: int) -> None:
                 distributed.broadcast_json(last, 0, "writing the shards")
                 on_flush(last)
-                log.info("saved the boundary after block %d, gathered from %d ranks", last, distributed.world_size())
+                flushed.append(last)
 
             self.writer.add_block(index, tensors, on_flush=announced if on_flush is not None else None)
+            for last in flushed:  # the shards and their record are on disk now
+                log.info("saved the boundary after block %d, gathered from %d ranks", last, distributed.world_size())
             if on_flush is not None:
                 distributed.broadcast_json(None, 0, "writing the shards")
         elif on_flush is not None:
