@@ -8,7 +8,11 @@ Run, in two stages (only the first is timed, so only it holds the machine's timi
 `time` runs `lowrank compress` twice as a user would, each in a fresh process: once with
 OMP_NUM_THREADS=2, once with `--nproc 2` (torchrun, OMP_NUM_THREADS=1 per rank). `quality`
 scores both folders on the shared protocol (benchmarks/common.py: 40 windows of Macbeth) and
-compares their factors. Writes reports/distributed.json and reports/distributed.md.
+compares their factors. Writes reports/distributed.json and reports/distributed.md; with
+`--stream` among the extra arguments (streamed compression on both sides), reports/distributed-stream.*:
+
+    flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_distributed.py time smollm2-135m --seq-len 256 --stream
+    nice -n 10 python benchmarks/bench_distributed.py quality --stream
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WORK = Path(os.environ.get("LOWRANK_BENCH_DIR", "/tmp/bench-distributed"))
+STREAM = "--stream" in sys.argv[2:]
+WORK = Path(os.environ.get("LOWRANK_BENCH_DIR", "/tmp/bench-distributed" + ("-stream" if STREAM else "")))
 RUNS = {"2 processes × 1 thread": ("two", "1", ["--nproc", "2"]), "1 process × 2 threads": ("one", "2", [])}
-JSON = REPO / "reports" / "distributed.json"
+NAME = "distributed-stream" if STREAM else "distributed"
+JSON = REPO / "reports" / f"{NAME}.json"
 
 
 def timed_run(folder: str, threads: str, extra: list[str], model: list[str]) -> dict:
@@ -65,7 +71,8 @@ def stage_time(model: list[str]) -> dict:
 def factor_products(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    weights = {k: v.to(torch.float64) for k, v in load_file(folder / "model.safetensors").items()}
+    weights = {k: v.to(torch.float64) for shard in sorted(folder.glob("*.safetensors"))
+               for k, v in load_file(shard).items()}
     return {k.removesuffix(".up.weight"): v @ weights[k.removesuffix("up.weight") + "down.weight"]
             for k, v in weights.items() if k.endswith(".up.weight")}
 
@@ -95,7 +102,8 @@ def markdown(data: dict) -> str:
     rows = "\n".join(f"| {label} | {run['wall_seconds']:.0f} | {run['peak_rss_mib_largest_process']:,} | "
                      + (f"{run['perplexity']:.3f} |" if "perplexity" in run else "(quality stage not run) |")
                      for label, run in data["runs"].items())
-    return f"""# Distributed compression: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
+    title = "Streamed distributed compression" if STREAM else "Distributed compression"
+    return f"""# {title}: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
 
 `{data['command']}`, measured {data['date']} on {data['machine']} (torch {data['torch']}), with
 `benchmarks/bench_distributed.py` (the timed stage under the machine's timing lock). The baseline
@@ -125,7 +133,7 @@ def main() -> None:
     else:
         raise SystemExit("usage: bench_distributed.py time|quality")
     JSON.write_text(json.dumps(data, indent=2) + "\n")
-    (REPO / "reports" / "distributed.md").write_text(markdown(data))
+    (REPO / "reports" / f"{NAME}.md").write_text(markdown(data))
     print(markdown(data))
 
 

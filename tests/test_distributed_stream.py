@@ -162,3 +162,19 @@ def test_a_rank_that_fails_in_a_streamed_run_ends_both_and_leaves_no_spill(tiny,
     assert not (tmp_path / "out").exists()
     assert list(offload.iterdir()) == [], "rank 0 removed its rank-0 folder"
     assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["run.json"]
+
+
+def test_streamed_analyze_on_two_ranks_matches_one_process(tiny, tmp_path):
+    """`analyze --calib --stream` on 2 ranks, every boundary spilled to its rank's folder: the same report."""
+    from test_distributed import CALIBRATION, calib
+
+    common = ["analyze", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--stream", "-q"]
+    one = lowrank(*common, "-o", "one", cwd=tmp_path)
+    offload = tmp_path / "offload"
+    two = ranks([[*common, "--offload-dir", str(offload), "--max-memory", spill_limit(tiny), "-o", "two"]] * 2,
+                cwd=tmp_path)
+    assert one.returncode == 0 and all(r.returncode == 0 for r in two), one.stderr + two[0].stderr + two[1].stderr
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a["whitened"] and a == b
+    assert list(offload.iterdir()) == []
