@@ -168,7 +168,8 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
     """σ(W), σ(W·S) and (where `priced`) the left directions U of W·S, for one block's targets.
 
     Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, and
-    each Gram is released (popped from `stats`) once its last reader is done.
+    each Gram is released (popped from `stats`) once its last reader is done. `whitening`: the
+    whitening of the one input all `names` read, already computed (`_spectra_on_ranks`).
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened, directions = {}, {}
@@ -177,7 +178,8 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         layer_stats = stats.pop(name)
         if current is None or current[0] is not layer_stats:
             current = None
-            current = (layer_stats, whitening if whitening is not None else WhiteningCache(damping).get(layer_stats, name))
+            given = whitening if whitening is not None else WhiteningCache(damping).get(layer_stats, name)
+            current = (layer_stats, given)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ current[1].root
         if priced:

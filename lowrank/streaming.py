@@ -205,8 +205,9 @@ def compress_streamed(
     strategy = config.strategy or default_strategy(config.method, source.model)
     if strategy == "sensitivity" and config.strategy is None and not is_causal_lm(source.model):
         strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally
-    est = estimate(source, targets, stream_ranks.my_windows(windows, config.batch_size), strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES,
-                   refine=config.refinement().enabled, batch_size=config.batch_size)
+    est = estimate(source, targets, stream_ranks.my_windows(windows, config.batch_size),  # this rank's share
+                   strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES, refine=config.refinement().enabled,
+                   batch_size=config.batch_size)
     limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else \
         stream_ranks.memory_share(available_bytes())
     with distributed.agreement("checking the memory"):
