@@ -12,7 +12,7 @@ compares their factors. Writes reports/distributed.json and reports/distributed.
 `--stream` among the extra arguments (streamed compression on both sides), reports/distributed-stream.*:
 
     flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_distributed.py time smollm2-135m --seq-len 256 --stream
-    nice -n 10 python benchmarks/bench_distributed.py quality --stream
+    nice -n 10 python benchmarks/bench_distributed.py quality --stream   # or `compare`: without perplexity
 """
 
 from __future__ import annotations
@@ -77,18 +77,20 @@ def factor_products(folder: Path) -> dict[str, torch.Tensor]:
             for k, v in weights.items() if k.endswith(".up.weight")}
 
 
-def stage_quality(data: dict) -> dict:
+def stage_quality(data: dict, perplexity: bool = True) -> dict:
+    """Perplexity of both folders (unless not `perplexity`: the `compare` stage), their ranks and factors compared."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import eval_ppl, evaluation_windows
 
     import lowrank
 
     for run in data["runs"].values():
-        loaded = lowrank.load_model(run["folder"])
-        run["perplexity"] = round(eval_ppl(loaded.model, evaluation_windows(loaded.tokenizer)), 4)
+        if perplexity:
+            loaded = lowrank.load_model(run["folder"])
+            run["perplexity"] = round(eval_ppl(loaded.model, evaluation_windows(loaded.tokenizer)), 4)
+            print(run["folder"], run["perplexity"], flush=True)
         run["ranks"] = {n: m["rank"] for n, m in
                         json.loads((Path(run["folder"]) / "lowrank_plan.json").read_text())["modules"].items()}
-        print(run["folder"], run["perplexity"], flush=True)
     two, one = (Path(run["folder"]) for run in data["runs"].values())
     a, b = factor_products(one), factor_products(two)
     data["same_ranks"] = all(r["ranks"] == next(iter(data["runs"].values()))["ranks"] for r in data["runs"].values())
@@ -128,10 +130,10 @@ def main() -> None:
     stage = sys.argv[1] if len(sys.argv) > 1 else "time"
     if stage == "time":
         data = stage_time(sys.argv[2:])  # extra arguments: another model and options (a quick check)
-    elif stage == "quality":
-        data = stage_quality(json.loads(JSON.read_text()))
+    elif stage in ("quality", "compare"):
+        data = stage_quality(json.loads(JSON.read_text()), perplexity=stage == "quality")
     else:
-        raise SystemExit("usage: bench_distributed.py time|quality")
+        raise SystemExit("usage: bench_distributed.py time|quality|compare")
     JSON.write_text(json.dumps(data, indent=2) + "\n")
     (REPO / "reports" / f"{NAME}.md").write_text(markdown(data))
     print(markdown(data))
