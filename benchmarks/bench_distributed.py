@@ -8,7 +8,11 @@ Run, in two stages (only the first is timed, so only it holds the machine's timi
 `time` runs `lowrank compress` twice as a user would, each in a fresh process: once with
 OMP_NUM_THREADS=2, once with `--nproc 2` (torchrun, OMP_NUM_THREADS=1 per rank). `quality`
 scores both folders on the shared protocol (benchmarks/common.py: 40 windows of Macbeth) and
-compares their factors. Writes reports/distributed.json and reports/distributed.md.
+compares their factors. Writes reports/distributed.json and reports/distributed.md; with
+`--stream` among the extra arguments (streamed compression on both sides), reports/distributed-stream.*:
+
+    flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_distributed.py time smollm2-135m --seq-len 256 --stream
+    nice -n 10 python benchmarks/bench_distributed.py quality --stream   # or `compare`: without perplexity
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WORK = Path(os.environ.get("LOWRANK_BENCH_DIR", "/tmp/bench-distributed"))
+STREAM = "--stream" in sys.argv[2:]
+WORK = Path(os.environ.get("LOWRANK_BENCH_DIR", "/tmp/bench-distributed" + ("-stream" if STREAM else "")))
 RUNS = {"2 processes × 1 thread": ("two", "1", ["--nproc", "2"]), "1 process × 2 threads": ("one", "2", [])}
-JSON = REPO / "reports" / "distributed.json"
+NAME = "distributed-stream" if STREAM else "distributed"
+JSON = REPO / "reports" / f"{NAME}.json"
 
 
 def timed_run(folder: str, threads: str, extra: list[str], model: list[str]) -> dict:
@@ -65,23 +71,26 @@ def stage_time(model: list[str]) -> dict:
 def factor_products(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    weights = {k: v.to(torch.float64) for k, v in load_file(folder / "model.safetensors").items()}
+    weights = {k: v.to(torch.float64) for shard in sorted(folder.glob("*.safetensors"))
+               for k, v in load_file(shard).items()}
     return {k.removesuffix(".up.weight"): v @ weights[k.removesuffix("up.weight") + "down.weight"]
             for k, v in weights.items() if k.endswith(".up.weight")}
 
 
-def stage_quality(data: dict) -> dict:
+def stage_quality(data: dict, perplexity: bool = True) -> dict:
+    """Perplexity of both folders (unless not `perplexity`: the `compare` stage), their ranks and factors compared."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import eval_ppl, evaluation_windows
 
     import lowrank
 
     for run in data["runs"].values():
-        loaded = lowrank.load_model(run["folder"])
-        run["perplexity"] = round(eval_ppl(loaded.model, evaluation_windows(loaded.tokenizer)), 4)
+        if perplexity:
+            loaded = lowrank.load_model(run["folder"])
+            run["perplexity"] = round(eval_ppl(loaded.model, evaluation_windows(loaded.tokenizer)), 4)
+            print(run["folder"], run["perplexity"], flush=True)
         run["ranks"] = {n: m["rank"] for n, m in
                         json.loads((Path(run["folder"]) / "lowrank_plan.json").read_text())["modules"].items()}
-        print(run["folder"], run["perplexity"], flush=True)
     two, one = (Path(run["folder"]) for run in data["runs"].values())
     a, b = factor_products(one), factor_products(two)
     data["same_ranks"] = all(r["ranks"] == next(iter(data["runs"].values()))["ranks"] for r in data["runs"].values())
@@ -95,7 +104,8 @@ def markdown(data: dict) -> str:
     rows = "\n".join(f"| {label} | {run['wall_seconds']:.0f} | {run['peak_rss_mib_largest_process']:,} | "
                      + (f"{run['perplexity']:.3f} |" if "perplexity" in run else "(quality stage not run) |")
                      for label, run in data["runs"].items())
-    return f"""# Distributed compression: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
+    title = "Streamed distributed compression" if STREAM else "Distributed compression"
+    return f"""# {title}: 2 processes against 1 (SmolLM2-135M, ratio 0.8)
 
 `{data['command']}`, measured {data['date']} on {data['machine']} (torch {data['torch']}), with
 `benchmarks/bench_distributed.py` (the timed stage under the machine's timing lock). The baseline
@@ -120,12 +130,12 @@ def main() -> None:
     stage = sys.argv[1] if len(sys.argv) > 1 else "time"
     if stage == "time":
         data = stage_time(sys.argv[2:])  # extra arguments: another model and options (a quick check)
-    elif stage == "quality":
-        data = stage_quality(json.loads(JSON.read_text()))
+    elif stage in ("quality", "compare"):
+        data = stage_quality(json.loads(JSON.read_text()), perplexity=stage == "quality")
     else:
-        raise SystemExit("usage: bench_distributed.py time|quality")
+        raise SystemExit("usage: bench_distributed.py time|quality|compare")
     JSON.write_text(json.dumps(data, indent=2) + "\n")
-    (REPO / "reports" / "distributed.md").write_text(markdown(data))
+    (REPO / "reports" / f"{NAME}.md").write_text(markdown(data))
     print(markdown(data))
 
 

@@ -127,8 +127,6 @@ def compress(
     distributed.init_from_environment()  # under torchrun or accelerate: join the other ranks
     progress = progress and distributed.is_writer()
     if not dry_run and (resume or should_stream(source, config, output)):
-        if distributed.active():
-            raise LowrankError("--stream runs on one process for now; drop --stream to compress on several ranks")
         return _compress_streamed(source, config, calibration, output=output, tokenizer=tokenizer,
                                   overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
                                   progress=progress, extra_files=extra_files)

@@ -221,8 +221,11 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int, what: str = "the fa
     """Overwrite `tensors` on every rank with rank `src`'s (shapes and dtypes agree on all ranks)."""
     if not active():
         return
-    for t in tensors:
-        _guarded(what, torch.distributed.broadcast, t, src)
+    for t in tensors:  # sent as laid out in memory: a non-contiguous tensor travels through a contiguous copy
+        buffer = t if t.is_contiguous() else t.contiguous()
+        _guarded(what, torch.distributed.broadcast, buffer, src)
+        if buffer is not t:
+            t.copy_(buffer)
 
 
 def reduce_shared(
@@ -274,6 +277,25 @@ def computed_by_owner(
         broadcast_tensors(results[job], src, what)
     return results
 
+
+def carry(tensor: torch.Tensor | None, src: int, dst: int, what: str = "the boundary") -> torch.Tensor | None:
+    """Rank `src`'s CPU `tensor` on rank `dst` (point to point; its dtype and shape travel first), None elsewhere."""
+    if not active() or src == dst:
+        return tensor if rank() == src else None
+    header = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    if rank() == src:
+        text = json.dumps([str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]).encode()
+        header[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        _guarded(what, torch.distributed.send, header, dst)
+        _guarded(what, torch.distributed.send, tensor.detach().contiguous(), dst)
+        return None
+    if rank() != dst:
+        return None
+    _guarded(what, torch.distributed.recv, header, src)
+    dtype, shape = json.loads(bytes(header[header != 0].tolist()).decode())
+    received = torch.empty(shape, dtype=getattr(torch, dtype))
+    _guarded(what, torch.distributed.recv, received, src)
+    return received
 
 # ---- failing together -----------------------------------------------------------------------------
 

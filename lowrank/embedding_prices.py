@@ -12,7 +12,9 @@ is the expected squared embedding error of dropping j, with no assumption that t
 different tokens are independent. That assumption (the per-token output Fisher of
 `lowrank.sensitivity`, K-FAC's) under-prices what mean pooling adds up coherently over a
 sentence's tokens. Each sentence gets its own probe; one backward pass per probe prices every
-direction of every matrix at once.
+direction of every matrix at once. On several ranks each takes its share of the batches (the
+probes of the others' are drawn all the same, so the seed gives the same probes for any number of
+ranks), and the sums are added up in float64.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibration import model_device, window_batches
 from .encoders import embed
 from .errors import LowrankError
@@ -100,9 +103,15 @@ def measure_embedding_prices(
             for target in targets:
                 handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
             generator = torch.Generator().manual_seed(seed)
+            batches = window_batches(windows, batch_size)
+            mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
             with torch.enable_grad():
-                for batch in tqdm(window_batches(windows, batch_size), desc="Embedding prices", unit="batch",
-                                  disable=not progress):
+                for index, batch in enumerate(tqdm(batches, desc="Embedding prices", unit="batch",
+                                                   disable=not progress)):
+                    if index not in mine:  # another rank's sentences: draw their probes, as a backward pass would
+                        for _ in range(probes):
+                            torch.randn((batch.shape[0], model.config.hidden_size), generator=generator)
+                        continue
                     embeddings = embed(model, batch.to(device))
                     for k in range(probes):
                         probe = torch.randn(embeddings.shape, generator=generator).to(embeddings)
@@ -112,7 +121,9 @@ def measure_embedding_prices(
         finally:
             for handle in handles:
                 handle.remove()
-    prices = {name: total / max(counts["samples"], 1) for name, total in sums.items()}
+    samples = torch.tensor(float(counts["samples"]), dtype=torch.float64)
+    distributed.all_reduce_sum_([*sums.values(), samples], "the embedding prices")  # every rank's sentences
+    prices = {name: total / max(float(samples), 1) for name, total in sums.items()}
     for name, price in prices.items():
         if not torch.isfinite(price).all():
             raise LowrankError(f"the embedding gradient at {name} is NaN or Inf; check the model and calibration text")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed, stream_ranks
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .calibration import text_windows
@@ -57,10 +58,17 @@ def analyze_streamed(
                                calibration.seed)
     blocks = BlockSource(path, torch.float32, trust_remote_code=trust_remote_code)
     targets = targets_of(blocks.model, include, exclude)
-    limit = parse_size(max_memory, "--max-memory") if max_memory else available_bytes()
-    cap = check_fits(estimate(blocks, targets, windows, False, 0), limit, offload_dir is not None)
-    profile = profile_streamed(blocks, targets, windows, BoundaryStore(cap, offload_dir), prices=False,
-                               batch_size=batch_size, damping=damping, device=device, progress=progress, name=source)
+    limit = parse_size(max_memory, "--max-memory") if max_memory else stream_ranks.memory_share(available_bytes())
+    with distributed.agreement("checking the memory"):  # several ranks: each holds its share of the batches
+        cap = check_fits(estimate(blocks, targets, stream_ranks.my_windows(windows, batch_size), False, 0), limit,
+                         offload_dir is not None)
+    own = stream_ranks.rank_folder(offload_dir)  # several ranks: rank K spills to OFFLOAD/rank-K
+    try:
+        profile = profile_streamed(blocks, targets, windows, BoundaryStore(cap, own), prices=False,
+                                   batch_size=batch_size, damping=damping, device=device, progress=progress,
+                                   name=source)
+    finally:
+        stream_ranks.remove_rank_folder(offload_dir, own)
     if not isinstance(calibration, torch.Tensor):
         profile.options.update({"calibration": list(calibration.texts), "samples": calibration.samples,
                                 "seq_len": calibration.seq_len, "seed": calibration.seed})

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed, stream_ranks
 from .block_capture import capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
+from .calibration import window_batches
 from .compression import compress_blocks
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING
@@ -119,14 +121,18 @@ def compress_pass(
     done = writer.finished_blocks
     start = done[-1] + 1 if done else 0
     first = captured.hidden + captured.hidden if refining else captured.hidden
-    hidden = first if start == 0 else [] if start == len(source.blocks) else _load_boundary(writer.folder, start)
+    parts, total = 1 + refining, len(window_batches(windows, batch_size))  # the boundary as one process holds it
+    hidden = first if start == 0 else [] if start == len(source.blocks) else \
+        stream_ranks.dealt_out(lambda: _load_boundary(writer.folder, start), parts, total)
     for b, h in enumerate(hidden):
         store.put(start, b, h)
     del hidden, captured.hidden
 
     def save_boundary(last_flushed: int) -> None:
         if last_flushed + 1 < len(source.blocks):  # after the last block nothing needs a boundary
-            _save_boundary(writer.folder, store.level(last_flushed + 1, per_level), last_flushed + 1)
+            every = stream_ranks.gathered(store.level(last_flushed + 1, per_level), parts, total)  # on rank 0
+            if every is not None:
+                _save_boundary(writer.folder, every, last_flushed + 1)
 
     bar = tqdm(range(start, len(source.blocks)), desc="Compress (stream)", unit="block", disable=not progress)
     for index in bar:
@@ -149,7 +155,8 @@ def compress_pass(
                 del kept
             with clock("factor_update"):
                 compress_blocks(source.model, plan, [work], update=update, update_target=update_target,
-                                damping=damping, refine=refine)
+                                damping=damping, refine=refine,
+                                refine_average=distributed.average_refinement if distributed.active() else None)
                 del work, inputs
         with clock("propagate"):
             if index + 1 < len(source.blocks):

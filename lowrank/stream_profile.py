@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
@@ -37,7 +38,7 @@ from .errors import CalibrationError, LowrankError
 from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
-from .calibration import StatsCollector
+from .calibration import StatsCollector, all_reduce_stats, window_batches
 from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
@@ -164,18 +165,19 @@ class _Projections:
 
 
 def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float,
-                   keep: Callable[[str, torch.Tensor], None] | None) -> tuple[dict, dict]:
+                   keep: Callable[[str, torch.Tensor], None] | None, whitening=None) -> tuple[dict, dict]:
     """σ(W) and σ(W·S) for one block's targets; where `keep` is given, it receives each left directions U of W·S.
 
     Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, each
     Gram is freed as soon as it is whitened, and each whitening once its last reader is done.
+    `whitening`: the whitening of the one input all `names` read, already computed (`_spectra_on_ranks`).
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened = {}
     whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
     for name in names:
         layer_stats = stats.pop(name)
-        root = whitenings.get(layer_stats, name).root
+        root = whitening.root if whitening is not None else whitenings.get(layer_stats, name).root
         whitenings.done(layer_stats)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = weight.to(torch.float64) @ root
@@ -189,6 +191,39 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         del product
         plain.add(name, weight)
     return plain.finish(), whitened
+
+
+def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: float,
+                      keep: Callable[[str, torch.Tensor], None] | None) -> tuple[dict, dict]:
+    """`_block_spectra` on several ranks: each rank takes its share of the block's SVDs, then all receive all
+    (and every rank's `keep` gets every target's U)."""
+    if not distributed.active():
+        return _block_spectra(model, names, stats, damping, keep)
+    shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
+    current: list = [None, None]  # (statistics, its whitening): targets sharing an input share one
+
+    def compute(name: str) -> list[torch.Tensor]:
+        if current[0] is not stats[name]:
+            current[:] = [stats[name], WhiteningCache(damping).get(stats[name], name)]
+        left: dict = {}
+        sigma, whitened = _block_spectra(model, [name], {name: stats[name]}, damping,
+                                         left.__setitem__ if keep is not None else None, whitening=current[1])
+        found = [sigma[name], whitened[name]] + ([left[name]] if keep is not None else [])
+        return [t.contiguous() for t in found]  # broadcast as laid out: an SVD's U is column-major
+
+    def like(name: str) -> list[torch.Tensor]:
+        out, k = shapes[name][0], min(shapes[name])
+        return [torch.empty(k, dtype=torch.float64) for _ in range(2)] + (
+            [torch.empty(out, k, dtype=torch.float64)] if keep is not None else [])
+
+    costs = [float(shapes[n][0] * shapes[n][1] * min(shapes[n])) for n in names]
+    done = distributed.computed_by_owner(names, costs, compute, like, "the spectra")
+    stats.clear()
+    current.clear()
+    if keep is not None:
+        for name in names:
+            keep(name, done[name][2])
+    return {n: done[n][0] for n in names}, {n: done[n][1] for n in names}
 
 
 @torch.no_grad()
@@ -242,6 +277,7 @@ def profile_streamed(
     # with depth (one level is read back at a time)
     levels = BoundaryStore(0, scratch.folder)
     n_fisher = len(fisher.hidden) if fisher is not None else 0
+    fisher_batches = distributed.my_share(window_batches(fisher_windows, fisher_batch))  # this rank's, as captured
     del captured
     source.free_outside()  # only blocks run until the head's gradient (embeddings and head: back to disk)
     gradients: list[torch.Tensor] = []  # per sensitivity batch: ∂loss/∂(output of the block being priced)
@@ -265,10 +301,11 @@ def profile_streamed(
                         store.put(index + 1, b, output)
                     del output
             store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
+            grams.stats = all_reduce_stats(grams.stats, [by_name[n] for n in names])  # this rank's batches → all
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
                 keep = (lambda name, u: scratch.save(index, name, u)) if prices else None  # to disk at once
-                sigma, whitened = _block_spectra(model, names, grams.stats, damping, keep)
+                sigma, whitened = _spectra_on_ranks(model, names, grams.stats, damping, keep)
             spectra.update({n: (sigma[n], whitened[n]) for n in names})
             del grams
             with clock("forward_sensitivity_windows"):
@@ -278,10 +315,9 @@ def profile_streamed(
                         levels.put(index + 1, b, run_block(block, inputs, fisher.calls[index][b], device))
                     else:
                         final = run_block(block, inputs, fisher.calls[last][b], device)
-                        batch = fisher_windows[b * fisher_batch:(b + 1) * fisher_batch]
                         if b == 0:
                             source.load_outside()
-                        gradients.append(head_gradient(model, blocks, final, batch, device).cpu())
+                        gradients.append(head_gradient(model, blocks, final, fisher_batches[b], device).cpu())
             source.free_outside()
             source.free_block(index)
 
@@ -335,9 +371,11 @@ def _backpropagate(model: nn.Module, block: nn.Module, directions: dict[str, tor
                 below.append(incoming.cpu())
     finally:
         projections.close()
+    tokens = {name: torch.tensor(float(count), dtype=torch.float64) for name, count in projections.tokens.items()}
+    distributed.all_reduce_sum_([*projections.sums.values(), *tokens.values()], "the sensitivity")  # over the ranks
     prices = {}
     for name in directions:
-        prices[name] = projections.sums[name] / max(projections.tokens[name], 1)
+        prices[name] = projections.sums[name] / max(float(tokens[name]), 1)
         if not torch.isfinite(prices[name]).all():
             raise LowrankError(f"the loss gradient at {name} is NaN or Inf; check the model and calibration text")
     return below, prices

@@ -15,13 +15,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, hf_integration
+from . import distributed, hf_integration, stream_ranks
 from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
@@ -89,10 +90,10 @@ def should_stream(source: Any, config: CompressConfig, output: str | Path | None
 
 
 def can_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
-    """Whether streaming applies: a causal LM's local safetensors folder, an output folder, one process, and no
+    """Whether streaming applies: a causal LM's local safetensors folder, an output folder, and no
     option that needs the whole model in memory (one-shot, a method other than whiten, --include, a load
     dtype other than float32)."""
-    if distributed.active() or output is None or not isinstance(source, (str, Path)) or not Path(source).is_dir():
+    if output is None or not isinstance(source, (str, Path)) or not Path(source).is_dir():
         return False
     if not is_streamable(str(source)):
         return False
@@ -134,6 +135,8 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     """The plan: from config.plan, or planned on the (saved or freshly streamed) profile; stage times into `seconds`."""
     model_params = count_parameters(source.model)
     if config.plan:
+        if not distributed.is_writer():
+            return None  # rank 0's plan is handed out (stream_ranks.same_plan)
         plan = Plan.load(config.plan)
         check_plan_matches(plan, targets)
         return plan
@@ -141,14 +144,18 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     check_feasible(targets, budget, model_params, config.limits(), config.overrides)
     spectra = None
     if needs_spectra(strategy):
-        if (partial / PROFILE_FILE).is_file():
-            profile = Profile.load(partial / PROFILE_FILE)
+        if stream_ranks.writer_answer(lambda: (partial / PROFILE_FILE).is_file()):
+            profile = Profile.load(partial / PROFILE_FILE) if distributed.is_writer() else None
         else:
             profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
-                                       name=str(source.path), scratch_dir=config.offload_dir or partial)
-            profile.save(partial / PROFILE_FILE)
+                                       name=str(source.path),
+                                       scratch_dir=config.offload_dir or (partial if distributed.is_writer() else None))
+            if distributed.is_writer():
+                profile.save(partial / PROFILE_FILE)
+        if not distributed.is_writer():
+            return None
         spectra = {m.name: m for m in profile.matrices}
         seconds.update({f"profile_{k}": v for k, v in profile.options.get("seconds", {}).items()})
     started = time.perf_counter()
@@ -198,21 +205,29 @@ def compress_streamed(
     strategy = config.strategy or default_strategy(config.method, source.model)
     if strategy == "sensitivity" and config.strategy is None and not is_causal_lm(source.model):
         strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally
-    est = estimate(source, targets, windows, strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES,
-                   refine=config.refinement().enabled, batch_size=config.batch_size)
-    limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else available_bytes()
-    cap = check_fits(est, limit, config.offload_dir is not None)
+    est = estimate(source, targets, stream_ranks.my_windows(windows, config.batch_size),  # this rank's share
+                   strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES, refine=config.refinement().enabled,
+                   batch_size=config.batch_size)
+    limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else \
+        stream_ranks.memory_share(available_bytes())
+    with distributed.agreement("checking the memory"):
+        cap = check_fits(est, limit, config.offload_dir is not None)
     if progress:
         tqdm.write(est.describe(cap))
     log.info(est.describe(cap))
     device = resolve_device(config.device)
     config, timings = resolve_round_to(config, [t.shape for t in targets], device, progress)  # before the identity:
-    partial = _open_partial(output, run_identity(source, config, windows), resume)  # a resume must round alike
+    identity = run_identity(source, config, windows)  # a resume must round alike
+    with distributed.agreement("opening the partial folder"):  # rank 0 alone writes it
+        partial = _open_partial(output, identity, resume) if distributed.is_writer() else partial_dir(output)
+    own = stream_ranks.rank_folder(config.offload_dir)  # several ranks: each spills to its own rank-K
     try:
-        return _run_passes(source, targets, config, strategy, windows, partial, cap, device, timings, output,
-                           tokenizer, extra_files, plan_options, progress)
+        return _run_passes(source, targets, replace(config, offload_dir=own), strategy, windows, partial, cap,
+                           device, timings, output, tokenizer, extra_files, plan_options, progress)
     except KeyboardInterrupt as exc:
         raise StreamInterrupted(partial) from exc
+    finally:
+        stream_ranks.remove_rank_folder(config.offload_dir, own)
 
 
 def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: str, windows: torch.Tensor,
@@ -220,13 +235,15 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
                 progress: bool) -> Plan:
     """Profile pass, plan, compress pass, then publish the partial folder as `output` (see the module doc)."""
     seconds: dict[str, float] = {}
-    plan = _plan(source, targets, config, strategy, windows, partial, cap, device, progress, seconds)
+    plan = stream_ranks.same_plan(_plan(source, targets, config, strategy, windows, partial, cap, device, progress,
+                                        seconds))
     plan.method = config.method
     if timings is not None:
         plan.options.update(round_to=config.round_to, round_to_auto=True, timings=timings.to_dict())
-    (partial / PARTIAL_PLAN).write_text(json.dumps(plan.to_dict(), indent=1) + "\n", encoding="utf-8")
+    if distributed.is_writer():
+        (partial / PARTIAL_PLAN).write_text(json.dumps(plan.to_dict(), indent=1) + "\n", encoding="utf-8")
     save_dtype = source.source_dtype if config.save_dtype == "source" else torch_dtype(config.save_dtype)
-    writer = ShardWriter(partial, parse_size(config.max_shard_size), save_dtype)
+    writer = stream_ranks.shared_writer(lambda: ShardWriter(partial, parse_size(config.max_shard_size), save_dtype))
     started = time.perf_counter()
     parts = compress_pass(source, plan, {t.name: t for t in targets}, windows, writer,
                           BoundaryStore(cap, config.offload_dir), batch_size=config.batch_size,
@@ -243,10 +260,12 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
     if config.refinement().enabled:
         plan.options["refine"] = config.refinement().record()
     plan.options.update(plan_options or {})
-    for name in (PROFILE_FILE, "boundary.safetensors"):  # working files, not weights: keep them out of the plan's sha256s
-        (partial / name).unlink(missing_ok=True)
-    _write_metadata(source, plan, partial, save_dtype, tokenizer, extra_files)
-    _publish(partial, output)
+    with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could
+        if distributed.is_writer():
+            for name in (PROFILE_FILE, "boundary.safetensors"):  # working files, not weights: out of the sha256s
+                (partial / name).unlink(missing_ok=True)
+            _write_metadata(source, plan, partial, save_dtype, tokenizer, extra_files)
+            _publish(partial, output)
     return plan
 
 

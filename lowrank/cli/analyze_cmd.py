@@ -89,8 +89,6 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
                            "of a folder already reads one tensor at a time), or drop --stream")
     if distributed.init_from_environment():  # under torchrun: calibration split across the ranks
         quiet = quiet or not distributed.is_writer()
-        if stream:
-            raise LowrankError("--stream runs on one process for now; drop --stream to analyze on several ranks")
     if profile_file is not None:
         if model is not None or texts:
             raise LowrankError("--profile reports on a saved profile; drop MODEL and --calib, or drop --profile")
