@@ -31,6 +31,7 @@ from .encoders import embed, last_hidden_state
 from .errors import LowrankError
 from .evaluation import perplexity
 from .layers import LowRankLinear
+from .refinement import relative_groups
 from .training_checkpoint import (TrainingState, check_resumable, load_checkpoint, read_checkpoint_state, restore,
                                   save_checkpoint, snapshot, tensor_digest)
 from .training_log import TrainingLog
@@ -139,6 +140,15 @@ def attach_lora(model: nn.Module, rank: int, alpha: float):
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
+
+def parameter_groups(params: dict[str, nn.Parameter], relative: bool) -> list[dict]:
+    """The optimizer's groups, each with the `scale` its learning rate is multiplied by: one group at the
+    absolute rate, or (relative) one per tensor at its initial RMS, so every tensor moves by about the same
+    fraction of its own size per step (whitened factors differ in scale by 50×; refinement.relative_groups)."""
+    if not relative:
+        return [{"params": list(params.values()), "scale": 1.0}]
+    return [{"params": group["params"], "scale": group["lr"]} for group in relative_groups(list(params.values()), 1.0)]
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The dtype to autocast the forward pass to, or None for plain float32."""
     if precision == "float32" or (precision == "auto" and device.type != "cuda"):
@@ -240,7 +250,8 @@ def recover(
         freeze_all_but_factors(model)
     params = trainable_parameters(model)
     trainer = data_parallel(model, config)  # the model itself with one process, DDP with several
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(params, config.relative_lr), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     digest = data_digest(train_windows)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     state, best = TrainingState(), None
@@ -290,7 +301,7 @@ def recover(
             step_started = time.perf_counter()
             lr = learning_rate(state.step, config.lr, config.warmup, config.steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["scale"]
             step_loss, step_tokens = 0.0, 0
             for micro in range(config.grad_accum):
                 batch = training_batch(train_windows, state.step * config.grad_accum + micro, config.batch_size,
