@@ -23,6 +23,7 @@ from .fileio import check_output_dir, check_output_spares_input
 from .folder_format import is_compressed_folder
 from .config import CONFIG_FILE, RecoveryConfig, read_config_record
 from .config_base import resolve_device, torch_dtype
+from .distill import HIDDEN_LOSSES
 from .errors import LowrankError
 from .loading import load_model
 from .training import RecoveryResult, recover
@@ -99,6 +100,9 @@ def recover_folder(
     dtype, device = torch_dtype(config.dtype), resolve_device(config.device)
     loaded = load_model(str(folder), dtype=dtype, device=device)
     if is_encoder(loaded.model):
+        if config.loss not in HIDDEN_LOSSES:
+            raise LowrankError(f"{folder} is an encoder, which has no next-token logits for --loss {config.loss}; pass "
+                               "--loss embedding (recipes/minilm-l6.yaml has the settings that work)")
         train = training_sentences(loaded.tokenizer, data, config)
     else:
         train = training_windows(loaded.tokenizer, data, config.seq_len)
