@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 #: Options that define the optimisation trajectory: a resumed run must use the same values.
-TRAJECTORY_FIELDS = ("mode", "loss", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "batch_size",
+TRAJECTORY_FIELDS = ("mode", "loss", "steps", "lr", "relative_lr", "min_lr_ratio", "warmup", "weight_decay", "batch_size",
                      "grad_accum", "seq_len", "clip", "temperature", "distill_weight", "lora_rank", "lora_alpha",
                      "seed")
 
