@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 compressed by whiten under uniform, global and sensitivity (exact embedding prices),
 at ratios 0.9 and 0.8, then the best 0.8 model recovered by embedding distillation: one run, one protocol.
 
-Run:  flock /work/wt/timed.lock python benchmarks/bench_encoders.py   (writes reports/encoders.{json,md})
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_encoders.py   (writes reports/encoders.json and the table in encoders.md)
 
 Calibration: sentences of Hamlet drawn at random (seed 0) until CALIB_TOKENS tokens, each framed
 by [CLS] … [SEP] as the encoder sees it, batched by equal length (lowrank.sentences; what
@@ -9,7 +9,7 @@ by [CLS] … [SEP] as the encoder sees it, batched by equal length (lowrank.sent
 calibration or training), embedded by the compressed and the dense model as the model pools
 (mean, normalized): mean and min cosine, self-retrieval top-1 and recall@10 among all of them.
 Recovery runs recipes/minilm-l6.yaml's recover stage (its settings and data, read when the recovery
-starts) on the best 0.8 model: the sentences of Julius Caesar and The Tempest, as `lowrank recover` does.
+starts) on the best 0.8 model, trained on the sentences of its data as `lowrank recover` trains an encoder.
 """
 
 from __future__ import annotations
