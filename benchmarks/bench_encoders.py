@@ -69,7 +69,7 @@ def markdown(record: dict) -> str:
         lines += ["", "CPU s: CPU time of the compression (or, on the recovered row, of the recovery's training), "
                   "all threads; wall s: wall-clock on 2 CPU cores shared with other jobs (it says more about the "
                   f"load than the method). Recovery settings (recipes/minilm-l6.yaml): {json.dumps(settings)}, on "
-                  f"the sentences of {', '.join(Path(t).stem for t in record['recovered'].get('recovery_data', []))} "
+                  f"the sentences of {', '.join(Path(t).stem.replace('bundled:', '') for t in record['recovered'].get('recovery_data', []))} "
                   "([CLS] … [SEP], batched by equal length)."]
     lines.append("")
     return "\n".join(lines)
