@@ -1,14 +1,15 @@
 """all-MiniLM-L6-v2 compressed by whiten under uniform, global and sensitivity (exact embedding prices),
 at ratios 0.9 and 0.8, then the best 0.8 model recovered by embedding distillation: one run, one protocol.
 
-Run:  flock /work/wt/timed.lock python benchmarks/bench_encoders.py   (writes reports/encoders.{json,md})
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_encoders.py   (writes reports/encoders.json and the table in encoders.md)
 
 Calibration: sentences of Hamlet drawn at random (seed 0) until CALIB_TOKENS tokens, each framed
 by [CLS] … [SEP] as the encoder sees it, batched by equal length (lowrank.sentences; what
 `lowrank compress` does for an encoder). Evaluation: every sentence of Macbeth (never used for
 calibration or training), embedded by the compressed and the dense model as the model pools
 (mean, normalized): mean and min cosine, self-retrieval top-1 and recall@10 among all of them.
-Recovery trains on Julius Caesar and The Tempest, in framed windows of RECOVERY_SEQ_LEN tokens.
+Recovery runs recipes/minilm-l6.yaml's recover stage (its settings and data, read when the recovery
+starts) on the best 0.8 model, trained on the sentences of its data as `lowrank recover` trains an encoder.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 
 from lowrank.api import compress
 from lowrank.calibration import load_text, sample_text_path
-from lowrank.config import CompressConfig, RecoveryConfig
+from lowrank.config import CompressConfig
 from lowrank.encoder_eval import agreement, sentence_embeddings
-from lowrank.sentences import framed_windows, sentence_batches, split_sentences
+from lowrank.recipe import read_recipe, resolve_texts
+from lowrank.recovery import training_sentences
+from lowrank.sentences import sentence_batches, split_sentences
 from lowrank.loading import load_model
 from lowrank.model_info import count_parameters
 from lowrank.planner import ENCODER_STRATEGY
@@ -38,15 +41,15 @@ RATIOS = (0.9, 0.8)
 STRATEGIES = ("uniform", "global", "sensitivity")
 CALIB_TOKENS, CALIB_MAX_LENGTH, BATCH_SIZE, SEED = 16384, 128, 8, 0
 EVAL_SENTENCES = None  # every sentence of Macbeth
-RECOVERY_SEQ_LEN = 32
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "minilm-l6.yaml"
 GOALS = {0.9: 0.97, 0.8: 0.93}
 RECOVERED_GOAL = 0.97
 
 
 def markdown(record: dict) -> str:
-    """reports/encoders.md from the run's record: every strategy at both ratios, then recovery, against the goals."""
-    lines = [f"# Encoders: {record['model']} ({record['dense_params']:,} parameters)", "",
-             f"Written by `benchmarks/bench_encoders.py` from one run. Calibration: {record['calibration']}; "
+    """The one-run table of reports/encoders.md from the run's record: every strategy at both ratios, then recovery, against the goals."""
+    lines = [f"Written by `benchmarks/bench_encoders.py` from one run ({record['model']}, {record['dense_params']:,} "
+             f"parameters; {record.get('date', '')}). Calibration: {record['calibration']}; "
              f"evaluation: {record['evaluation']} (never calibrated or trained on), each embedded by the "
              "compressed and the dense model (mean pooling, normalized, as the model's sentence-transformers "
              "config says). Cosine: between the two embeddings of the same sentence. Recall@10 / top-1: "
@@ -61,14 +64,27 @@ def markdown(record: dict) -> str:
                      f"{row['min_cosine']:.4f} | {row['top1']:.4f} | {row['recall_at_10']:.4f} | ≥ {goal} ({met}) | "
                      f"{row.get('cpu_seconds', '–')} | {row['seconds']} |")
     if record.get("recovered"):
-        settings = {k: record["recovered"]["recovery"][k]
-                    for k in ("loss", "hidden_layers", "steps", "lr", "batch_size", "seq_len")}
+        settings = {k: record["recovered"]["recovery"].get(k)
+                    for k in ("loss", "steps", "lr", "relative_lr", "warmup", "batch_size", "seq_len")}
         lines += ["", "CPU s: CPU time of the compression (or, on the recovered row, of the recovery's training), "
                   "all threads; wall s: wall-clock on 2 CPU cores shared with other jobs (it says more about the "
-                  f"load than the method). Recovery settings: {json.dumps(settings)}, on Julius Caesar and The "
-                  "Tempest in framed windows."]
+                  f"load than the method). Recovery settings (recipes/minilm-l6.yaml): {json.dumps(settings)}, on "
+                  f"the sentences of {', '.join(Path(t).stem.replace('bundled:', '') for t in record['recovered'].get('recovery_data', []))} "
+                  "([CLS] … [SEP], batched by equal length)."]
     lines.append("")
     return "\n".join(lines)
+
+
+TABLE_START, TABLE_END = "<!-- one-run-table:start -->", "<!-- one-run-table:end -->"
+
+
+def write_report(record: dict) -> None:
+    """reports/encoders.md's one-run table (between its markers) from the record; the rest of the page stays."""
+    page = REPORTS / "encoders.md"
+    text = page.read_text() if page.is_file() else f"{TABLE_START}\n{TABLE_END}\n"
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    page.write_text(f"{before}{TABLE_START}\n{markdown(record)}{TABLE_END}{after}")
 
 
 def cpu_seconds() -> float:
@@ -86,9 +102,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
-    parser.add_argument("--recovery-steps", type=int, default=200)
-    parser.add_argument("--recovery-loss", default="embedding")
-    parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--no-recovery", action="store_true")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite encoders.md from encoders.json")
     parser.add_argument("--from-log", help="build encoders.json from the JSON lines a run printed (a run cut short)")
@@ -102,7 +115,7 @@ def main() -> None:
         (REPORTS / "encoders.json").write_text(json.dumps(record, indent=2) + "\n")
         args.markdown_only = True
     if args.markdown_only:
-        (REPORTS / "encoders.md").write_text(markdown(json.loads((REPORTS / "encoders.json").read_text())))
+        write_report(json.loads((REPORTS / "encoders.json").read_text()))
         return
     torch.manual_seed(SEED)
     dense = load_model(MODEL)
@@ -130,21 +143,22 @@ def main() -> None:
     if not args.no_recovery and low:
         best = max(low, key=lambda r: r["mean_cosine"])
         model = compressed[(best["ratio"], best["strategy"])]
-        text = load_text([sample_text_path("julius_caesar"), sample_text_path("tempest")])
-        train = framed_windows(tokenizer, text, RECOVERY_SEQ_LEN)
-        config = RecoveryConfig(loss=args.recovery_loss, steps=args.recovery_steps, batch_size=16,
-                                seq_len=RECOVERY_SEQ_LEN, lr=args.recovery_lr, checkpoint_every=0)
+        recipe = read_recipe(RECIPE)  # read now, when the recovery starts: the settings a user runs
+        config = recipe.recover.replace(checkpoint_every=0)
+        data = next(stage.data for stage in recipe.stages if stage.kind == "recover")
         started_cpu = cpu_seconds()
+        train = training_sentences(tokenizer, resolve_texts(data), config)  # what `lowrank recover` trains on
         result = recover(model, train, config, teacher=dense.model, progress=False)
         recovered = {"ratio": best["ratio"], "strategy": best["strategy"] + " + recovery",
                      "params": count_parameters(model), "seconds": round(result.seconds, 1),
                      "cpu_seconds": round(cpu_seconds() - started_cpu, 1),
-                     "recovery": config.to_dict(), **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
+                     "recovery": config.to_dict(), "recovery_data": data, **agreement(sentence_embeddings(model, tokenizer, sentences), reference)}
         print(json.dumps(recovered), flush=True)
     record = {"model": MODEL, "dense_params": count_parameters(dense.model), "calibration": calibration_label(),
-              "evaluation": f"every sentence of macbeth ({len(sentences)})", "rows": rows, "recovered": recovered}
+              "evaluation": f"every sentence of macbeth ({len(sentences)})", "rows": rows, "recovered": recovered,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (REPORTS / "encoders.json").write_text(json.dumps(record, indent=2) + "\n")
-    (REPORTS / "encoders.md").write_text(markdown(record))
+    write_report(record)
     print("wrote", REPORTS / "encoders.json")
 
 

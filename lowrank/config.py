@@ -169,6 +169,7 @@ class RecoveryConfig(ConfigBase):
     hidden_layers: str = "last"    # hidden-state losses: match the teacher's "last" layer or "all" layers
     steps: int = 200               # optimizer steps
     lr: float | None = None        # peak learning rate; None: DEFAULT_LR[mode]
+    relative_lr: bool = False      # lr relative to each tensor's RMS (one rate per tensor) instead of absolute
     min_lr_ratio: float = 0.1      # the cosine decays to lr·min_lr_ratio
     warmup: int = 10               # linear warmup steps
     weight_decay: float = 0.0

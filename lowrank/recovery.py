@@ -17,12 +17,13 @@ import torch
 from . import distributed
 from .calibration import load_text, text_windows, token_windows, tokenize
 from .encoders import is_encoder
-from .sentences import framed_windows
+from .sentences import sentence_batches
 from .checkpoint import read_plan, save_compressed
 from .fileio import check_output_dir, check_output_spares_input
 from .folder_format import is_compressed_folder
 from .config import CONFIG_FILE, RecoveryConfig, read_config_record
 from .config_base import resolve_device, torch_dtype
+from .distill import HIDDEN_LOSSES
 from .errors import LowrankError
 from .loading import load_model
 from .training import RecoveryResult, recover
@@ -47,14 +48,21 @@ class RecoveryPaths:
                    out.with_name(out.name + ".loss.png"))
 
 
-def training_windows(tokenizer, texts: list[str | Path], seq_len: int, framed: bool = False) -> torch.Tensor:
-    """Every non-overlapping window of `seq_len` tokens of the training text, in order; `framed` (an
-    encoder's) as [CLS] … [SEP], the way the encoder sees a sentence (lowrank.sentences.framed_windows)."""
+def training_windows(tokenizer, texts: list[str | Path], seq_len: int) -> torch.Tensor:
+    """Every non-overlapping window of `seq_len` tokens of the training text, in order (a language model's)."""
     if not texts:
         raise LowrankError("recovery needs training text; pass --data with .txt files or a folder")
-    if framed and tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
-        return framed_windows(tokenizer, load_text(list(texts)), seq_len)
     return token_windows(tokenize(tokenizer, load_text(list(texts))), None, seq_len, what="training")
+
+
+def training_sentences(tokenizer, texts: list[str | Path], config: RecoveryConfig) -> list[torch.Tensor]:
+    """An encoder's training data: every sentence of the text as the encoder sees one ([CLS] … [SEP], at most
+    `seq_len` tokens), in equal-length batches of up to `batch_size` (no padding; lowrank.sentences). The
+    evaluation embeds sentences, so training on windows that cross sentence borders trains the wrong inputs."""
+    if not texts:
+        raise LowrankError("recovery needs training text; pass --data with .txt files or a folder")
+    return sentence_batches(tokenizer, load_text(list(texts)), token_budget=None, max_length=config.seq_len,
+                            batch_size=config.batch_size, seed=config.seed, what="training")
 
 
 def recover_folder(
@@ -91,7 +99,13 @@ def recover_folder(
     plan, _ = read_plan(folder)
     dtype, device = torch_dtype(config.dtype), resolve_device(config.device)
     loaded = load_model(str(folder), dtype=dtype, device=device)
-    train = training_windows(loaded.tokenizer, data, config.seq_len, framed=is_encoder(loaded.model))
+    if is_encoder(loaded.model):
+        if config.loss not in HIDDEN_LOSSES:
+            raise LowrankError(f"{folder} is an encoder, which has no next-token logits for --loss {config.loss}; pass "
+                               "--loss embedding (recipes/minilm-l6.yaml has the settings that work)")
+        train = training_sentences(loaded.tokenizer, data, config)
+    else:
+        train = training_windows(loaded.tokenizer, data, config.seq_len)
     held_out = None
     if config.eval_texts:
         held_out = text_windows(loaded.tokenizer, list(config.eval_texts), None, config.seq_len, what="evaluation")

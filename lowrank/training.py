@@ -31,6 +31,7 @@ from .encoders import embed, last_hidden_state
 from .errors import LowrankError
 from .evaluation import perplexity
 from .layers import LowRankLinear
+from .refinement import relative_groups
 from .training_checkpoint import (TrainingState, check_resumable, load_checkpoint, read_checkpoint_state, restore,
                                   save_checkpoint, snapshot, tensor_digest)
 from .training_log import TrainingLog
@@ -73,6 +74,38 @@ def batch_indices(micro_step: int, n_windows: int, batch_size: int, seed: int) -
     order = torch.randperm(n_windows, generator=generator)
     return order[position * batch_size:(position + 1) * batch_size]
 
+
+#: Training data: windows (n, seq_len) of token ids, or an encoder's sentences as equal-length batches (b, L).
+TrainingData = torch.Tensor | list[torch.Tensor]
+
+
+def training_batch(data: TrainingData, micro_step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The token ids of micro-batch `micro_step`: `batch_size` windows, or one whole sentence batch; either way
+    a fresh seeded order every epoch, so the batch is a pure function of (seed, step)."""
+    if isinstance(data, torch.Tensor):
+        return data[batch_indices(micro_step, data.shape[0], batch_size, seed)]
+    epoch, position = divmod(micro_step, len(data))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return data[int(order[position])]
+
+
+def data_digest(data: TrainingData) -> str:
+    """A fingerprint of the training data (shapes and values), checked when a run resumes."""
+    if isinstance(data, torch.Tensor):
+        return tensor_digest(data)
+    shapes = torch.tensor([list(batch.shape) for batch in data], dtype=torch.long)
+    return tensor_digest(torch.cat([shapes.flatten()] + [batch.flatten() for batch in data]))
+
+
+def check_training_data(data: TrainingData, batch_size: int) -> None:
+    """Refuse data too small for one batch, in one line."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 2 or data.shape[0] < batch_size:
+            raise LowrankError(f"the training text gives {data.shape[0]} windows of {data.shape[-1]} tokens, fewer "
+                               f"than --batch-size {batch_size}; give more text or lower --seq-len/--batch-size")
+    elif not data or any(batch.ndim != 2 or batch.shape[0] < 1 for batch in data):
+        raise LowrankError("the training text gives no sentence batches; give more text")
+
 # ---- what trains ------------------------------------------------------------------------------
 
 def factor_layers(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -106,6 +139,15 @@ def attach_lora(model: nn.Module, rank: int, alpha: float):
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_groups(params: dict[str, nn.Parameter], relative: bool) -> list[dict]:
+    """The optimizer's groups, each with the `scale` its learning rate is multiplied by: one group at the
+    absolute rate, or (relative) one per tensor at its initial RMS, so every tensor moves by about the same
+    fraction of its own size per step (whitened factors differ in scale by 50×; refinement.relative_groups)."""
+    if not relative:
+        return [{"params": list(params.values()), "scale": 1.0}]
+    return [{"params": group["params"], "scale": group["lr"]} for group in relative_groups(list(params.values()), 1.0)]
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The dtype to autocast the forward pass to, or None for plain float32."""
@@ -170,7 +212,7 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, config: RecoveryConfig) -
 
 def recover(
     model: nn.Module,
-    train_windows: torch.Tensor,
+    train_windows: TrainingData,
     config: RecoveryConfig | None = None,
     *,
     eval_windows: torch.Tensor | None = None,
@@ -180,7 +222,8 @@ def recover(
     log_path: str | Path | None = None,
     progress: bool = True,
 ) -> RecoveryResult:
-    """Fine-tune the factors of compressed `model` in place on `train_windows` (n, seq_len) token ids.
+    """Fine-tune the factors of compressed `model` in place on `train_windows`: (n, seq_len) token ids, or
+    an encoder's sentences as a list of equal-length batches (lowrank.sentences.sentence_batches).
 
     The model keeps its ranks and parameter count; with eval windows it ends holding the best
     weights seen. In LoRA mode the adapters are merged into the factors before returning.
@@ -189,9 +232,9 @@ def recover(
     config.validate()
     if config.needs_teacher and teacher is None:
         raise LowrankError(f"--loss {config.loss} needs a teacher (the dense model); pass --teacher or use --loss ce")
-    if train_windows.ndim != 2 or train_windows.shape[0] < config.batch_size:
-        raise LowrankError(f"the training text gives {train_windows.shape[0]} windows of {train_windows.shape[-1]} tokens, "
-                           f"fewer than --batch-size {config.batch_size}; give more text or lower --seq-len/--batch-size")
+    if not isinstance(train_windows, torch.Tensor):  # every rank needs its share of every sentence batch
+        train_windows = [batch for batch in train_windows if batch.shape[0] >= distributed.world_size()]
+    check_training_data(train_windows, config.batch_size)
     ranks_before, params_before = ranks_of(model), count_parameters(model)
     if not ranks_before:
         raise LowrankError("the model has no low-rank layers to recover; compress it first with `lowrank compress`")
@@ -207,14 +250,15 @@ def recover(
         freeze_all_but_factors(model)
     params = trainable_parameters(model)
     trainer = data_parallel(model, config)  # the model itself with one process, DDP with several
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    data_digest = tensor_digest(train_windows)
+    optimizer = torch.optim.AdamW(parameter_groups(params, config.relative_lr), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    digest = data_digest(train_windows)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     state, best = TrainingState(), None
     if resume:
         if checkpoint_dir is None:
             raise LowrankError("resume needs a checkpoint folder")
-        check_resumable(read_checkpoint_state(checkpoint_dir), config, data_digest, checkpoint_dir)
+        check_resumable(read_checkpoint_state(checkpoint_dir), config, digest, checkpoint_dir)
         state, best = load_checkpoint(checkpoint_dir, params, optimizer)
         torch.manual_seed(config.seed + state.step)
         log.info("resumed from %s at step %d", checkpoint_dir, state.step)
@@ -222,7 +266,6 @@ def recover(
         teacher.eval()  # its logits are computed under no_grad; its own flags stay as they are
     amp = autocast_dtype(device, config.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    tokens_per_step = config.batch_size * config.grad_accum * train_windows.shape[1]
     training_log = TrainingLog(log_path if distributed.is_writer() else None, keep_until_step=state.step if resume else 0)
     bar = tqdm(total=config.steps, initial=state.step, desc="Recovering", unit="step", disable=not progress)
     stopped_early = False
@@ -258,12 +301,13 @@ def recover(
             step_started = time.perf_counter()
             lr = learning_rate(state.step, config.lr, config.warmup, config.steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
+                group["lr"] = lr * group["scale"]
+            step_loss, step_tokens = 0.0, 0
             for micro in range(config.grad_accum):
-                index = batch_indices(state.step * config.grad_accum + micro, train_windows.shape[0],
-                                      config.batch_size, config.seed)
-                ids = train_windows[distributed.my_share(index)].to(device)  # this rank's part of the batch
+                batch = training_batch(train_windows, state.step * config.grad_accum + micro, config.batch_size,
+                                       config.seed)
+                step_tokens += batch.numel()
+                ids = distributed.my_share(batch).to(device)  # this rank's part of the batch
                 with synchronizing(trainer, micro == config.grad_accum - 1):
                     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                         loss = batch_loss(trainer, teacher, ids, config) / config.grad_accum
@@ -279,9 +323,9 @@ def recover(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += tokens_per_step
+            state.tokens += step_tokens
             state.seconds = time.perf_counter() - started
-            speed = tokens_per_step / max(time.perf_counter() - step_started, 1e-9)
+            speed = step_tokens / max(time.perf_counter() - step_started, 1e-9)
             record({"event": "train", "step": state.step, "loss": step_loss, "lr": lr, "grad_norm": float(norm),
                     "tokens": state.tokens, "tokens_per_s": speed, "seconds": state.seconds})
             log.debug("finished step %d, loss %.4f", state.step, step_loss)
@@ -293,7 +337,7 @@ def recover(
                 break
             if checkpoint_dir and config.checkpoint_every and state.step % config.checkpoint_every == 0 \
                     and distributed.is_writer():
-                save_checkpoint(checkpoint_dir, state, config, params, optimizer, best, data_digest)
+                save_checkpoint(checkpoint_dir, state, config, params, optimizer, best, digest)
         if eval_windows is not None and not stopped_early:
             evaluate_now()
         if best is not None and state.best_step != state.step:

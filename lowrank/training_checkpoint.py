@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 #: Options that define the optimisation trajectory: a resumed run must use the same values.
-TRAJECTORY_FIELDS = ("mode", "loss", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "batch_size",
-                     "grad_accum", "seq_len", "clip", "temperature", "distill_weight", "lora_rank", "lora_alpha",
-                     "seed")
+TRAJECTORY_FIELDS = ("mode", "loss", "steps", "lr", "relative_lr", "min_lr_ratio", "warmup", "weight_decay",
+                     "batch_size", "grad_accum", "seq_len", "clip", "temperature", "distill_weight", "lora_rank",
+                     "lora_alpha", "seed")
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -242,3 +242,36 @@ def test_an_encoder_student_trains_without_dropout():
     recover(student, windows, RecoveryConfig(loss="cosine", steps=1, batch_size=4, seq_len=12, checkpoint_every=0,
                                              gradient_checkpointing=True), teacher=teacher, progress=False)
     assert modes and all(modes)  # gradient checkpointing needs train mode
+
+
+def test_encoder_recovery_trains_on_whole_sentences_batched_by_length(tmp_path, capsys):
+    """`lowrank recover` of an encoder trains on the sentences of --data, one equal-length batch a step: each logged
+    step's tokens are those of the batch `training_batch` picks (windows would give batch × seq-len every step)."""
+    from lowrank.calibration import sample_text_path
+    from lowrank.config import RecoveryConfig
+    from lowrank.recovery import training_sentences
+    from lowrank.sentences import split_sentences
+    from lowrank.training import training_batch
+
+    dense, compressed, recovered = tmp_path / "bert", tmp_path / "c", tmp_path / "r"
+    save_tiny_model(dense, "bert")
+    text = tmp_path / "train.txt"
+    text.write_text(sample_text_path("macbeth").read_text(encoding="utf-8")[5000:8000])
+    code, out, err = run_cli(capsys, "compress", dense, "-o", compressed, "--ratio", "0.8", "--seq-len", "32",
+                             "--samples", "8", "-q")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "recover", compressed, "--data", text, "-o", recovered, "--loss", "embedding",
+                             "--steps", "6", "--batch-size", "3", "--seq-len", "40", "--lr", "1e-3", "-q")
+    assert code == 0, err
+    log = [json.loads(line) for line in (tmp_path / "r.train.jsonl").read_text().splitlines()]
+    seen = [entry["tokens"] for entry in log if entry["event"] == "train"]
+    per_step = [b - a for a, b in zip([0] + seen, seen)]
+    tokenizer = make_tiny_tokenizer()
+    config = RecoveryConfig(loss="embedding", batch_size=3, seq_len=40)
+    batches = training_sentences(tokenizer, [text], config)
+    assert per_step == [training_batch(batches, step, 3, config.seed).numel() for step in range(6)]
+    assert len(set(per_step)) > 1  # sentences of several lengths, not fixed windows
+    sentences = split_sentences(text.read_text(encoding="utf-8"))
+    whole = sorted(tuple(tokenizer(s, truncation=True, max_length=40).input_ids) for s in sentences)
+    assert sorted(tuple(row) for batch in batches for row in batch.tolist()) == whole
+    assert all(batch.shape[0] <= 3 for batch in batches)

@@ -244,6 +244,9 @@ def build_inputs(root: Path) -> Inputs:
     p["bert_model"] = root / "bert_model"
     make_tiny_model("bert").save_pretrained(p["bert_model"])
     char_tokenizer().save_pretrained(p["bert_model"])
+    bert = make_tiny_model("bert")
+    bert_plan = compress_model(bert, ratio=0.8, method="svd", progress=False, source=str(p["bert_model"]))
+    p["bert_compressed"] = save_compressed(bert, char_tokenizer(), bert_plan, root / "bert_compressed")
     p["planfile_not_json"] = plans / "not_json.json"
     p["planfile_not_json"].write_text('{"modules": {"model.layers.0.mlp.up_proj": ')
 
@@ -655,6 +658,13 @@ ROWS = [
     Row("recover-encoder-loss-with-eval-text", "encoders", "`lowrank recover --loss cosine --eval TEXT`: no perplexity",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--loss", "cosine",
                 "--eval", "{good_text}", "-q"), r"picks the best weights by perplexity, which --loss cosine"),
+    Row("recover-encoder-with-a-language-model-loss", "encoders",
+        "`lowrank recover` of a compressed encoder with the default --loss distill (an encoder has no logits)",
+        command("recover", "{bert_compressed}", "--data", "{good_text}", "-o", "OUT", "--steps", "1", "-q"),
+        r"is an encoder, which has no next-token logits for --loss distill; pass --loss embedding"),
+    Row("recover-relative-lr-with-a-value", "encoders", "`lowrank recover --relative-lr=yes`: a flag takes no value",
+        command("recover", "{compressed}", "--data", "{good_text}", "-o", "OUT", "--relative-lr=yes", "-q"),
+        r"Option '--relative-lr' does not take a value", exit_code=2),
     Row("recover-output-exists", "commands", "`lowrank recover -o` naming a folder that exists",
         command("recover", "{compressed}", "--data", "{good_text}", "-o", "{existing_out}", "--steps", "1", "-q"),
         r"already exists"),

@@ -16,7 +16,8 @@ from lowrank.config import RecoveryConfig
 from lowrank.distill import recovery_loss
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
-from lowrank.training import batch_indices, factor_layers, learning_rate, ranks_of, recover
+from lowrank.training import (batch_indices, factor_layers, learning_rate, parameter_groups, ranks_of, recover,
+                              training_batch)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +72,41 @@ def test_batches_cover_every_window_once_per_epoch_in_a_seeded_order():
     assert not torch.equal(epoch0, epoch1)
     assert torch.equal(batch_indices(4, n, bs, seed=7), batch_indices(4, n, bs, seed=7))
     assert not torch.equal(batch_indices(0, n, bs, seed=7), batch_indices(0, n, bs, seed=8))
+
+
+def test_sentence_batches_are_visited_whole_once_per_epoch_in_a_seeded_order():
+    """An encoder's data is a list of equal-length batches: each step takes one whole batch, every batch once an epoch."""
+    batches = [torch.full((rows, length), length) for rows, length in ((3, 5), (1, 9), (2, 7), (4, 6))]
+    epoch0 = [training_batch(batches, step, batch_size=16, seed=2) for step in range(4)]
+    epoch1 = [training_batch(batches, step, batch_size=16, seed=2) for step in range(4, 8)]
+    shapes = sorted(tuple(b.shape) for b in batches)
+    assert sorted(tuple(b.shape) for b in epoch0) == sorted(tuple(b.shape) for b in epoch1) == shapes
+    assert [b.shape for b in epoch0] != [b.shape for b in epoch1]  # a fresh order every epoch
+    assert [b.shape for b in epoch0] == [training_batch(batches, s, 16, seed=2).shape for s in range(4)]
+    windows = random_windows(10, 4)  # windows: the same batches as batch_indices picks
+    assert torch.equal(training_batch(windows, 4, 3, seed=7), windows[batch_indices(4, 10, 3, seed=7)])
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_relative_learning_rates_move_every_tensor_by_the_same_fraction_of_its_size(relative):
+    """Adam's first step moves each coordinate by exactly its group's rate: lr (absolute) or lr × the tensor's RMS."""
+    _, student = compressed_pair()
+    layer = next(iter(factor_layers(student).values()))
+    with torch.no_grad():  # the same product, factors 2500× apart in scale (as whitened factors can be)
+        layer.down.weight.mul_(50.0)
+        layer.up.weight.div_(50.0)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    params = {name: p for name, p in student.named_parameters() if name.endswith(("down.weight", "up.weight"))}
+    rms = {name: float(p.detach().pow(2).mean().sqrt()) for name, p in params.items()}
+    groups = parameter_groups(params, relative)
+    assert [g["scale"] for g in groups] == ([pytest.approx(r) for r in rms.values()] if relative else [1.0])
+    config = RecoveryConfig(loss="ce", steps=1, warmup=0, lr=1e-3, batch_size=4, relative_lr=relative,
+                            checkpoint_every=0)
+    recover(student, random_windows(8, 16, seed=3), config, progress=False)
+    after = dict(student.named_parameters())
+    for name in params:
+        step = float((after[name].detach() - before[name]).abs().max())
+        assert step == pytest.approx(1e-3 * (rms[name] if relative else 1.0), rel=1e-2)
 
 
 # ---- training ---------------------------------------------------------------------------------

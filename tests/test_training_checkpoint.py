@@ -16,7 +16,7 @@ from lowrank.training_checkpoint import (CHECKPOINT_FORMAT, TRAJECTORY_FIELDS, T
                                          snapshot, tensor_digest)
 
 #: A value different from the default for every trajectory option.
-CHANGED = {"mode": "lora", "loss": "ce", "steps": 201, "lr": 1e-3, "min_lr_ratio": 0.2, "warmup": 11,
+CHANGED = {"mode": "lora", "loss": "ce", "steps": 201, "lr": 1e-3, "relative_lr": True, "min_lr_ratio": 0.2, "warmup": 11,
            "weight_decay": 0.01, "batch_size": 5, "grad_accum": 2, "seq_len": 128, "clip": 0.5, "temperature": 2.0,
            "distill_weight": 0.25, "lora_rank": 8, "lora_alpha": 16.0, "seed": 1}
 

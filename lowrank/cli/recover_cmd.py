@@ -68,13 +68,16 @@ def interrupted_message(paths: RecoveryPaths) -> str:
 @click.option("--steps", type=int, default=DEFAULTS.steps, show_default=True, help="Optimizer steps.")
 @click.option("--lr", type=float, default=RecoveryConfig.lr,
               help=f"Peak learning rate. Default: {DEFAULT_LR['factors']:g} for factors, {DEFAULT_LR['lora']:g} for lora.")
+@click.option("--relative-lr/--absolute-lr", "relative_lr", default=DEFAULTS.relative_lr, show_default=True,
+              help="Relative: each factor's rate is --lr × its own RMS, so a `down` of RMS 0.02 and an `up` of RMS 1 "
+                   "both move by the same fraction of their size (whitened factors differ in scale by 50×).")
 @click.option("--warmup", type=int, default=DEFAULTS.warmup, show_default=True,
               help="Linear warmup steps; a cosine decay to 10% of --lr follows.")
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True, help="AdamW weight decay.")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Windows per micro-batch.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Windows per micro-batch (an encoder: sentences of one length per batch, at most this many).")
 @click.option("--grad-accum", type=int, default=DEFAULTS.grad_accum, show_default=True,
               help="Micro-batches accumulated per optimizer step.")
-@click.option("--seq-len", type=int, default=DEFAULTS.seq_len, show_default=True, help="Tokens per training window.")
+@click.option("--seq-len", type=int, default=DEFAULTS.seq_len, show_default=True, help="Tokens per training window (an encoder trains on whole sentences, [CLS] … [SEP], cut at this length).")
 @click.option("--clip", type=float, default=DEFAULTS.clip, show_default=True, help="Max gradient norm (0: no clipping).")
 @click.option("--eval-every", type=int, default=DEFAULTS.eval_every, show_default=True,
               help="Evaluate on --eval every N steps (0: only before and after).")
@@ -97,7 +100,7 @@ def interrupted_message(paths: RecoveryPaths) -> str:
 @quiet_option
 @silence_transformers
 def command(folder, data, eval_texts, eval_windows, output, mode, loss, hidden_layers, teacher, temperature, distill_weight, lora_rank,
-            lora_alpha, steps, lr, warmup, weight_decay, batch_size, grad_accum, seq_len, clip, eval_every, patience,
+            lora_alpha, steps, lr, relative_lr, warmup, weight_decay, batch_size, grad_accum, seq_len, clip, eval_every, patience,
             checkpoint_every, resume, gradient_checkpointing, precision, seed, dtype, device, overwrite, nproc, quiet):
     """Fine-tune the factors of the compressed checkpoint FOLDER on --data text and save it to -o.
 
@@ -108,7 +111,7 @@ def command(folder, data, eval_texts, eval_windows, output, mode, loss, hidden_l
     if nproc is not None and nproc > 1:  # start torchrun with this same command on `nproc` ranks (DDP)
         return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     config = RecoveryConfig(
-        mode=mode, loss=loss, hidden_layers=hidden_layers, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+        mode=mode, loss=loss, hidden_layers=hidden_layers, steps=steps, lr=lr, relative_lr=relative_lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, clip=clip, temperature=temperature, distill_weight=distill_weight,
         lora_rank=lora_rank, lora_alpha=lora_alpha, teacher=teacher, eval_texts=list(eval_texts),
         eval_windows=eval_windows, eval_every=eval_every, patience=patience, checkpoint_every=checkpoint_every,
