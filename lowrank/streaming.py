@@ -240,7 +240,7 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
         plan.options["update_target"] = "dense"
-    if config.refinement().enabled:
+    if config.refinement().recorded:
         plan.options["refine"] = config.refinement().record()
     plan.options.update(plan_options or {})
     for name in (PROFILE_FILE, "boundary.safetensors"):  # working files, not weights: keep them out of the plan's sha256s

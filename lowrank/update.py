@@ -3,6 +3,8 @@
 With a layer's first factor `down` fixed, its second factor `up` is refitted by ridge least squares
 so that up·down·x_c matches the dense layer's output W·x_d, where x_c is the layer's input inside
 the compressed block and x_d its input inside the dense block, both fed the same block input.
+With `both_rounds`, both factors are refitted together instead (reduced-rank regression, `refit_both`),
+in rounds that each see the block's inputs as the previous round left them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from . import distributed
 from .block_capture import BlockCall, run_block
 from .errors import LowrankError
+from .factorize import Factors, whiten_factors, whitening
 from .layers import LowRankLinear
 from .targets import weight_matrix
 
@@ -54,6 +57,27 @@ def refit_up(
     if not torch.isfinite(up).all():
         raise LowrankError("the least-squares update produced NaN or Inf; rerun without --update")
     return up
+
+
+def refit_both(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    rank: int,
+    ridge: float = UPDATE_RIDGE,
+) -> Factors:
+    """Both factors at once: the rank-k M = up·down minimizing ‖W·X_d − M·X_c‖² (reduced-rank regression).
+
+    The unconstrained minimizer is M̂ = W·C·G⁻¹ (C = Σ x_d x_cᵀ, G = Σ x_c x_cᵀ + λ·mean eig·I), and the
+    error splits as ‖W·X_d − M̂·X_c‖² + ‖(M̂ − M)·S‖² with G = S·Sᵀ: so M is the whitened truncation of M̂
+    (SVD-LLM's, with the dense target in place of W). Exact in one solve, no alternating rounds needed.
+    """
+    white = whitening(gram, ridge)
+    target = weight.to(torch.float64) @ cross.to(torch.float64) @ white.inverse.T @ white.inverse  # M̂
+    factors = whiten_factors(target, gram, rank, white=white)
+    if not all(torch.isfinite(t).all() for t in (factors.down, factors.up)):
+        raise LowrankError("the least-squares refit of both factors produced NaN or Inf; rerun without --refine-refit")
+    return factors
 
 
 class _PairedInputs:
@@ -123,16 +147,27 @@ def update_block(
     target: str = "dense",
     ridge: float = UPDATE_RIDGE,
     dense_inputs: list[dict[str, torch.Tensor]] | None = None,
+    both_rounds: int = 0,
 ) -> None:
     """Refit `up` of every factored layer of `block` (names relative to it) against the dense block.
 
     `target` "dense": match W·x_d, the dense layer on the dense block's own internal inputs (corrects
     the error of the layers before it in the block too); "compressed": match W·x_c, the dense layer
     on the compressed block's inputs. `dense_inputs` (per batch, name → x_d, as `block_stats` keeps
-    them) saves running the dense block again: the same inputs, the same numbers.
+    them) saves running the dense block again: the same inputs, the same numbers. `both_rounds` > 0
+    refits both factors together (`refit_both`) that many times, each round on the inputs the block
+    then produces (a layer's x_c moves as the layers before it in the block are refitted).
     """
     if target not in UPDATE_TARGETS:
         raise LowrankError(f"unknown update target {target!r}; choose one of {', '.join(UPDATE_TARGETS)}")
+    for _ in range(max(1, both_rounds)):
+        _update_round(dense_block, block, factored, hidden, calls, device, target, ridge, dense_inputs, both_rounds > 0)
+
+
+def _update_round(dense_block: nn.Module, block: nn.Module, factored: dict[str, int], hidden: list[torch.Tensor],
+                  calls: list[BlockCall], device: torch.device, target: str, ridge: float,
+                  dense_inputs: list[dict[str, torch.Tensor]] | None, both: bool) -> None:
+    """One pass over the calibration batches accumulating each layer's pairs, then one refit of every layer."""
     dims = {name: weight_matrix(dense_block.get_submodule(name)).shape[1] for name in factored}
     pairs = _PairedInputs(dense_block, block, dims)
     try:
@@ -154,12 +189,18 @@ def update_block(
         layer = block.get_submodule(name)
         weight = weight_matrix(dense_block.get_submodule(name)).detach().cpu()
         gram, cross = sums[name]
+        if both:
+            factors = refit_both(weight, gram, cross if target == "dense" else gram, layer.down.weight.shape[0], ridge)
+            return [factors.up, factors.down]
         return [refit_up(weight, layer.down.weight.detach().cpu(), gram, cross if target == "dense" else None, ridge)]
 
     def receive(name: str) -> list[torch.Tensor]:  # another rank refits it (distributed runs)
-        return [torch.empty(block.get_submodule(name).up.weight.shape, dtype=torch.float64)]
+        layer = block.get_submodule(name)
+        shapes = [layer.up.weight.shape] + ([layer.down.weight.shape] if both else [])
+        return [torch.empty(shape, dtype=torch.float64) for shape in shapes]
 
     costs = [float(block.get_submodule(n).up.weight.numel() * dims[n]) for n in layers]
-    for name, (up,) in distributed.computed_by_owner(layers, costs, refit, receive, "the update").items():
+    for name, refitted in distributed.computed_by_owner(layers, costs, refit, receive, "the update").items():
         layer = block.get_submodule(name)
-        layer.up.weight.copy_(up.to(layer.up.weight.dtype))
+        for factor, value in zip((layer.up, layer.down), refitted):
+            factor.weight.copy_(value.to(factor.weight.dtype))
