@@ -797,6 +797,13 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--refine-steps", "2", "--one-shot", *SAMPLES), r"add --sequential"),
     Row("refine-method-svd", "refine", "`--refine-steps 2 --method svd` (no calibration statistics)",
         compress("{model}", "-o", "OUT", "--refine-steps", "2", "--method", "svd", *SAMPLES), r"--method whiten"),
+    Row("refine-holdout-one", "refine", "`--refine-holdout 1` (no batch would be left to train on)",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--refine-holdout", "1", *SAMPLES),
+        r"--refine-holdout must lie in \[0, 1\)"),
+    Row("refine-refit-negative", "refine", "`--refine-refit -1`",
+        compress("{model}", "-o", "OUT", "--refine-refit=-1", *SAMPLES), r"--refine-refit must be a whole number ≥ 0"),
+    Row("refine-refit-no-update", "refine", "`--refine-refit 1 --no-update` (the refit is part of the update)",
+        compress("{model}", "-o", "OUT", "--refine-refit", "1", "--no-update", *SAMPLES), r"add --sequential --update"),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
     Row("eval-against-dense-folder", "evaluation", "`lowrank eval MODEL --against` on a dense folder (no plan, no source)",
         command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),
