@@ -123,7 +123,7 @@ def markdown(data: dict) -> str:
              f"{data['refine']['share']:.0%} of the calibration batches per step, factors only"
              f"{' and norms/biases' if data['refine']['train_norms'] else ''}"
              f"{' and the layers the plan kept dense' if data['refine'].get('train_dense') else ''}; "
-             f"{data['refine'].get('holdout', 0):.1%} of the batches held out (each block keeps the step with the "
+             f"loss {data['refine'].get('loss', 'mse')}; {data['refine'].get('holdout', 0):.1%} of the batches held out (each block keeps the step with the "
              "lowest error on them; the block error column is on them).", "",
              f"Floor (one dense forward over the calibration windows, block by block): **{floor:.0f} s**.", "",
              "| ratio | variant | refit rounds | refine steps | perplexity | goal | compression (s) | × floor | "
@@ -187,6 +187,11 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=RefineOptions.holdout,
                         help="share of the calibration batches kept out of training (the stop signal)")
     parser.add_argument("--refit", type=int, default=0, help="rounds of the closed-form refit of both factors")
+    parser.add_argument("--loss", default=RefineOptions.loss, help="the refinement's loss: token or mse")
+    parser.add_argument("--known-dense", type=float, default=None,
+                        help="dense perplexity from an earlier run (skips evaluating the dense model)")
+    parser.add_argument("--known-floor", type=float, default=None,
+                        help="floor seconds from an earlier run under the lock (skips measuring it)")
     parser.add_argument("--refit-only", action="store_true",
                         help="also a row with the refit and no Adam steps (needs --refit)")
     parser.add_argument("--sweep-ratio", type=float, default=None, help="ratio of the steps sweep (default: none)")
@@ -205,10 +210,10 @@ def main() -> None:
     saved = {float(k): v for k, v in (item.split("=", 1) for item in args.plan_from)}
     defaults = {float(k): v for k, v in (item.split("=", 1) for item in args.default_from)}
     options = {"lr": args.lr, "share": args.share, "train_norms": args.norms, "train_dense": args.dense,
-               "holdout": args.holdout, "refit_rounds": args.refit}
+               "holdout": args.holdout, "refit_rounds": args.refit, "loss": args.loss}
     command = "python benchmarks/bench_refinement.py " + " ".join(
         [f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}", f"--steps {args.steps}", f"--lr {args.lr:g}",
-         f"--share {args.share:g}", f"--holdout {args.holdout:g}"] + ([f"--refit {args.refit}"] if args.refit else [])
+         f"--share {args.share:g}", f"--holdout {args.holdout:g}", f"--loss {args.loss}"] + ([f"--refit {args.refit}"] if args.refit else [])
         + (["--refit-only"] if args.refit_only else [])
         + (["--norms"] if args.norms else []) + (["--dense"] if args.dense else [])
         + ([f"--sweep-ratio {args.sweep_ratio:g} --sweep-steps {' '.join(map(str, args.sweep_steps))}"]
@@ -216,6 +221,8 @@ def main() -> None:
         + ([f"--plan-from {' '.join(args.plan_from)}"] if args.plan_from else [])
         + ([f"--default-from {' '.join(args.default_from)}"] if args.default_from else [])
         + ([f"--name {args.name}"] if args.name != NAME else [])
+        + ([f"--known-dense {args.known_dense:g}"] if args.known_dense is not None else [])
+        + ([f"--known-floor {args.known_floor:g}"] if args.known_floor is not None else [])
         + ([f"--lock '{args.lock}'"] if args.lock != "/work/wt/timed.lock" else []))
 
     if args.parallel and len(args.ratios) > 1:
@@ -225,8 +232,8 @@ def main() -> None:
     calib, evaluation = calibration_windows(tokenizer), evaluation_windows(tokenizer)
     data = {"command": command, "environment": environment(), "refine": options, "rows": [],
             "sweep": {"ratio": args.sweep_ratio, "steps": args.sweep_steps} if args.sweep_ratio is not None else None}
-    data["dense_perplexity"] = round(eval_ppl(dense, evaluation), 3)
-    data["floor_seconds"] = round(floor_seconds(dense, calib, lock), 1)
+    data["dense_perplexity"] = args.known_dense or round(eval_ppl(dense, evaluation), 3)
+    data["floor_seconds"] = args.known_floor or round(floor_seconds(dense, calib, lock), 1)
     print(f"dense {data['dense_perplexity']}, floor {data['floor_seconds']} s", flush=True)
 
     ratios = list(dict.fromkeys(args.ratios + ([args.sweep_ratio] if args.sweep_ratio is not None else [])))

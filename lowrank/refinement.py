@@ -29,6 +29,11 @@ from .targets import is_linear
 
 log = logging.getLogger(__name__)
 
+#: What the refinement's loss compares: "token" divides each token's squared error by the dense output's mean
+#: square at that token (what the next block's norm sees), "mse" is the plain mean squared error.
+LOSSES = ("token", "mse")
+
+
 #: Looks at the held-out error in a row without a new best after which a block's refinement stops.
 PATIENCE = 2
 
@@ -48,6 +53,7 @@ class RefineOptions:
     seed: int = 0                # order in which the batches are visited
     holdout: float = 0.125       # share of the calibration batches never trained on: their error picks the best step
     refit_rounds: int = 0        # the update refits both factors in closed form, this many rounds (0: `up` alone)
+    loss: str = "token"          # "token": each token's error relative to the dense token's size; "mse": plain
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
@@ -60,6 +66,8 @@ class RefineOptions:
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise LowrankError(f"--refine-holdout must lie in [0, 1) (the fraction of calibration batches kept out of "
                                f"training to pick the best step; 0: none), got {self.holdout!r}")
+        if self.loss not in LOSSES:
+            raise LowrankError(f"--refine-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not isinstance(self.refit_rounds, int) or isinstance(self.refit_rounds, bool) or self.refit_rounds < 0:
             raise LowrankError(f"--refine-refit must be a whole number ≥ 0 (rounds of the closed-form refit of both "
                                f"factors; 0: off), got {self.refit_rounds!r}")
@@ -158,18 +166,28 @@ def check_interval(steps: int) -> int:
     return max(1, steps // 8)
 
 
-def _squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.float() - target.to(output.device).float()).pow(2).mean()
+def block_loss(output: torch.Tensor, target: torch.Tensor, loss: str = "token") -> torch.Tensor:
+    """Mean squared difference of two block outputs (…, hidden); with "token", relative to each dense token's size.
+
+    A few tokens of a decoder's residual stream (the first one above all) carry nearly all of its
+    energy, and each next block reads the stream through an RMS norm: in plain MSE those tokens'
+    errors drown everyone else's, though the norm scales them away.
+    """
+    target = target.to(output.device).float()
+    error = (output.float() - target).pow(2)
+    if loss == "token":
+        error = error / target.pow(2).mean(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return error.mean()
 
 
 @torch.no_grad()
 def block_output_error(block: nn.Module, inputs: list[torch.Tensor], calls: list[BlockCall],
                        dense_outputs: list[torch.Tensor], device: torch.device,
-                       average: Average | None = None) -> float:
-    """Mean squared difference between `block` run on `inputs` and `dense_outputs`, over every batch."""
+                       average: Average | None = None, loss: str = "token") -> float:
+    """The `block_loss` between `block` run on `inputs` and `dense_outputs`, averaged over the batches."""
     total = torch.zeros((), dtype=torch.float64)
     for h, call, target in zip(inputs, calls, dense_outputs):
-        total += _squared_error(run_block(block, h, call, device), target).double().cpu()
+        total += block_loss(run_block(block, h, call, device), target, loss).double().cpu()
     total /= max(1, len(inputs))
     if average is not None:
         average(total)
@@ -210,7 +228,7 @@ def refine_block(
 
     def error() -> float:
         return block_output_error(block, [inputs[b] for b in watched], [calls[b] for b in watched],
-                                  [dense_outputs[b] for b in watched], device, average)
+                                  [dense_outputs[b] for b in watched], device, average, options.loss)
 
     flags = {id(p): p.requires_grad for p in block.parameters()}
     best = [p.detach().clone() for p in params]
@@ -228,7 +246,7 @@ def refine_block(
             with torch.enable_grad():
                 optimizer.zero_grad(set_to_none=True)
                 for b in (training[i] for i in step):
-                    loss = _squared_error(run_block(block, inputs[b], calls[b], device), dense_outputs[b])
+                    loss = block_loss(run_block(block, inputs[b], calls[b], device), dense_outputs[b], options.loss)
                     (loss / len(step)).backward()
                 if average is not None:
                     for p in params:

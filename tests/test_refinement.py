@@ -18,7 +18,7 @@ from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.model_info import count_parameters
 from lowrank.profiling import targets_of
-from lowrank.refinement import (PATIENCE, RefineOptions, batch_schedule, check_interval, holdout_split, refine_block, relative_groups,
+from lowrank.refinement import (PATIENCE, RefineOptions, batch_schedule, block_loss, check_interval, holdout_split, refine_block, relative_groups,
                                 trainable_parameters)
 from lowrank.stream_memory import estimate
 from lowrank.targets import find_block_list, find_targets
@@ -68,7 +68,8 @@ def test_refinement_lowers_the_block_output_error_and_keeps_ranks(arch):
     assert len(errors) == len(find_block_list(dense)[1])
     assert all(after < before and best > 0 for before, after, best in errors.values())
     assert plan.options["refine"] == {"steps": 30, "lr": 1e-2, "share": 0.5, "train_norms": False,
-                                      "train_dense": False, "seed": 0, "holdout": 0.0, "refit_rounds": 0}
+                                      "train_dense": False, "seed": 0, "holdout": 0.0, "refit_rounds": 0,
+                                      "loss": "token"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -170,7 +171,7 @@ def test_refine_block_direct_call_and_distributed_hook():
     n_params = len(trainable_parameters(block))
     assert len(seen) == 4 * n_params + 2  # every gradient of every step, and the errors before and after
     with torch.no_grad():
-        after = sum((run_block(block, h, c, "cpu") - t).pow(2).mean().item()
+        after = sum(block_loss(run_block(block, h, c, "cpu"), t, "token").item()
                     for h, c, t in zip(captured.hidden, calls, targets)) / len(targets)
     assert result.after == pytest.approx(after, rel=1e-5) and result.after < result.before
     assert refine_block(targets, block, captured.hidden, calls, RefineOptions()) is None  # steps 0: nothing
@@ -208,6 +209,18 @@ def test_held_out_batches_pick_the_step_and_stop_training():
     assert result.kept and result.best_step > 0 and result.after < result.before
 
 
+def test_token_loss_weighs_each_token_by_its_own_size():
+    """A token 100× larger than the rest dominates plain MSE; the token loss scores each token's relative error."""
+    target = torch.ones(1, 4, 8)
+    target[0, 0] *= 100.0
+    output = target.clone()
+    output[0, 0] += 1.0  # 1% error on the big token
+    output[0, 1] += 0.5  # 50% error on a small one
+    assert block_loss(output, target, "mse").item() == pytest.approx((8 * 1.0 + 8 * 0.25) / 32)
+    assert block_loss(output, target, "token").item() == pytest.approx((8 * 1e-4 + 8 * 0.25) / 32)
+    assert block_loss(target, target, "token").item() == 0.0
+
+
 def test_holdout_split_spreads_the_held_out_batches():
     assert holdout_split(8, 0.125) == ([0, 1, 2, 3, 4, 5, 6], [7])
     assert holdout_split(16, 0.25)[1] == [3, 7, 11, 15]
@@ -238,7 +251,7 @@ def test_batch_schedule_visits_every_batch_before_repeating():
     (dict(steps=2, lr=float("nan")), "--refine-lr"), (dict(steps=2, share=0.0), "--refine-share"),
     (dict(steps=2, share=1.5), "--refine-share"), (dict(holdout=1.0), "--refine-holdout"),
     (dict(holdout=-0.1), "--refine-holdout"), (dict(refit_rounds=-1), "--refine-refit"),
-    (dict(refit_rounds=1.5), "--refine-refit"),
+    (dict(refit_rounds=1.5), "--refine-refit"), (dict(loss="l1"), "--refine-loss"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(LowrankError, match=message):
@@ -247,9 +260,9 @@ def test_bad_options_are_one_line_errors(options, message):
 
 def test_config_carries_the_options_and_refuses_one_shot():
     config = CompressConfig(refine_steps=5, refine_lr=2e-4, refine_share=0.5, refine_norms=True, refine_dense=True,
-                            refine_holdout=0.25, refine_refit=2)
+                            refine_holdout=0.25, refine_refit=2, refine_loss="mse")
     assert config.refinement() == RefineOptions(steps=5, lr=2e-4, share=0.5, train_norms=True, train_dense=True,
-                                                holdout=0.25, refit_rounds=2)
+                                                holdout=0.25, refit_rounds=2, loss="mse")
     assert CompressConfig.from_dict(config.to_dict()) == config
     with pytest.raises(LowrankError, match="--sequential"):
         CompressConfig(refine_steps=5, sequential=False)

@@ -802,6 +802,9 @@ ROWS = [
         r"--refine-holdout must lie in \[0, 1\)"),
     Row("refine-refit-negative", "refine", "`--refine-refit -1`",
         compress("{model}", "-o", "OUT", "--refine-refit=-1", *SAMPLES), r"--refine-refit must be a whole number ≥ 0"),
+    Row("refine-loss-unknown", "refine", "`--refine-loss l1` (not a loss the refinement knows)",
+        compress("{model}", "-o", "OUT", "--refine-steps", "2", "--refine-loss", "l1", *SAMPLES),
+        r"'l1' is not one of 'token', 'mse'", exit_code=2),
     Row("refine-refit-no-update", "refine", "`--refine-refit 1 --no-update` (the refit is part of the update)",
         compress("{model}", "-o", "OUT", "--refine-refit", "1", "--no-update", *SAMPLES), r"add --sequential --update"),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
