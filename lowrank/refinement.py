@@ -223,8 +223,9 @@ def refine_block(
     if not params:
         return None
     training, held = holdout_split(len(inputs), options.holdout)
-    watched = held or training  # no held-out batch: the error on every batch decides, after the last step
-    interval = check_interval(options.steps) if held else options.steps
+    watched = held or training  # no held-out batch: the error on the batches it trains on decides
+    # every rank of a distributed run looks at the same steps (each look is an all-reduce), whatever its batches
+    interval = check_interval(options.steps) if options.holdout > 0 else options.steps
 
     def error() -> float:
         return block_output_error(block, [inputs[b] for b in watched], [calls[b] for b in watched],
