@@ -93,10 +93,12 @@ def run_variant(dense, plan: Plan, calib, evaluation, steps: int, options: dict,
     peak = stage_peak_rss_mib()
     ppl = eval_ppl(model, evaluation)
     errors = done.options.get("refine_errors", {})
-    reduction = [after / before for before, after in errors.values() if before > 0]
-    return {"steps": steps, "perplexity": round(ppl, 3), "compress_seconds": round(seconds, 1),
-            "peak_rss_mib": round(peak), "block_error_after_over_before": round(sum(reduction) / len(reduction), 4)
-            if reduction else None, "summary": done.summary()}
+    reduction = [after / before for before, after, *_ in errors.values() if before > 0]
+    best_steps = [best for *_, best in errors.values()]
+    return {"steps": steps, "refit_rounds": refine.refit_rounds, "perplexity": round(ppl, 3),
+            "compress_seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+            "block_error_after_over_before": round(sum(reduction) / len(reduction), 4) if reduction else None,
+            "best_step_per_block": best_steps or None, "summary": done.summary()}
 
 
 def saved_default(folder: str, evaluation) -> dict:
@@ -120,18 +122,21 @@ def markdown(data: dict) -> str:
              f"{data['dense_perplexity']:.2f}. Refinement: Adam lr {data['refine']['lr']}, "
              f"{data['refine']['share']:.0%} of the calibration batches per step, factors only"
              f"{' and norms/biases' if data['refine']['train_norms'] else ''}"
-             f"{' and the layers the plan kept dense' if data['refine'].get('train_dense') else ''}.", "",
+             f"{' and the layers the plan kept dense' if data['refine'].get('train_dense') else ''}; "
+             f"loss {data['refine'].get('loss', 'mse')}; {data['refine'].get('holdout', 0):.1%} of the batches held out (each block keeps the step with the "
+             "lowest error on them; the block error column is on them).", "",
              f"Floor (one dense forward over the calibration windows, block by block): **{floor:.0f} s**.", "",
-             "| ratio | variant | refine steps | perplexity | goal | compression (s) | × floor | planning (s) | "
-             "peak RSS (MiB) | block error after/before |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| ratio | variant | refit rounds | refine steps | perplexity | goal | compression (s) | × floor | "
+             "planning (s) | peak RSS (MiB) | block error after/before |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def cell(value, form: str) -> str:
         return "–" if value is None else format(value, form)
 
-    for row in sorted(data["rows"], key=lambda r: (-r["ratio"], r["steps"])):
+    for row in sorted(data["rows"], key=lambda r: (-r["ratio"], r.get("refit_rounds", 0), r["steps"])):
         seconds = row["compress_seconds"]
         ratio_to_floor = None if seconds is None else (seconds + row["planning_seconds"]) / floor
-        lines.append(f"| {row['ratio']} | {row['variant']} | {row['steps']} | {row['perplexity']:.2f} | "
+        lines.append(f"| {row['ratio']} | {row['variant']} | {row.get('refit_rounds', 0)} | {row['steps']} | "
+                     f"{row['perplexity']:.2f} | "
                      f"≤ {GOALS.get(row['ratio'], float('nan')):g} | {cell(seconds, '.0f')} | "
                      f"{cell(ratio_to_floor, '.1f')} | {row['planning_seconds']:.0f} | {cell(row['peak_rss_mib'], ',')} | "
                      f"{cell(row['block_error_after_over_before'], '.3f')} |")
@@ -150,10 +155,16 @@ def plot(data: dict) -> None:
     import matplotlib.pyplot as plt
 
     ratio = data["sweep"]["ratio"]
-    rows = sorted((r for r in data["rows"] if r["ratio"] == ratio), key=lambda r: r["steps"])
+    refit = data["refine"].get("refit_rounds", 0)
+    rows = sorted((r for r in data["rows"] if r["ratio"] == ratio and r.get("refit_rounds", 0) == refit),
+                  key=lambda r: r["steps"])
     steps = [r["steps"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [r["perplexity"] for r in rows], "o-", label="sequential + update + refinement")
+    ax.plot(steps, [r["perplexity"] for r in rows], "o-",
+            label="sequential + update" + (f" + refit ({refit} rounds)" if refit else "") + " + refinement")
+    default = [r for r in data["rows"] if r["ratio"] == ratio and r["steps"] == 0 and not r.get("refit_rounds")]
+    if default and refit:
+        ax.axhline(default[0]["perplexity"], color="tab:red", linestyle="-.", label="today's default")
     ax.axhline(GOALS[ratio], color="tab:green", linestyle="--", label=f"goal ≤ {GOALS[ratio]:g}")
     ax.axhline(data["dense_perplexity"], color="gray", linestyle=":", label="dense")
     ax.set_xlabel("refinement steps per block")
@@ -173,6 +184,16 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=RefineOptions.share)
     parser.add_argument("--norms", action="store_true", help="also train biases and norms")
     parser.add_argument("--dense", action="store_true", help="also train the linear layers the plan kept dense")
+    parser.add_argument("--holdout", type=float, default=RefineOptions.holdout,
+                        help="share of the calibration batches kept out of training (the stop signal)")
+    parser.add_argument("--refit", type=int, default=0, help="rounds of the closed-form refit of both factors")
+    parser.add_argument("--loss", default=RefineOptions.loss, help="the refinement's loss: token or mse")
+    parser.add_argument("--known-dense", type=float, default=None,
+                        help="dense perplexity from an earlier run (skips evaluating the dense model)")
+    parser.add_argument("--known-floor", type=float, default=None,
+                        help="floor seconds from an earlier run under the lock (skips measuring it)")
+    parser.add_argument("--refit-only", action="store_true",
+                        help="also a row with the refit and no Adam steps (needs --refit)")
     parser.add_argument("--sweep-ratio", type=float, default=None, help="ratio of the steps sweep (default: none)")
     parser.add_argument("--sweep-steps", type=int, nargs="*", default=[], help="extra step counts at --sweep-ratio")
     parser.add_argument("--plan-from", nargs="*", default=[], metavar="RATIO=FOLDER",
@@ -181,20 +202,27 @@ def main() -> None:
                         help="evaluate a folder compressed with today's default instead of compressing it again")
     parser.add_argument("--parallel", action="store_true",
                         help="run each ratio in its own process at once (peak memory is then per process)")
+    parser.add_argument("--name", default=NAME, help="report name under reports/ (default: %(default)s)")
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lock", default="/work/wt/timed.lock", help="flock file held while timing ('' : none)")
     args = parser.parse_args()
     lock = args.lock or None
     saved = {float(k): v for k, v in (item.split("=", 1) for item in args.plan_from)}
     defaults = {float(k): v for k, v in (item.split("=", 1) for item in args.default_from)}
-    options = {"lr": args.lr, "share": args.share, "train_norms": args.norms, "train_dense": args.dense}
+    options = {"lr": args.lr, "share": args.share, "train_norms": args.norms, "train_dense": args.dense,
+               "holdout": args.holdout, "refit_rounds": args.refit, "loss": args.loss}
     command = "python benchmarks/bench_refinement.py " + " ".join(
         [f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}", f"--steps {args.steps}", f"--lr {args.lr:g}",
-         f"--share {args.share:g}"] + (["--norms"] if args.norms else []) + (["--dense"] if args.dense else [])
+         f"--share {args.share:g}", f"--holdout {args.holdout:g}", f"--loss {args.loss}"] + ([f"--refit {args.refit}"] if args.refit else [])
+        + (["--refit-only"] if args.refit_only else [])
+        + (["--norms"] if args.norms else []) + (["--dense"] if args.dense else [])
         + ([f"--sweep-ratio {args.sweep_ratio:g} --sweep-steps {' '.join(map(str, args.sweep_steps))}"]
            if args.sweep_ratio is not None else [])
         + ([f"--plan-from {' '.join(args.plan_from)}"] if args.plan_from else [])
         + ([f"--default-from {' '.join(args.default_from)}"] if args.default_from else [])
+        + ([f"--name {args.name}"] if args.name != NAME else [])
+        + ([f"--known-dense {args.known_dense:g}"] if args.known_dense is not None else [])
+        + ([f"--known-floor {args.known_floor:g}"] if args.known_floor is not None else [])
         + ([f"--lock '{args.lock}'"] if args.lock != "/work/wt/timed.lock" else []))
 
     if args.parallel and len(args.ratios) > 1:
@@ -204,23 +232,29 @@ def main() -> None:
     calib, evaluation = calibration_windows(tokenizer), evaluation_windows(tokenizer)
     data = {"command": command, "environment": environment(), "refine": options, "rows": [],
             "sweep": {"ratio": args.sweep_ratio, "steps": args.sweep_steps} if args.sweep_ratio is not None else None}
-    data["dense_perplexity"] = round(eval_ppl(dense, evaluation), 3)
-    data["floor_seconds"] = round(floor_seconds(dense, calib, lock), 1)
+    data["dense_perplexity"] = args.known_dense or round(eval_ppl(dense, evaluation), 3)
+    data["floor_seconds"] = args.known_floor or round(floor_seconds(dense, calib, lock), 1)
     print(f"dense {data['dense_perplexity']}, floor {data['floor_seconds']} s", flush=True)
 
     ratios = list(dict.fromkeys(args.ratios + ([args.sweep_ratio] if args.sweep_ratio is not None else [])))
     plans = {ratio: plan_for(dense, calib, ratio, saved.get(ratio), lock) for ratio in ratios}
     # the refined rows first, then today's default, then the sweep: the headline numbers exist soonest
     main_ratios = args.ratios + ([args.sweep_ratio] if args.sweep_ratio not in (None, *args.ratios) else [])
-    order = ([(r, args.steps) for r in main_ratios] + [(r, 0) for r in main_ratios]
-             + [(args.sweep_ratio, s) for s in args.sweep_steps if s not in (0, args.steps)])
-    for ratio, count in order:
+    # (ratio, steps, refit rounds): a row with steps 0 and refit 0 is today's default
+    refit = args.refit
+    order = (([(r, 0, refit) for r in main_ratios] if args.refit_only and refit else [])
+             + [(r, args.steps, refit) for r in main_ratios] + [(r, 0, 0) for r in main_ratios]
+             + [(args.sweep_ratio, s, refit) for s in args.sweep_steps if s != args.steps])
+    order = list(dict.fromkeys(order))
+    for ratio, count, rounds in order:
         plan, planning, source = plans[ratio]
-        if count == 0 and ratio in defaults:
+        if count == 0 and rounds == 0 and ratio in defaults:
             row = saved_default(defaults[ratio], evaluation)
         else:
-            row = run_variant(dense, plan, calib, evaluation, count, options, lock)
-        row.update({"ratio": ratio, "variant": "today's default" if count == 0 else "+ refinement",
+            row = run_variant(dense, plan, calib, evaluation, count, dict(options, refit_rounds=rounds), lock)
+        variant = ("today's default" if count == 0 and rounds == 0 else "+ refit of both factors" if count == 0
+                   else "+ refinement")
+        row.update({"ratio": ratio, "variant": variant,
                     "planning_seconds": round(planning, 1), "plan_source": source})
         data["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
@@ -229,7 +263,7 @@ def main() -> None:
             continue
         if data["sweep"] and sum(r["ratio"] == args.sweep_ratio for r in data["rows"]) >= 2:
             plot(data)
-        write_report(NAME, data, markdown(data))  # every number is kept as soon as it exists
+        write_report(args.name, data, markdown(data))  # every number is kept as soon as it exists
 
 
 def run_parallel(args, command: str) -> None:
@@ -255,7 +289,7 @@ def run_parallel(args, command: str) -> None:
                 floor_seconds=min(part["floor_seconds"] for part in parts))
     if data["sweep"]:
         plot(data)
-    write_report(NAME, data, markdown(data))
+    write_report(args.name, data, markdown(data))
 
 
 def _is_sweep_arg(argv: list[str], i: int) -> bool:

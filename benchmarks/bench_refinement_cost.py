@@ -45,6 +45,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--lr", type=float, default=RefineOptions.lr)
     parser.add_argument("--share", type=float, default=RefineOptions.share)
+    parser.add_argument("--holdout", type=float, default=RefineOptions.holdout)
+    parser.add_argument("--loss", default=RefineOptions.loss)
+    parser.add_argument("--dense", action="store_true", help="refinement also trains the layers the plan kept dense")
+    parser.add_argument("--refit", type=int, default=0, help="rounds of the closed-form refit of both factors "
+                        "(adds a row with the refit alone)")
+    parser.add_argument("--out", default="refinement-cost", help="reports/<out>.json")
     args = parser.parse_args()
     loaded = load_smollm2()
     dense, calib = loaded.model, calibration_windows(loaded.tokenizer)
@@ -52,21 +58,29 @@ def main() -> None:
     modules = {k: v for k, v in full.modules.items() if int(k.split(".")[2]) < args.blocks}
     result = {"command": "flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_refinement_cost.py "
                          f"--blocks {args.blocks} --ratio {args.ratio:g} --plan-from {args.plan_from} "
-                         f"--steps {args.steps} --lr {args.lr:g} --share {args.share:g}",
+                         f"--steps {args.steps} --lr {args.lr:g} --share {args.share:g} --holdout {args.holdout:g} "
+                         f"--loss {args.loss}" + (" --dense" if args.dense else "")
+                         + (f" --refit {args.refit}" if args.refit else "") + f" --out {args.out}",
               "environment": environment(), "floor_seconds": round(floor(dense, calib, args.blocks), 1)}
-    for name, steps in (("default", 0), ("refined", args.steps)):
+    variants = [("default", 0, 0)] + ([("refit", 0, args.refit)] if args.refit else []) + [
+        ("refined", args.steps, args.refit)]
+    for name, steps, rounds in variants:
         model = fresh_copy(dense)
         started = time.perf_counter()
+        options = RefineOptions(steps=steps, lr=args.lr, share=args.share, holdout=args.holdout, loss=args.loss,
+                                train_dense=args.dense, refit_rounds=rounds)
         done = compress_sequential(model, Plan(modules=dict(modules)), calib, update=True, progress=False,
-                                   refine=RefineOptions(steps=steps, lr=args.lr, share=args.share))
+                                   refine=options)
         result[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
-        if steps:  # each block's output error (mean squared, all 64 windows) before and after refinement
+        if steps:  # each block's error (held-out batches, else all of them) before and after, and the step kept
             result["block_errors_before_after"] = done.options["refine_errors"]
         print(name, result[f"{name}_seconds"], flush=True)
     result["default_over_floor"] = round(result["default_seconds"] / result["floor_seconds"], 2)
     result["refined_over_floor"] = round(result["refined_seconds"] / result["floor_seconds"], 2)
     result["refined_over_default"] = round(result["refined_seconds"] / result["default_seconds"], 2)
-    (REPORTS / "refinement-cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.refit:
+        result["refit_over_default"] = round(result["refit_seconds"] / result["default_seconds"], 2)
+    (REPORTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
 
 

@@ -251,7 +251,8 @@ def compress_blocks(
                 with stage("compress_update"):
                     update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
                                  block_work.device, target=update_target,
-                                 dense_inputs=kept if update_target == "dense" else None)
+                                 dense_inputs=kept if update_target == "dense" else None,
+                                 both_rounds=refine.refit_rounds if refine is not None else 0)
                 del dense_block, kept
             block_work.dense_inputs = []
             if refine is not None and refine.enabled and block_work.dense_outputs is not None:
@@ -259,7 +260,7 @@ def compress_blocks(
                                       refine, block_work.device, average=refine_average)
                 if result is not None:
                     plan.options.setdefault("refine_errors", {})[block_work.prefix.rstrip(".")] = [
-                        float(f"{result.before:.6g}"), float(f"{result.after:.6g}")]
+                        float(f"{result.before:.6g}"), float(f"{result.after:.6g}"), result.best_step]
     finally:
         close = getattr(producer, "close", None)  # a generator producer: run its clean-up now, even on failure
         if close is not None:
@@ -320,7 +321,7 @@ def compress_sequential(
     plan.options.update({"sequential": True, "update": bool(update)})
     if update:
         plan.options["update_target"] = update_target
-    if refining:
+    if refine is not None and refine.recorded:
         plan.options["refine"] = refine.record()
     peak = peak_memory_mib(device)
     log.info("sequential compression: peak %s memory %.0f MiB", device.type, peak)

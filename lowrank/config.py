@@ -70,6 +70,9 @@ class CompressConfig(ConfigBase):
     refine_share: float = 0.125         # fraction of the calibration batches in each refinement step
     refine_norms: bool = False          # the refinement also trains the block's biases and norm weights
     refine_dense: bool = False          # the refinement also trains the block's linear layers the plan kept dense
+    refine_holdout: float = 0.125       # share of the calibration batches the refinement never trains on (its stop signal)
+    refine_refit: int = 0               # rounds of the closed-form refit of both factors in the update (0: `up` alone)
+    refine_loss: str = "token"          # the refinement's loss: each token's error relative to its size, or plain mse
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -96,11 +99,15 @@ class CompressConfig(ConfigBase):
         if self.refinement().enabled and (not self.sequential or self.method == "svd"):
             raise LowrankError("--refine-steps trains each block against the dense block on calibration windows, "
                                "block by block; add --sequential and --method whiten, or drop --refine-steps")
+        if self.refinement().refit_rounds and (not self.sequential or self.update is False or self.method == "svd"):
+            raise LowrankError("--refine-refit refits both factors inside the least-squares update, block by block; "
+                               "add --sequential --update and --method whiten, or drop --refine-refit")
 
     def refinement(self) -> RefineOptions:
         """The block refinement's options (lowrank.refinement); steps 0 means none."""
         return RefineOptions(steps=self.refine_steps, lr=self.refine_lr, share=self.refine_share,
-                             train_norms=self.refine_norms, train_dense=self.refine_dense)
+                             train_norms=self.refine_norms, train_dense=self.refine_dense,
+                             holdout=self.refine_holdout, refit_rounds=self.refine_refit, loss=self.refine_loss)
 
     def _check_stream(self) -> None:
         if self.save_dtype not in ("source",) + DTYPE_NAMES:

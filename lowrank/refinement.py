@@ -29,6 +29,14 @@ from .targets import is_linear
 
 log = logging.getLogger(__name__)
 
+#: What the refinement's loss compares: "token" divides each token's squared error by the dense output's mean
+#: square at that token (what the next block's norm sees), "mse" is the plain mean squared error.
+LOSSES = ("token", "mse")
+
+
+#: Looks at the held-out error in a row without a new best after which a block's refinement stops.
+PATIENCE = 2
+
 #: Averages a tensor in place across the ranks of a distributed run (gradients, errors); identity alone.
 Average = Callable[[torch.Tensor], None]
 
@@ -43,6 +51,9 @@ class RefineOptions:
     train_norms: bool = False    # also train the block's biases and normalization weights
     train_dense: bool = False    # also train the block's linear layers the plan kept dense (their shapes stay)
     seed: int = 0                # order in which the batches are visited
+    holdout: float = 0.125       # share of the calibration batches never trained on: their error picks the best step
+    refit_rounds: int = 0        # the update refits both factors in closed form, this many rounds (0: `up` alone)
+    loss: str = "token"          # "token": each token's error relative to the dense token's size; "mse": plain
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
@@ -52,10 +63,23 @@ class RefineOptions:
         if not (isinstance(self.share, (int, float)) and 0 < self.share <= 1):
             raise LowrankError(f"--refine-share must lie in (0, 1] (the fraction of calibration batches per "
                                f"step), got {self.share!r}")
+        if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise LowrankError(f"--refine-holdout must lie in [0, 1) (the fraction of calibration batches kept out of "
+                               f"training to pick the best step; 0: none), got {self.holdout!r}")
+        if self.loss not in LOSSES:
+            raise LowrankError(f"--refine-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.refit_rounds, int) or isinstance(self.refit_rounds, bool) or self.refit_rounds < 0:
+            raise LowrankError(f"--refine-refit must be a whole number ≥ 0 (rounds of the closed-form refit of both "
+                               f"factors; 0: off), got {self.refit_rounds!r}")
 
     @property
     def enabled(self) -> bool:
         return self.steps > 0
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a saved plan records these options: refinement steps, or the refit of both factors."""
+        return self.enabled or self.refit_rounds > 0
 
     def record(self) -> dict:
         """The settings as a saved plan records them."""
@@ -64,11 +88,12 @@ class RefineOptions:
 
 @dataclass
 class RefineResult:
-    """The block's output error (mean squared, over every calibration batch) before and after."""
+    """The block's output error (mean squared, on the held-out batches, else on every batch) before and after."""
 
     before: float
     after: float
-    kept: bool  # False: refinement made the error worse and the block was restored
+    kept: bool  # False: no step lowered the error and the block was restored
+    best_step: int = 0  # the step whose factors the block kept (0: those from before refinement)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -126,18 +151,43 @@ def batch_schedule(n_batches: int, options: RefineOptions) -> list[list[int]]:
     return steps
 
 
-def _squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.float() - target.to(output.device).float()).pow(2).mean()
+def holdout_split(n_batches: int, holdout: float) -> tuple[list[int], list[int]]:
+    """(training, held-out) batch indices: round(`holdout` × n) batches spread evenly, at least one, none with
+    `holdout` 0 or a single batch (then the error on every batch is the signal)."""
+    if holdout <= 0 or n_batches < 2:
+        return list(range(n_batches)), []
+    count = min(n_batches - 1, max(1, round(holdout * n_batches)))
+    held = sorted(n_batches - 1 - round(i * n_batches / count) for i in range(count))
+    return [b for b in range(n_batches) if b not in held], held
+
+
+def check_interval(steps: int) -> int:
+    """Steps between two looks at the held-out error: about 8 looks per block."""
+    return max(1, steps // 8)
+
+
+def block_loss(output: torch.Tensor, target: torch.Tensor, loss: str = "token") -> torch.Tensor:
+    """Mean squared difference of two block outputs (…, hidden); with "token", relative to each dense token's size.
+
+    A few tokens of a decoder's residual stream (the first one above all) carry nearly all of its
+    energy, and each next block reads the stream through an RMS norm: in plain MSE those tokens'
+    errors drown everyone else's, though the norm scales them away.
+    """
+    target = target.to(output.device).float()
+    error = (output.float() - target).pow(2)
+    if loss == "token":
+        error = error / target.pow(2).mean(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return error.mean()
 
 
 @torch.no_grad()
 def block_output_error(block: nn.Module, inputs: list[torch.Tensor], calls: list[BlockCall],
                        dense_outputs: list[torch.Tensor], device: torch.device,
-                       average: Average | None = None) -> float:
-    """Mean squared difference between `block` run on `inputs` and `dense_outputs`, over every batch."""
+                       average: Average | None = None, loss: str = "token") -> float:
+    """The `block_loss` between `block` run on `inputs` and `dense_outputs`, averaged over the batches."""
     total = torch.zeros((), dtype=torch.float64)
     for h, call, target in zip(inputs, calls, dense_outputs):
-        total += _squared_error(run_block(block, h, call, device), target).double().cpu()
+        total += block_loss(run_block(block, h, call, device), target, loss).double().cpu()
     total /= max(1, len(inputs))
     if average is not None:
         average(total)
@@ -158,7 +208,9 @@ def refine_block(
     `inputs` are the compressed path's hidden states at this block, `dense_outputs` the dense
     block's outputs on the dense path's inputs, per calibration batch; `calls` the block's other
     arguments. `average` (distributed runs) averages each gradient and each error across ranks.
-    If the error over all batches ends higher than it began, the block is restored. Returns None
+    A share of the batches (`options.holdout`) is never trained on: every few steps their error is
+    measured, the block keeps the factors of the step where it was lowest (those from before, if no
+    step lowered it), and training stops once `PATIENCE` looks in a row found no new best. Returns None
     when `options.steps` is 0 (nothing is run or changed).
     """
     if not options.enabled:
@@ -170,10 +222,20 @@ def refine_block(
     params = trainable_parameters(block, options.train_norms, options.train_dense)
     if not params:
         return None
+    training, held = holdout_split(len(inputs), options.holdout)
+    watched = held or training  # no held-out batch: the error on the batches it trains on decides
+    # every rank of a distributed run looks at the same steps (each look is an all-reduce), whatever its batches
+    interval = check_interval(options.steps) if options.holdout > 0 else options.steps
+
+    def error() -> float:
+        return block_output_error(block, [inputs[b] for b in watched], [calls[b] for b in watched],
+                                  [dense_outputs[b] for b in watched], device, average, options.loss)
+
     flags = {id(p): p.requires_grad for p in block.parameters()}
-    saved = [p.detach().clone() for p in params]
+    best = [p.detach().clone() for p in params]
     was_training = block.training
-    before = block_output_error(block, inputs, calls, dense_outputs, device, average)
+    before = best_error = error()
+    best_step, stale = 0, 0
     try:
         for p in block.parameters():
             p.requires_grad_(False)
@@ -181,27 +243,38 @@ def refine_block(
             p.requires_grad_(True)
         block.eval()  # no dropout: the loss compares deterministic outputs
         optimizer = torch.optim.Adam(relative_groups(params, options.lr))
-        with torch.enable_grad():
-            for step in batch_schedule(len(inputs), options):
+        for number, step in enumerate(batch_schedule(len(training), options), start=1):
+            with torch.enable_grad():
                 optimizer.zero_grad(set_to_none=True)
-                for b in step:
-                    loss = _squared_error(run_block(block, inputs[b], calls[b], device), dense_outputs[b])
+                for b in (training[i] for i in step):
+                    loss = block_loss(run_block(block, inputs[b], calls[b], device), dense_outputs[b], options.loss)
                     (loss / len(step)).backward()
                 if average is not None:
                     for p in params:
                         if p.grad is not None:
                             average(p.grad)
                 optimizer.step()
+            if number % interval and number != options.steps:
+                continue
+            now = error()
+            if math.isfinite(now) and now < best_error:
+                best_error, best_step, stale = now, number, 0
+                with torch.no_grad():
+                    for p, keep in zip(params, best):
+                        keep.copy_(p)
+            else:
+                stale += 1
+                if stale >= PATIENCE:
+                    break
         del optimizer
     finally:
         for p in block.parameters():
             p.requires_grad_(flags[id(p)])
         block.train(was_training)
-    after = block_output_error(block, inputs, calls, dense_outputs, device, average)
-    kept = math.isfinite(after) and after <= before
-    if not kept:
-        with torch.no_grad():
-            for p, old in zip(params, saved):
-                p.copy_(old)
-        log.info("refinement raised the block's output error (%.4g → %.4g); kept the factors from before", before, after)
-    return RefineResult(before, after if kept else before, kept)
+    with torch.no_grad():
+        for p, keep in zip(params, best):
+            p.copy_(keep)
+    if best_step == 0:
+        log.info("no refinement step lowered the block's %s error (%.4g); kept the factors from before",
+                 "held-out" if held else "output", before)
+    return RefineResult(before, best_error, best_step > 0, best_step)

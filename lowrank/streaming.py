@@ -257,7 +257,7 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
         plan.options["update_target"] = "dense"
-    if config.refinement().enabled:
+    if config.refinement().recorded:
         plan.options["refine"] = config.refinement().record()
     plan.options.update(plan_options or {})
     with distributed.agreement("saving"):  # rank 0 writes; the others learn whether it could

@@ -9,7 +9,7 @@ from helpers import make_tiny_model, random_windows
 from lowrank.block_capture import capture_block_inputs, run_block
 from lowrank.factorize import whiten_factors
 from lowrank.layers import LowRankLinear
-from lowrank.update import UPDATE_TARGETS, refit_up, update_block
+from lowrank.update import UPDATE_TARGETS, refit_both, refit_up, update_block
 
 
 def test_refit_up_is_the_least_squares_solution():
@@ -77,3 +77,39 @@ def test_update_block_from_codes_equals_the_input_space_formula(target):
         up = block.get_submodule(name).up.weight
         assert torch.allclose(up, expected[name], rtol=1e-9, atol=1e-12), name
         assert (up - before[name]).norm() > 1e-3 * before[name].norm(), name  # the refit did move `up`
+
+
+def _regression_data(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x_dense = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 12, dtype=torch.float64)
+    x_comp = x_dense + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, 12, generator=g, dtype=torch.float64)
+    return x_dense, x_comp, weight
+
+
+def test_refit_both_is_the_reduced_rank_regression():
+    """Classical reduced-rank regression: project the least-squares fit onto the top-k directions of its outputs."""
+    x_dense, x_comp, weight = _regression_data(2)
+    target = x_dense @ weight.T  # (tokens, out)
+    full = torch.linalg.lstsq(x_comp, target).solution.T  # M̂ (out, in)
+    _, _, vh = torch.linalg.svd(x_comp @ full.T, full_matrices=False)
+    projector = vh[:4].T @ vh[:4]  # (out, out) onto the top-4 output directions of the fitted values
+    factors = refit_both(weight, x_comp.T @ x_comp, x_dense.T @ x_comp, 4, ridge=0.0)
+    assert factors.down.shape == (4, 12) and factors.up.shape == (9, 4)
+    assert torch.allclose(factors.matrix(), projector @ full, atol=1e-8)
+
+
+def test_refit_both_beats_refitting_up_alone_and_matches_whitening_on_its_own_inputs():
+    x_dense, x_comp, weight = _regression_data(3)
+    gram, cross = x_comp.T @ x_comp, x_dense.T @ x_comp
+
+    def error(matrix):
+        return (x_dense @ weight.T - x_comp @ matrix.T).pow(2).sum().item()
+
+    for rank in (1, 3, 6):
+        down = whiten_factors(weight, gram, rank, damping=0.0).down
+        up_only = refit_up(weight, down, gram, cross, ridge=0.0) @ down
+        both = refit_both(weight, gram, cross, rank, ridge=0.0).matrix()
+        assert error(both) < error(up_only) * (1 - 1e-6)
+    own = refit_both(weight, gram, gram, 3, ridge=0.0).matrix()  # target W·X_c: plain whitened truncation
+    assert torch.allclose(own, whiten_factors(weight, gram, 3, damping=0.0).matrix(), atol=1e-8)

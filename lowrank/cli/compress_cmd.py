@@ -18,6 +18,7 @@ from ..config import CalibrationConfig, CompressConfig
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL
 from ..planner import DEFAULT_STRATEGY, STRATEGIES
+from ..refinement import LOSSES
 from .common import calibration_options, model_options, nproc_option, quiet_option, silence_transformers
 
 #: The configs this command builds; every option is one of their fields, except the CLI_ONLY ones.
@@ -90,6 +91,15 @@ def describe(plan) -> str:
 @click.option("--refine-dense/--no-refine-dense", default=DEFAULTS.refine_dense, show_default=True,
               help="Let the block refinement also train the block's linear layers that the plan kept dense "
                    "(ranks and parameter counts stay as planned).")
+@click.option("--refine-holdout", type=float, default=DEFAULTS.refine_holdout, show_default=True,
+              help="Fraction of the calibration batches the block refinement never trains on, in [0, 1): each block "
+                   "keeps the step with the lowest error on them, and stops when it no longer falls (0: none).")
+@click.option("--refine-refit", type=int, default=DEFAULTS.refine_refit, show_default=True, metavar="ROUNDS",
+              help="With --update: refit both factors of every layer in closed form against the dense block "
+                   "(reduced-rank regression), this many rounds, instead of the second factor alone (0: off).")
+@click.option("--refine-loss", type=click.Choice(LOSSES), default=DEFAULTS.refine_loss, show_default=True,
+              help="What the block refinement fits: token: each token's squared error relative to the dense token's "
+                   "size (what the next block's norm sees); mse: the plain mean squared error.")
 @click.option("--stream/--no-stream", default=DEFAULTS.stream,
               help="Read the checkpoint (safetensors folder, .gguf file or hub id) block by block from disk and write "
                    "the output shard by shard: memory holds one block, its statistics and the calibration activations "
@@ -117,7 +127,8 @@ def describe(plan) -> str:
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
-            exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, refine_dense, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
+            exclude, sequential, update, refine_steps, refine_lr, refine_share, refine_norms, refine_dense,
+            refine_holdout, refine_refit, refine_loss, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
             overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, nproc, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
 
@@ -130,7 +141,8 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update,
                             refine_steps=refine_steps, refine_lr=refine_lr, refine_share=refine_share,
-                            refine_norms=refine_norms, refine_dense=refine_dense,
+                            refine_norms=refine_norms, refine_dense=refine_dense, refine_holdout=refine_holdout,
+                            refine_refit=refine_refit, refine_loss=refine_loss,
                             batch_size=batch_size, device=device, dtype=dtype, stream=stream, offload_dir=offload_dir,
                             max_memory=max_memory, max_shard_size=max_shard_size, save_dtype=save_dtype)
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
