@@ -23,38 +23,44 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: 5 sentences of 12 tokens in batches of 2: 3 batches, so rank 0 prices two and rank 1 one.
 SENTENCES, LENGTH, BATCH = 5, 12, 2
 
+
+def price_tiny_bert() -> tuple[dict[str, torch.Tensor], int]:
+    """The tiny BERT's embedding prices on SENTENCES random sentences (seeded bases), and its forward passes."""
+    from lowrank.embedding_prices import DirectionBasis, measure_embedding_prices
+    from lowrank.targets import find_targets
+
+    model = make_tiny_model("bert")
+    targets = find_targets(model)
+    generator = torch.Generator().manual_seed(3)
+    bases = {t.name: DirectionBasis(torch.randn(t.out_features, 4, generator=generator, dtype=torch.float64),
+                                    torch.randn(t.in_features, 4, generator=generator, dtype=torch.float64))
+             for t in targets}
+    passes = []
+    model.get_input_embeddings().register_forward_hook(lambda *args: passes.append(1))
+    prices = measure_embedding_prices(model, targets, random_windows(SENTENCES, LENGTH), bases, batch_size=BATCH,
+                                      progress=False)
+    return prices, len(passes)
+
+
 PRICES_ON_RANKS = r"""
 import json, sys
-import torch
 from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[2])
-from helpers import make_tiny_model, random_windows
 from lowrank import distributed
-from lowrank.embedding_prices import DirectionBasis, measure_embedding_prices
-from lowrank.targets import find_targets
+from test_distributed_encoder import price_tiny_bert
 
 distributed.init_from_environment()
-model = make_tiny_model("bert")
-targets = find_targets(model)
-generator = torch.Generator().manual_seed(3)
-bases = {t.name: DirectionBasis(torch.randn(t.out_features, 4, generator=generator, dtype=torch.float64),
-                                torch.randn(t.in_features, 4, generator=generator, dtype=torch.float64))
-         for t in targets}
-passes = []
-model.get_input_embeddings().register_forward_hook(lambda *args: passes.append(1))
-prices = measure_embedding_prices(model, targets, random_windows(SENTENCES, LENGTH), bases, batch_size=BATCH,
-                                  progress=False)
+prices, passes = price_tiny_bert()
 out = sys.argv[1]
 with open(f"{out}/passes-{distributed.rank()}.json", "w") as handle:
-    json.dump(len(passes), handle)
+    json.dump(passes, handle)
 if distributed.rank() == 0:
     save_file({name: price.contiguous() for name, price in prices.items()}, f"{out}/prices.safetensors")
 distributed.close()
-""".replace("SENTENCES", str(SENTENCES)).replace("LENGTH", str(LENGTH)).replace("BATCH", str(BATCH))
+"""
 
 
 def test_embedding_prices_on_two_ranks_equal_one_process(tmp_path):
-    from lowrank.embedding_prices import DirectionBasis, measure_embedding_prices
     from lowrank.targets import find_targets
 
     script = tmp_path / "prices.py"
@@ -65,17 +71,9 @@ def test_embedding_prices_on_two_ranks_equal_one_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     passes = [json.loads((tmp_path / f"passes-{r}.json").read_text()) for r in range(2)]
 
-    model = make_tiny_model("bert")
-    targets = find_targets(model)
-    generator = torch.Generator().manual_seed(3)
-    bases = {t.name: DirectionBasis(torch.randn(t.out_features, 4, generator=generator, dtype=torch.float64),
-                                    torch.randn(t.in_features, 4, generator=generator, dtype=torch.float64))
-             for t in targets}
-    one_passes = []
-    model.get_input_embeddings().register_forward_hook(lambda *args: one_passes.append(1))
-    one = measure_embedding_prices(model, targets, random_windows(SENTENCES, LENGTH), bases, batch_size=BATCH,
-                                   progress=False)
-    per_batch = len(one_passes) // 3
+    one, one_passes = price_tiny_bert()
+    targets = find_targets(make_tiny_model("bert"))
+    per_batch = one_passes // 3
     assert passes == [2 * per_batch, per_batch], "each rank runs only its own batches (0 and 2; 1)"
     two = load_file(tmp_path / "prices.safetensors")
     assert one.keys() == two.keys() and len(one) == len(targets)
