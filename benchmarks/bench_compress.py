@@ -12,7 +12,8 @@ import time
 from common import (dense_baseline, CALIB_SAMPLES, EVAL_WINDOWS, SEQ_LEN, environment, eval_ppl, fresh_copy, write_report)
 
 from lowrank.calibration import collect_stats
-from lowrank.compression import apply_plan, uniform_plan
+from lowrank.compression import apply_plan
+from lowrank.model_planning import uniform_plan
 
 RATIOS = (0.8, 0.6)
 METHODS = ("svd", "asvd", "whiten")

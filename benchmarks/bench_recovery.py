@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 from lowrank.calibration import sample_text_path  # noqa: E402
 from lowrank.checkpoint import read_plan  # noqa: E402
-from lowrank.compression import count_parameters  # noqa: E402
+from lowrank.model_info import count_parameters  # noqa: E402
 from lowrank.loading import load_model  # noqa: E402
 from lowrank.config import RecoveryConfig  # noqa: E402
 from lowrank.recovery import training_windows  # noqa: E402

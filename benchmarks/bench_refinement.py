@@ -31,7 +31,8 @@ from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_w
 
 from lowrank.block_capture import capture_block_inputs, run_block
 from lowrank.checkpoint import read_plan
-from lowrank.compression import compress_with_plan, plan_model
+from lowrank.compression import compress_with_plan
+from lowrank.model_planning import plan_model
 from lowrank.plan import Plan
 from lowrank.planner import default_strategy
 from lowrank.refinement import RefineOptions

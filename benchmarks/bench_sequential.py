@@ -25,7 +25,8 @@ from common import (CALIB_SAMPLES, EVAL_WINDOWS, REPORTS, SEQ_LEN, calibration_w
 
 from lowrank import planner
 from lowrank.calibration import collect_stats
-from lowrank.compression import apply_plan, compress_sequential, uniform_plan
+from lowrank.compression import apply_plan, compress_sequential
+from lowrank.model_planning import uniform_plan
 from lowrank.model_info import count_parameters
 from lowrank.profiling import profile_model
 from lowrank.targets import find_targets

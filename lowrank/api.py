@@ -18,7 +18,8 @@ from . import distributed
 from .agreement import AgreementResult, agreement
 from .calibration import load_text, sample_text_path, text_windows, window_count
 from .checkpoint import read_plan, save_compressed
-from .compression import check_plan_matches, compress_model, needs_statistics, plan_model
+from .compression import compress_model
+from .model_planning import check_plan_matches, needs_statistics, plan_model
 from .config import CONFIG_FILE, CalibrationConfig, CompressConfig, EvalConfig, RecoveryConfig, read_config_record
 from .config_base import resolve_device, torch_dtype
 from .encoder_eval import EncoderAgreement, compare_encoders

@@ -27,7 +27,7 @@ from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
-from .compression import check_plan_matches, needs_statistics
+from .model_planning import check_plan_matches, needs_statistics
 from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
 from .errors import LowrankError

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .compression import count_parameters
+from .model_info import count_parameters
 from .config import RecoveryConfig
 from .distill import HIDDEN_LOSSES, embedding_loss, hidden_state_loss, recovery_loss
 from .encoders import embed, last_hidden_state

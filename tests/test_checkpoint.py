@@ -14,7 +14,8 @@ import lowrank
 from lowrank.checkpoint import read_plan, save_compressed
 from lowrank.fileio import atomic_output_dir, atomic_write_text, check_output_dir, check_output_spares_input, sha256_file
 from lowrank.folder_format import PLAN_FILE, is_compressed_folder
-from lowrank.compression import compress_model, count_parameters
+from lowrank.compression import compress_model
+from lowrank.model_info import count_parameters
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 

@@ -13,7 +13,8 @@ from lowrank.calibration import collect_stats
 from lowrank.checkpoint import read_plan, save_compressed
 from lowrank.fileio import sha256_file
 from lowrank.folder_format import PLAN_FILE
-from lowrank.compression import apply_plan, compress_model, uniform_plan
+from lowrank.compression import apply_plan, compress_model
+from lowrank.model_planning import uniform_plan
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error
 from lowrank.targets import find_targets, weight_matrix
@@ -113,7 +114,7 @@ def test_the_model_is_marked_compressed_once(sequential, monkeypatch):
                                               ("svd", "energy")])
 def test_a_saved_profile_plans_like_the_model_itself(method, strategy, tmp_path):
     """`plan --profile` and planning on the model agree: the same ranks from the same calibration."""
-    from lowrank.compression import plan_model
+    from lowrank.model_planning import plan_model
     from lowrank.planner import plan_profile
     from lowrank.profile import Profile
     from lowrank.profiling import profile_with_calibration

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from helpers import FUZZ, assert_valid_plan, make_tiny_model, random_windows, run_cli
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
-from lowrank.compression import compress_model, count_parameters, plan_model
+from lowrank.compression import compress_model
+from lowrank.model_info import count_parameters
+from lowrank.model_planning import plan_model
 from lowrank.errors import BudgetError, LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.ranks import saves_parameters

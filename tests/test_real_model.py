@@ -10,7 +10,7 @@ import transformers
 
 import lowrank  # noqa: F401  (registers the lowrank quantizer with transformers)
 from lowrank.calibration import text_windows
-from lowrank.compression import count_parameters
+from lowrank.model_info import count_parameters
 from lowrank.evaluation import perplexity
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ from helpers import start_cli_paused_at, wait_until_paused
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan
 from lowrank.cli import main
-from lowrank.compression import compress_model, count_parameters
+from lowrank.compression import compress_model
+from lowrank.model_info import count_parameters
 from lowrank.config import RecoveryConfig
 from lowrank.recovery import RecoveryPaths
 from lowrank.training import ranks_of, recover

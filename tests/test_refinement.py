@@ -12,7 +12,8 @@ import lowrank
 from lowrank.block_capture import capture_block_inputs, run_block
 from lowrank.block_source import BlockSource
 from lowrank.checkpoint import load_compressed
-from lowrank.compression import compress_model, compress_sequential, uniform_plan
+from lowrank.compression import compress_model, compress_sequential
+from lowrank.model_planning import uniform_plan
 from lowrank.config import CompressConfig
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear

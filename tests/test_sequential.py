@@ -11,7 +11,8 @@ from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, make_tiny_m
 from test_block_capture import sliding_qwen2  # a Qwen2 whose blocks get different masks
 
 from lowrank.calibration import collect_stats
-from lowrank.compression import apply_plan, compress_model, uniform_plan
+from lowrank.compression import apply_plan, compress_model
+from lowrank.model_planning import uniform_plan
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
@@ -244,7 +245,7 @@ def test_sequential_with_update_is_the_default():
 
 
 def test_the_sequential_producer_yields_each_block_then_the_layers_outside():
-    from lowrank.compression import plan_modules
+    from lowrank.model_planning import plan_modules
     from lowrank.sequential import sequential_statistics
 
     model = make_tiny_model("llama")

@@ -194,7 +194,8 @@ def test_update_on_kept_inputs_equals_running_the_dense_block_again(tmp_path, ar
     import copy
 
     import lowrank.compression as compression
-    from lowrank.compression import compress_sequential, uniform_plan
+    from lowrank.compression import compress_sequential
+    from lowrank.model_planning import uniform_plan
     from lowrank.targets import find_targets
 
     model = save_tiny_model(tmp_path, arch)

@@ -11,7 +11,8 @@ import torch
 
 from helpers import make_tiny_model, random_windows
 from lowrank.checkpoint import load_compressed, save_compressed
-from lowrank.compression import compress_model, count_parameters
+from lowrank.compression import compress_model
+from lowrank.model_info import count_parameters
 from lowrank.config import RecoveryConfig
 from lowrank.distill import recovery_loss
 from lowrank.errors import LowrankError

@@ -15,7 +15,7 @@ import click
 from ..budget import RankLimits
 from ..api import calibration_windows
 from ..config import CalibrationConfig
-from ..compression import needs_statistics, plan_model
+from ..model_planning import needs_statistics, plan_model
 from ..errors import LowrankError
 from ..factorize import METHODS
 from ..loading import DEFAULT_MODEL, load_model
