@@ -18,7 +18,7 @@ import logging
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -158,6 +158,12 @@ def my_share(items: Sequence) -> list | torch.Tensor:
     if isinstance(items, torch.Tensor):
         return items[rank()::world_size()] if active() else items
     return list(items)[rank()::world_size()]
+
+
+def with_ownership(items: Sequence) -> list[tuple[Any, bool]]:
+    """Every item, each with whether this rank owns it (`my_share`'s split): for passes that draw every
+    item's random numbers, so that a seed gives the same draws for any N, and compute only their own."""
+    return [(item, index % world_size() == rank()) for index, item in enumerate(items)]
 
 
 def owners(costs: Sequence[float], ranks: int | None = None) -> list[int]:

@@ -103,12 +103,10 @@ def measure_embedding_prices(
             for target in targets:
                 handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
             generator = torch.Generator().manual_seed(seed)
-            batches = window_batches(windows, batch_size)
-            mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
+            batches = distributed.with_ownership(window_batches(windows, batch_size))
             with torch.enable_grad():
-                for index, batch in enumerate(tqdm(batches, desc="Embedding prices", unit="batch",
-                                                   disable=not progress)):
-                    if index not in mine:  # another rank's sentences: draw their probes, as a backward pass would
+                for batch, mine in tqdm(batches, desc="Embedding prices", unit="batch", disable=not progress):
+                    if not mine:  # another rank's sentences: draw their probes, as a backward pass would
                         for _ in range(probes):
                             torch.randn((batch.shape[0], model.config.hidden_size), generator=generator)
                         continue

@@ -166,11 +166,10 @@ def measure_output_fisher(
             for target in targets:
                 handles.append(model.get_submodule(target.name).register_forward_hook(watch(target.name)))
             generator = torch.Generator().manual_seed(seed)
-            batches = window_batches(windows, batch_size)
-            mine = set(distributed.my_share(range(len(batches))))  # every batch with one process
+            batches = distributed.with_ownership(window_batches(windows, batch_size))
             with torch.enable_grad():
-                for index, batch in enumerate(tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress)):
-                    if index in mine:
+                for batch, mine in tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress):
+                    if mine:
                         BACKWARD[objective](model, batch.to(device), generator)
                     else:  # another rank's batch: draw its random numbers all the same, so seeds do not depend on N
                         skip_draws(objective, model, batch, generator)

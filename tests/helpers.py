@@ -320,3 +320,20 @@ def write_foreign_gguf(path, gguf_arch: str = "gpt2") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def interrupt_compress_pass_at(monkeypatch, block: int = 1) -> list[int]:
+    """Make a streamed run raise KeyboardInterrupt when its compress pass loads `block` (the block's third load:
+    profile forward, profile backward, compress). Returns the list of block indices loaded so far."""
+    from lowrank.block_source import BlockSource
+
+    original, loads = BlockSource.load_block, []
+
+    def load_then_stop(self, index):
+        loads.append(index)
+        if loads.count(block) == 3:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    return loads

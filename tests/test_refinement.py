@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY_ARCHITECTURES, make_tiny_model, random_windows, save_tiny_model
+from helpers import TINY_ARCHITECTURES, interrupt_compress_pass_at, make_tiny_model, random_windows, save_tiny_model
 
 import lowrank
 from lowrank.block_capture import capture_block_inputs, run_block
@@ -316,16 +316,7 @@ def test_streamed_refinement_resumes_with_both_streams(tmp_path, monkeypatch):
     windows = random_windows(12, 24)
     config = CompressConfig(stream=True, max_shard_size="30KB", refine_steps=6, refine_lr=1e-2)
     lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "whole", progress=False)
-    loads = []
-    original = BlockSource.load_block
-
-    def load_then_stop(self, index):
-        loads.append(index)
-        if loads.count(1) == 3:  # profile forward, profile backward, then compress block 1
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    loads = interrupt_compress_pass_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False)
     loads.clear()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, random_windows, save_tiny_model
+from helpers import (CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, interrupt_compress_pass_at, random_windows,
+                     save_tiny_model)
 
 import lowrank
 from lowrank.block_source import INDEX_FILE, BlockSource
@@ -124,16 +125,7 @@ def test_resume_continues_from_the_last_finished_block(tmp_path, monkeypatch):
     config = CompressConfig(stream=True, max_shard_size="30KB")  # one shard per block: block 0 is flushed alone
     lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "whole", progress=False)
 
-    loads = []
-    original = BlockSource.load_block
-
-    def load_then_stop(self, index):
-        loads.append(index)
-        if loads.count(1) == 3:  # profile fwd, profile bwd, then compress block 1
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    loads = interrupt_compress_pass_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         lowrank.compress(tmp_path / "src", config, windows, output=tmp_path / "out", progress=False)
     partial = partial_dir(tmp_path / "out")
@@ -263,15 +255,8 @@ def test_ctrl_c_in_a_streamed_run_names_the_partial_folder_to_resume(tmp_path, m
 
     save_tiny_model(tmp_path / "src", "llama")
     capsys.readouterr()  # what saving the tiny model printed
-    original, loads = BlockSource.load_block, []
-
-    def load_then_stop(self, index):
-        loads.append(index)
-        if loads.count(1) == 3:  # profile forward, profile backward, then the compress pass's block 1
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(BlockSource, "load_block", load_then_stop)
+    original = BlockSource.load_block
+    interrupt_compress_pass_at(monkeypatch, 1)
     argv = ["compress", str(tmp_path / "src"), "--stream", "--samples", "12", "--seq-len", "24", "--max-shard-size", "30KB",
             "-o", str(tmp_path / "out"), "-q"]
     code, _, err = run_cli(capsys, *argv)
