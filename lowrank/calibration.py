@@ -202,6 +202,20 @@ def first_windows(windows: "torch.Tensor | list[torch.Tensor]", n: int) -> "torc
     return kept
 
 
+#: Calibration windows the planner profiles (dense Grams, whitened spectra) before sequential compression,
+#: which calibrates again on all of them, block by block on the compressed path. Measured on SmolLM2
+#: (reports/speed-notes.md): the plan from 16 of 64 windows costs a quarter of the profile's pass.
+DEFAULT_PLAN_SAMPLES = 16
+
+
+def planning_windows(windows: "torch.Tensor | list[torch.Tensor]", count: int) -> "torch.Tensor | list[torch.Tensor]":
+    """The windows the planner profiles: the first `count` of a (n, seq_len) tensor (its rows are drawn at
+    random), all when `count` is 0. An encoder's sentence batches are few, grouped by length, and all kept."""
+    if count == 0 or not isinstance(windows, torch.Tensor):
+        return windows
+    return windows[:count]
+
+
 def shortest_window(windows: "torch.Tensor | list[torch.Tensor]") -> int:
     """Tokens in the shortest window."""
     if isinstance(windows, torch.Tensor):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, hf_integration
 from .budget import RankLimits
-from .calibration import ActivationStats, window_count
+from .calibration import DEFAULT_PLAN_SAMPLES, ActivationStats, planning_windows, window_count
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS, Factors, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
@@ -236,6 +236,7 @@ def compress_model(
     limits: "RankLimits | None" = None,
     overrides: "dict | list[str] | None" = None,
     refine: RefineOptions | None = None,
+    plan_samples: int = DEFAULT_PLAN_SAMPLES,
 ) -> Plan:
     """Compress `model` in place and return the Plan it followed: profile → plan → compress.
 
@@ -244,7 +245,8 @@ def compress_model(
     squares. There, `device` (default: the model's) receives one block at a time, so the model may
     stay on CPU. `refine` (sequential only) trains each block's factors against the dense block.
 
-    `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd.
+    `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd; sequential
+    compression plans from the first `plan_samples` of them (0: all).
     Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`)
     under `budget` (lowrank.budget; default: `ratio` of the target parameters), within `limits`
     and `overrides`.
@@ -263,22 +265,29 @@ def compress_model(
                                       round_to=round_to, batch_size=batch_size, damping=damping, progress=progress,
                                       source=source, sequential=sequential, update=update, device=device,
                                       strategy=strategy, budget=budget, limits=limits, overrides=overrides,
-                                      refine=refine)
+                                      refine=refine, plan_samples=plan_samples)
     plan.options["stage_seconds"] = summary(seconds)
     return plan
 
 
 def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Target], *, ratio, method, windows,
                            round_to, batch_size, damping, progress, source, sequential, update, device, strategy,
-                           budget, limits, overrides, refine) -> Plan:
-    """compress_model's stages: plan (profiling where the strategy needs it) unless given, then compress."""
+                           budget, limits, overrides, refine, plan_samples) -> Plan:
+    """compress_model's stages: plan (profiling where the strategy needs it) unless given, then compress.
+
+    Sequential compression calibrates again on the compressed path, so its planner profiles only the first
+    `plan_samples` windows; one-shot factoring reuses the profile's statistics, so it profiles them all.
+    """
     planning_stats = None  # statistics the profile collected, reused by one-shot factoring
     if plan is None:
+        profiled = planning_windows(windows, plan_samples) if sequential and windows is not None else windows
         plan, planning_stats = plan_model(
             model, targets, check_ratio(ratio) if budget is None else budget,
-            strategy or default_strategy(method, model), windows=windows, method=method,
+            strategy or default_strategy(method, model), windows=profiled, method=method,
             limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
             damping=damping, source=source, progress=progress)
+        if sequential and windows is not None:
+            plan.options["plan_samples"] = window_count(profiled)
     else:
         check_plan_matches(plan, targets)
         plan.method = method

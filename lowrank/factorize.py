@@ -65,9 +65,9 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
     root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
-    In both cases the ridge δ keeps every direction invertible. Memory: at most four in × in
-    float64 matrices beside `gram` (eigh's work space counts two), three once `gram` is symmetrized
-    when the caller passed its only reference (`WhiteningCache` with readers does).
+    In both cases the ridge δ keeps every direction invertible. Memory: at most three in × in
+    float64 matrices beside `gram`, two once `gram` is symmetrized when the caller passed its only
+    reference (`WhiteningCache` with readers does).
     """
     gram = gram.to(torch.float64)
     _check_finite(gram, f"the Gram matrix of {name}")
@@ -90,15 +90,32 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
             return Whitening(root=lower, inverse=inverse)
         del identity, inverse
     del lower
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = symmetric_eigh(gram)  # consumes `gram`: its buffer becomes LAPACK's work matrix
     del gram
     eigenvalues = eigenvalues.clamp(min=0.0) + damping * scale
-    sqrt = eigenvalues.sqrt()
-    scaled = eigenvectors * sqrt
-    root = scaled @ eigenvectors.T
-    torch.div(eigenvectors, sqrt, out=scaled)  # the same buffer again: one in × in fewer at the peak
-    inverse = scaled @ eigenvectors.T
+    # S = V·Λ^½·Vᵀ = (V·Λ^¼)(V·Λ^¼)ᵀ and S⁻¹ = (V·Λ^-¼)(V·Λ^-¼)ᵀ: V is rescaled in place between the two
+    # products, so no in × in temporary sits beside V, S and S⁻¹
+    vectors.mul_(eigenvalues.pow(0.25))
+    root = vectors @ vectors.T
+    vectors.div_(eigenvalues.sqrt())
+    inverse = vectors @ vectors.T
     return Whitening(root=root, inverse=inverse)
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric float64 `matrix`, which it may overwrite.
+
+    On CPU, LAPACK's MRRR driver (dsyevr, through SciPy) works inside `matrix` with O(n) extra space:
+    two n × n matrices at the peak, where torch.linalg.eigh's divide and conquer (dsyevd) holds four.
+    For the 5632-wide MLP input of a 1B-class model that is half a gigabyte.
+    """
+    if matrix.device.type != "cpu":
+        return torch.linalg.eigh(matrix)
+    import scipy.linalg
+
+    # the transpose is the same symmetric matrix in Fortran order, so LAPACK works in its buffer, not a copy
+    values, vectors = scipy.linalg.eigh(matrix.numpy().T, overwrite_a=True, check_finite=False, driver="evr")
+    return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
 class WhiteningCache:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -27,6 +28,7 @@ from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
+from .calibration import planning_windows, window_count
 from .model_planning import check_plan_matches, needs_statistics
 from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
@@ -40,7 +42,7 @@ from .profiling import DEFAULT_SENSITIVITY_SAMPLES
 from .shard_writer import ShardWriter, parse_size
 from .speed_model import resolve_round_to
 from .stream_compress import compress_pass
-from .stream_memory import available_bytes, check_fits, estimate
+from .stream_memory import GIB, available_bytes, check_fits, estimate
 from .stream_profile import profile_streamed
 from .targets import find_targets
 
@@ -76,17 +78,46 @@ def check_streamable(source: str | Path) -> Path:
     return Path(source)
 
 
-def should_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
-    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) only when a
-    streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for it.
+#: Peak memory of the in-memory default compress over the checkpoint's float32 weights, measured: SmolLM2-135M
+#: 14× (7.6 GiB), random Llamas of 4 to 16 layers about 10× (issue 13). The larger is used.
+IN_MEMORY_PEAK_FACTOR = 14
 
-    `can_stream` says where streaming would apply; it is not the default yet, because the bad-input
-    behaviour of the streamed path (its messages, Ctrl-C and disk-full handling) has not been checked
-    row by row against the in-memory path's (docs/robustness.md).
+
+def should_stream(source: Any, config: CompressConfig, output: str | Path | None,
+                  available: int | None = None) -> bool:
+    """Whether `lowrank.compress` streams: `config.stream` when set; else (None, the default) when a
+    streaming-only option (--offload-dir, --max-memory, --save-dtype) asks for it, or when the source
+    can stream and loading it whole would not fit in `available` bytes (default: what is free now).
+
+    A model that fits is still loaded whole by default: the streamed path's bad-input behaviour (its
+    messages, Ctrl-C and disk-full handling) differs from the in-memory path's in a few rows of
+    docs/robustness.md, and those rows are checked on models that fit.
     """
     if config.stream is not None:
         return config.stream
-    return config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source"
+    if config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source":
+        return True
+    if not can_stream(source, config, output):
+        return False
+    needed = in_memory_peak_bytes(Path(source))
+    free = available_bytes() if available is None else available
+    if needed <= free:
+        return False
+    log.warning("%s would need about %.1f GiB loaded whole and %.1f GiB is free: compressing it block by block "
+                "from disk (--no-stream loads it whole anyway)", source, needed / GIB, free / GIB)
+    return True
+
+
+def in_memory_peak_bytes(folder: Path) -> int:
+    """What the in-memory default compress of a safetensors folder is expected to peak at (a rule of thumb)."""
+    from safetensors import safe_open
+
+    elements = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                elements += math.prod(handle.get_slice(name).get_shape())
+    return IN_MEMORY_PEAK_FACTOR * 4 * elements
 
 
 def can_stream(source: Any, config: CompressConfig, output: str | Path | None) -> bool:
@@ -147,7 +178,8 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
         if stream_ranks.writer_answer(lambda: (partial / PROFILE_FILE).is_file()):
             profile = Profile.load(partial / PROFILE_FILE) if distributed.is_writer() else None
         else:
-            profile = profile_streamed(source, targets, windows, BoundaryStore(cap, config.offload_dir),
+            profile = profile_streamed(source, targets, planning_windows(windows, config.plan_samples),
+                                       BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
                                        name=str(source.path),
@@ -162,6 +194,8 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     plan = plan_targets(targets, model_params, budget, strategy, spectra=spectra, method=config.method,
                         limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.path))
     seconds["planning"] = round(time.perf_counter() - started, 3)
+    if spectra is not None:
+        plan.options["plan_samples"] = window_count(planning_windows(windows, config.plan_samples))
     if strategy == "sensitivity":
         plan.options["sensitivity_samples"] = min(DEFAULT_SENSITIVITY_SAMPLES, windows.shape[0])
     return plan

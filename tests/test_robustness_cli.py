@@ -817,6 +817,11 @@ ROWS = [
         r"'l1' is not one of 'token', 'mse'", exit_code=2),
     Row("refine-refit-no-update", "refine", "`--refine-refit 1 --no-update` (the refit is part of the update)",
         compress("{model}", "-o", "OUT", "--refine-refit", "1", "--no-update", *SAMPLES), r"add --sequential --update"),
+    Row("plan-samples-negative", "compress", "`--plan-samples -1` (windows the planner profiles)",
+        compress("{model}", "-o", "OUT", "--plan-samples=-1", *SAMPLES), r"--plan-samples must be at least 0"),
+    Row("plan-samples-not-a-number", "compress", "`--plan-samples all` (a count; 0 means all)",
+        compress("{model}", "-o", "OUT", "--plan-samples", "all", *SAMPLES), r"'all' is not a valid integer",
+        exit_code=2),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
     Row("eval-against-dense-folder", "evaluation", "`lowrank eval MODEL --against` on a dense folder (no plan, no source)",
         command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),

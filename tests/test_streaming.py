@@ -249,6 +249,19 @@ def test_where_streaming_applies_and_when_it_is_asked_for(tmp_path, case, can):
         assert should_stream(str(source), config.replace(stream=True), output) is True
 
 
+def test_a_checkpoint_that_would_not_fit_loaded_whole_streams_by_default(tmp_path):
+    from lowrank.streaming import IN_MEMORY_PEAK_FACTOR, in_memory_peak_bytes, should_stream
+
+    model = save_tiny_model(tmp_path / "src", "llama")
+    source, output = str(tmp_path / "src"), tmp_path / "out"
+    needed = in_memory_peak_bytes(tmp_path / "src")
+    assert needed == IN_MEMORY_PEAK_FACTOR * 4 * sum(p.numel() for p in model.state_dict().values())
+    assert should_stream(source, CompressConfig(), output, available=needed) is False  # fits: loaded whole
+    assert should_stream(source, CompressConfig(), output, available=needed - 1) is True
+    assert should_stream(source, CompressConfig(stream=False), output, available=1) is False  # --no-stream wins
+    assert should_stream(source, CompressConfig(sequential=False), output, available=1) is False  # cannot stream
+
+
 def test_ctrl_c_in_a_streamed_run_names_the_partial_folder_to_resume(tmp_path, monkeypatch, capsys):
     """The CLI's one line after Ctrl-C in a streamed run says where the finished blocks wait, and --resume works."""
     from helpers import run_cli
