@@ -13,6 +13,7 @@ Work happens in float64; callers cast the result to the model's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -46,10 +47,44 @@ class Factors:
 
 @dataclass
 class Whitening:
-    """A square root S of a (damped) Gram matrix G = S Sᵀ, and its inverse."""
+    """A square root S of a (damped) Gram matrix G = S·Sᵀ, kept factored in one in × in matrix.
 
-    root: torch.Tensor  # S, (in, in)
-    inverse: torch.Tensor  # S⁻¹, (in, in)
+    Cholesky: S = L, lower triangular (`lower`). Eigendecomposition: the symmetric S = V·Λ^½·Vᵀ
+    (`vectors` V and `scales` Λ^½). Neither S nor S⁻¹ is formed as a second matrix: W·S and M·S⁻¹ are
+    computed through the factors (`whiten`, `unwhiten`), which halves a whitening's memory; a
+    5632-wide MLP input's S and S⁻¹ in float64 are half a gigabyte.
+    """
+
+    lower: torch.Tensor | None = None  # L, (in, in)
+    vectors: torch.Tensor | None = None  # V, (in, in)
+    scales: torch.Tensor | None = None  # Λ^½, (in,)
+
+    def whiten(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrix · S."""
+        if self.lower is not None:
+            return matrix @ self.lower
+        return ((matrix @ self.vectors) * self.scales) @ self.vectors.T
+
+    def unwhiten(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrix · S⁻¹ (a triangular solve, not a product with an inverse)."""
+        if self.lower is not None:
+            return torch.linalg.solve_triangular(self.lower, matrix, upper=False, left=False)
+        return ((matrix @ self.vectors) / self.scales) @ self.vectors.T
+
+    @property
+    def root(self) -> torch.Tensor:
+        """S as a matrix (formed on each call)."""
+        if self.lower is not None:
+            return self.lower
+        return (self.vectors * self.scales) @ self.vectors.T
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """S⁻¹ as a matrix (formed on each call)."""
+        if self.lower is not None:
+            identity = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+            return torch.linalg.solve_triangular(self.lower, identity, upper=False)
+        return (self.vectors / self.scales) @ self.vectors.T
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -60,14 +95,14 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 
 
 def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = "layer") -> Whitening:
-    """A square root S of G + δ·mean(eig G)·I, and S⁻¹; never fails, never returns NaN.
+    """A square root S of G + δ·mean(eig G)·I (see `Whitening`); never fails, never returns NaN.
 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
     root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
-    In both cases the ridge δ keeps every direction invertible. Memory: at most three in × in
-    float64 matrices beside `gram`, two once `gram` is symmetrized when the caller passed its only
-    reference (`WhiteningCache` with readers does).
+    In both cases the ridge δ keeps every direction invertible. Memory: at most two in × in
+    float64 matrices beside `gram`, one once `gram` is symmetrized when the caller passed its only
+    reference (`WhiteningCache` with readers does); the result holds one.
     """
     gram = gram.to(torch.float64)
     _check_finite(gram, f"the Gram matrix of {name}")
@@ -83,23 +118,12 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     damped.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
     lower, info = torch.linalg.cholesky_ex(damped)
     del damped
-    if int(info) == 0 and torch.isfinite(lower).all():
-        identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-        inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
-        if torch.isfinite(inverse).all():
-            return Whitening(root=lower, inverse=inverse)
-        del identity, inverse
+    if int(info) == 0 and torch.isfinite(lower).all() and bool((lower.diagonal() > 0).all()):
+        return Whitening(lower=lower)
     del lower
     eigenvalues, vectors = symmetric_eigh(gram)  # consumes `gram`: its buffer becomes LAPACK's work matrix
     del gram
-    eigenvalues = eigenvalues.clamp(min=0.0) + damping * scale
-    # S = V·Λ^½·Vᵀ = (V·Λ^¼)(V·Λ^¼)ᵀ and S⁻¹ = (V·Λ^-¼)(V·Λ^-¼)ᵀ: V is rescaled in place between the two
-    # products, so no in × in temporary sits beside V, S and S⁻¹
-    vectors.mul_(eigenvalues.pow(0.25))
-    root = vectors @ vectors.T
-    vectors.div_(eigenvalues.sqrt())
-    inverse = vectors @ vectors.T
-    return Whitening(root=root, inverse=inverse)
+    return Whitening(vectors=vectors, scales=(eigenvalues.clamp(min=0.0) + damping * scale).sqrt())
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +205,8 @@ def top_singular(product: torch.Tensor, k: int | None = None) -> tuple[torch.Ten
     return (product @ vectors) * inverse, sigma, vectors.T
 
 
-def _truncate(product: torch.Tensor, k: int, back: torch.Tensor | None) -> Factors:
-    """Rank-k factors of `product` = W·S, mapped back to W's input space by `back` = S⁻¹.
+def _truncate(product: torch.Tensor, k: int, back: "Callable[[torch.Tensor], torch.Tensor] | None") -> Factors:
+    """Rank-k factors of `product` = W·S, mapped back to W's input space by `back` (M ↦ M·S⁻¹).
 
     The singular values are split evenly between the factors (√σ each), which keeps both on
     the same scale: better conditioned for storage in low precision and for fine-tuning.
@@ -195,7 +219,7 @@ def _truncate(product: torch.Tensor, k: int, back: torch.Tensor | None) -> Facto
     up = u[:, :k] * root_s
     down = root_s[:, None] * vh[:k]
     if back is not None:
-        down = down @ back
+        down = back(down)
     return Factors(down=down, up=up)
 
 
@@ -213,7 +237,7 @@ def asvd_factors(weight: torch.Tensor, mean_abs: torch.Tensor, rank: int, alpha:
     scale = mean_abs.to(torch.float64).clamp(min=1e-8) ** alpha
     _check_finite(scale, "the activation scale")
     product = weight * scale[None, :]
-    return _truncate(product, rank, torch.diag(1.0 / scale))
+    return _truncate(product, rank, lambda down: down / scale[None, :])
 
 
 def whiten_factors(
@@ -232,7 +256,7 @@ def whiten_factors(
     _check_finite(weight, f"the weight of {name}")
     if white is None:
         white = whitening(gram, damping, name)
-    return _truncate(weight @ white.root, rank, white.inverse)
+    return _truncate(white.whiten(weight), rank, white.unwhiten)
 
 
 def gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
@@ -254,7 +278,7 @@ def gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
 def whitened_singular_values(weight: torch.Tensor, gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """σᵢ(W·S): σᵢ² is the squared output error of dropping direction i."""
     white = whitening(gram, damping)
-    return gram_svdvals(weight.to(torch.float64) @ white.root)
+    return gram_svdvals(white.whiten(weight.to(torch.float64)))
 
 
 def factorize(

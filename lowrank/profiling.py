@@ -118,7 +118,7 @@ def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputF
         fisher = fisher.mean
     product = weight.detach().to(torch.float64)
     if white is not None:
-        product = product @ white.root
+        product = white.whiten(product)
     left, sigma, _ = top_singular(product)
     return sigma, direction_costs(fisher, left)
 
@@ -161,7 +161,7 @@ def profile_model(
             sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name])
             (white.done if whitening is not None else plain.done)[name] = sigma
         if whitening is not None and fisher is None:
-            white.add(name, weight.to(torch.float64) @ whitening.root)
+            white.add(name, whitening.whiten(weight.to(torch.float64)))
         if whitening is not None or fisher is None:
             plain.add(name, weight)
     sigma, whitened = plain.finish(), white.finish()

@@ -177,11 +177,11 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
     whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
     for name in names:
         layer_stats = stats.pop(name)
-        root = whitening.root if whitening is not None else whitenings.get(layer_stats, name).root
+        white = whitening if whitening is not None else whitenings.get(layer_stats, name)
         whitenings.done(layer_stats)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
-        product = weight.to(torch.float64) @ root
-        del root
+        product = white.whiten(weight.to(torch.float64))
+        del white
         if keep is not None:
             left, whitened[name], _ = top_singular(product)
             keep(name, left)

@@ -69,6 +69,19 @@ def test_whitening_equals_the_textbook_formula_on_both_paths(monkeypatch):
             assert torch.allclose(got.root @ got.inverse, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-9)
 
 
+def test_a_whitening_holds_one_matrix_and_applies_s_and_its_inverse_through_it():
+    generator = torch.Generator().manual_seed(1)
+    for path, gram in _grams().items():
+        white = whitening(gram.clone())
+        held = [t for t in (white.lower, white.vectors) if t is not None]
+        assert len(held) == 1 and held[0].shape == gram.shape, path  # S⁻¹ is never stored beside S
+        root, inverse = _reference_whitening(gram)
+        matrix = torch.randn(7, gram.shape[0], dtype=torch.float64, generator=generator)
+        assert torch.allclose(white.whiten(matrix), matrix @ root, atol=1e-10 * (matrix @ root).abs().max()), path
+        expected = matrix @ inverse
+        assert torch.allclose(white.unwhiten(matrix), expected, atol=1e-8 * expected.abs().max()), path
+
+
 def test_symmetric_eigh_works_inside_the_matrix_it_is_given():
     """No copy of the input: its buffer is LAPACK's work matrix (half of eigh's peak on a 5632-wide input)."""
     matrix = _grams()["cholesky"]
