@@ -161,7 +161,8 @@ def compress(
                           round_to=config.round_to, limits=config.limits(), overrides=config.overrides,
                           batch_size=config.batch_size, damping=config.damping, progress=progress,
                           source=None if in_memory else str(source), sequential=sequential, update=config.update,
-                          device=compute_device, refine=config.refinement(), plan_samples=config.plan_samples)
+                          device=compute_device, refine=config.refinement(), plan_samples=config.plan_samples,
+                          update_samples=config.update_samples)
     if timings is not None:  # --round-to auto: what was measured, so that the plan replays without timing again
         plan.options.update(round_to=config.round_to, round_to_auto=True, timings=timings.to_dict())
     texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()

@@ -216,6 +216,25 @@ def planning_windows(windows: "torch.Tensor | list[torch.Tensor]", count: int) -
     return windows[:count]
 
 
+#: Calibration windows the least-squares update of sequential compression fits on: the compressed
+#: block's extra pass runs on these batches only (measured on SmolLM2 in reports/speed-notes.md).
+DEFAULT_UPDATE_SAMPLES = 32
+
+
+def leading_batches(windows: "torch.Tensor | list[torch.Tensor]", batch_size: int, count: int) -> int:
+    """How many leading forward batches (`window_batches`) hold the first `count` windows of a (n, seq_len)
+    tensor: all of them when `count` is 0, and for an encoder's sentence batches (few, grouped by length)."""
+    total = len(window_batches(windows, batch_size))
+    if count == 0 or not isinstance(windows, torch.Tensor):
+        return total
+    return min(total, -(-count // batch_size))
+
+
+def leading_windows(windows: "torch.Tensor | list[torch.Tensor]", batch_size: int, count: int) -> int:
+    """How many windows the `leading_batches` hold."""
+    return sum(b.shape[0] for b in window_batches(windows, batch_size)[:leading_batches(windows, batch_size, count)])
+
+
 def shortest_window(windows: "torch.Tensor | list[torch.Tensor]") -> int:
     """Tokens in the shortest window."""
     if isinstance(windows, torch.Tensor):

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import distributed, hf_integration
 from .budget import RankLimits
-from .calibration import DEFAULT_PLAN_SAMPLES, ActivationStats, planning_windows, window_count
+from .calibration import (DEFAULT_PLAN_SAMPLES, DEFAULT_UPDATE_SAMPLES, ActivationStats, leading_batches,
+                          leading_windows, planning_windows, window_count)
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS, Factors, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
@@ -133,8 +134,9 @@ def compress_blocks(
                 relative = {n[len(block_work.prefix):]: plan.factored[n] for n in block_work.names}
                 kept = [{n[len(block_work.prefix):]: x for n, x in batch.items()} for batch in block_work.dense_inputs]
                 with stage("compress_update"):
-                    update_block(dense_block, block_work.block, relative, block_work.inputs, block_work.calls,
-                                 block_work.device, target=update_target,
+                    fitted = slice(block_work.update_batches)  # the leading batches the update fits on
+                    update_block(dense_block, block_work.block, relative, block_work.inputs[fitted],
+                                 block_work.calls[fitted], block_work.device, target=update_target,
                                  dense_inputs=kept if update_target == "dense" else None,
                                  both_rounds=refine.refit_rounds if refine is not None else 0)
                 del dense_block, kept
@@ -176,13 +178,15 @@ def compress_sequential(
     progress: bool = True,
     update_target: str = "dense",
     refine: RefineOptions | None = None,
+    update_samples: int = DEFAULT_UPDATE_SAMPLES,
 ) -> Plan:
     """Compress `model` in place, block by block, following `plan`; return the plan.
 
     Each block's statistics come from the outputs of the already-compressed blocks before it.
     `update` refits every factor `up` by ridge least squares against the dense block (SVD-LLM's
     parameter update; `update_target` says against what, see `update.update_block`); `refine` then
-    trains each block's factors against the dense block's outputs (lowrank.refinement). Blocks are
+    trains each block's factors against the dense block's outputs (lowrank.refinement). The update
+    fits on the first `update_samples` windows (0: all), the statistics use all of them. Blocks are
     moved to `device` (default: where the model is) one at a time and back afterwards;
     calibration activations stay on CPU.
     """
@@ -198,13 +202,15 @@ def compress_sequential(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     refining = refine is not None and refine.enabled
+    fitted = distributed.my_count(leading_batches(windows, batch_size, update_samples))  # this rank's share
     work = sequential_statistics(model, plan, targets, windows, batch_size, device, progress, dense_stream=refining,
-                                 keep_inputs=bool(update) and update_target == "dense")
+                                 keep_inputs=bool(update) and update_target == "dense", update_batches=fitted)
     compress_blocks(model, plan, work, update=update, update_target=update_target, damping=damping, refine=refine,
                     refine_average=distributed.average_refinement if distributed.active() else None)
     plan.options.update({"sequential": True, "update": bool(update)})
     if update:
         plan.options["update_target"] = update_target
+        plan.options["update_samples"] = leading_windows(windows, batch_size, update_samples)
     if refine is not None and refine.recorded:
         plan.options["refine"] = refine.record()
     peak = peak_memory_mib(device)
@@ -237,6 +243,7 @@ def compress_model(
     overrides: "dict | list[str] | None" = None,
     refine: RefineOptions | None = None,
     plan_samples: int = DEFAULT_PLAN_SAMPLES,
+    update_samples: int = DEFAULT_UPDATE_SAMPLES,
 ) -> Plan:
     """Compress `model` in place and return the Plan it followed: profile → plan → compress.
 
@@ -246,7 +253,8 @@ def compress_model(
     stay on CPU. `refine` (sequential only) trains each block's factors against the dense block.
 
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd; sequential
-    compression plans from the first `plan_samples` of them (0: all).
+    compression plans from the first `plan_samples` of them and fits its update on the first
+    `update_samples` (0: all).
     Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`)
     under `budget` (lowrank.budget; default: `ratio` of the target parameters), within `limits`
     and `overrides`.
@@ -265,14 +273,14 @@ def compress_model(
                                       round_to=round_to, batch_size=batch_size, damping=damping, progress=progress,
                                       source=source, sequential=sequential, update=update, device=device,
                                       strategy=strategy, budget=budget, limits=limits, overrides=overrides,
-                                      refine=refine, plan_samples=plan_samples)
+                                      refine=refine, plan_samples=plan_samples, update_samples=update_samples)
     plan.options["stage_seconds"] = summary(seconds)
     return plan
 
 
 def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Target], *, ratio, method, windows,
                            round_to, batch_size, damping, progress, source, sequential, update, device, strategy,
-                           budget, limits, overrides, refine, plan_samples) -> Plan:
+                           budget, limits, overrides, refine, plan_samples, update_samples) -> Plan:
     """compress_model's stages: plan (profiling where the strategy needs it) unless given, then compress.
 
     Sequential compression calibrates again on the compressed path, so its planner profiles only the first
@@ -296,7 +304,7 @@ def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Ta
     with stage("compress"):
         return compress_with_plan(model, plan, targets, windows=windows, method=method, sequential=sequential,
                                   update=update, device=device, batch_size=batch_size, damping=damping,
-                                  progress=progress, stats=planning_stats, refine=refine)
+                                  progress=progress, stats=planning_stats, refine=refine, update_samples=update_samples)
 
 
 def compress_with_plan(
@@ -314,6 +322,7 @@ def compress_with_plan(
     progress: bool = True,
     stats: dict[str, ActivationStats] | None = None,
     refine: RefineOptions | None = None,
+    update_samples: int = DEFAULT_UPDATE_SAMPLES,
 ) -> Plan:
     """The compress stage: follow `plan` on `model` (whose `targets` it was checked against), in place.
 
@@ -330,7 +339,8 @@ def compress_with_plan(
         if sequential:
             del stats  # the dense model's statistics: sequential compression collects its own
             return compress_sequential(model, plan, windows, method=method, update=update is not False, device=device,
-                                       batch_size=batch_size, damping=damping, progress=progress, refine=refine)
+                                       batch_size=batch_size, damping=damping, progress=progress, refine=refine,
+                                       update_samples=update_samples)
         if update:
             raise LowrankError("--update refits factors on the compressed blocks' inputs, which one-shot compression "
                                "does not produce; add --sequential")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .budget import Budget, RankLimits, parse_overrides
-from .calibration import DEFAULT_PLAN_SAMPLES
+from .calibration import DEFAULT_PLAN_SAMPLES, DEFAULT_UPDATE_SAMPLES
 from .config_base import CONFIG_VERSION, DTYPE_NAMES, ConfigBase, at_least, check_dtype_and_device, check_regex
 from .distill import HIDDEN_LAYERS, HIDDEN_LOSSES, LOSSES
 from .errors import LowrankError
@@ -59,6 +59,7 @@ class CompressConfig(ConfigBase):
     damping: float = DEFAULT_DAMPING    # added to the Gram diagonal, relative to its mean
     batch_size: int = 8                 # calibration windows per forward pass
     plan_samples: int = DEFAULT_PLAN_SAMPLES  # sequential: windows the planner profiles (0: all of them)
+    update_samples: int = DEFAULT_UPDATE_SAMPLES  # sequential: windows the least-squares update fits on (0: all)
     device: str = "auto"                # where the math runs (auto: CUDA if available)
     dtype: str = "float32"              # precision the model is loaded and saved in
     stream: bool | None = None          # read the checkpoint block by block from disk (lowrank.streaming);
@@ -96,6 +97,7 @@ class CompressConfig(ConfigBase):
         check_regex(self.SECTION, "--exclude", self.exclude)
         at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
         at_least(self.SECTION, "plan_samples", self.plan_samples, 0, "--plan-samples")
+        at_least(self.SECTION, "update_samples", self.update_samples, 0, "--update-samples")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
         check_dtype_and_device(self)

@@ -160,6 +160,11 @@ def my_share(items: Sequence) -> list | torch.Tensor:
     return list(items)[rank()::world_size()]
 
 
+def my_count(leading: int) -> int:
+    """How many of the first `leading` items are this rank's (`my_share`'s split)."""
+    return len(range(rank(), leading, world_size())) if active() else leading
+
+
 def with_ownership(items: Sequence) -> list[tuple[Any, bool]]:
     """Every item, each with whether this rank owns it (`my_share`'s split): for passes that draw every
     item's random numbers, so that a seed gives the same draws for any N, and compute only their own."""

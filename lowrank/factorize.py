@@ -100,9 +100,9 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
     root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
-    In both cases the ridge δ keeps every direction invertible. Memory: at most two in × in
-    float64 matrices beside `gram`, one once `gram` is symmetrized when the caller passed its only
-    reference (`WhiteningCache` with readers does); the result holds one.
+    In both cases the ridge δ keeps every direction invertible. Memory: two in × in float64 matrices
+    beside `gram` (both factorizations work in place), one once `gram` is symmetrized when the caller
+    passed its only reference (`WhiteningCache` with readers does); the result holds one.
     """
     gram = gram.to(torch.float64)
     _check_finite(gram, f"the Gram matrix of {name}")
@@ -116,14 +116,29 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     gram.div_(2)
     damped = gram.clone()
     damped.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
-    lower, info = torch.linalg.cholesky_ex(damped)
+    lower = cholesky_in_place(damped)  # `damped`'s buffer becomes L, or None
     del damped
-    if int(info) == 0 and torch.isfinite(lower).all() and bool((lower.diagonal() > 0).all()):
+    if lower is not None:
         return Whitening(lower=lower)
-    del lower
     eigenvalues, vectors = symmetric_eigh(gram)  # consumes `gram`: its buffer becomes LAPACK's work matrix
     del gram
     return Whitening(vectors=vectors, scales=(eigenvalues.clamp(min=0.0) + damping * scale).sqrt())
+
+
+def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor L of the symmetric positive definite float64 `matrix`, computed in its
+    buffer (LAPACK's dpotrf through SciPy on CPU: no second n × n matrix), or None where it fails."""
+    if matrix.device.type != "cpu":
+        lower, info = torch.linalg.cholesky_ex(matrix)
+    else:
+        from scipy.linalg import lapack
+
+        # the transpose is the same symmetric matrix in Fortran order, so LAPACK works in its buffer
+        factor, info = lapack.dpotrf(matrix.numpy().T, lower=1, clean=1, overwrite_a=1)
+        lower = torch.from_numpy(factor)
+    if int(info) != 0 or not torch.isfinite(lower).all() or not bool((lower.diagonal() > 0).all()):
+        return None
+    return lower
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ class BlockWork:
     # per batch, each module's input inside the dense block (kept by block_stats for the update's
     # dense target, so that the update does not run the dense block again); empty: not kept
     dense_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    update_batches: int | None = None  # the least-squares update fits on this many leading batches (None: all)
 
 
 def dense_statistics(
@@ -81,17 +82,21 @@ def block_stats(
     calls: list[BlockCall],
     device: torch.device,
     keep_inputs: list[dict[str, torch.Tensor]] | None = None,
+    keep_batches: int | None = None,
 ) -> dict[str, ActivationStats]:
     """Input statistics of `targets` (inside `block`) for the given block inputs.
 
     With `keep_inputs` (a list), each batch's input of every target is appended to it as a dict
-    (on CPU; modules reading one input share one tensor): what the update's dense target needs.
+    (on CPU; modules reading one input share one tensor): what the update's dense target needs; with
+    `keep_batches`, only the leading batches' (those the update fits on).
     """
     # this batch's inputs: id → (the input, kept alive so that its id stays its own; its CPU copy)
     copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(name: str):
         def hook(module, args):
+            if keep_batches is not None and len(keep_inputs) > keep_batches:
+                return
             if id(args[0]) not in copies:
                 copies[id(args[0])] = (args[0], args[0].detach().to("cpu"))
             keep_inputs[-1][name] = copies[id(args[0])][1]
@@ -107,6 +112,8 @@ def block_stats(
                 run_block(block, h, call, device)
                 collector.end_batch()
                 copies.clear()
+        if keep_inputs is not None and keep_batches is not None:
+            del keep_inputs[keep_batches:]  # the batches past the update's, appended empty
     finally:
         for handle in handles:
             handle.remove()
@@ -129,11 +136,13 @@ def sequential_statistics(
     progress: bool = True,
     dense_stream: bool = False,
     keep_inputs: bool = False,
+    update_batches: int | None = None,
 ) -> Iterator[BlockWork]:
     """Yield each block's factored modules with statistics taken on the compressed path.
 
     `keep_inputs`: each BlockWork also carries its modules' inputs inside the dense block
-    (`dense_inputs`), for the update's dense target.
+    (`dense_inputs`), for the update's dense target; `update_batches`: of this rank's leading batches
+    only, which the update fits on (None: all).
 
     The consumer must compress the yielded block before asking for the next one: the next block's
     inputs are computed by running the block as it is then. Layers outside the blocks (an included
@@ -171,9 +180,9 @@ def sequential_statistics(
                 kept = [] if keep_inputs else None
                 with stage("compress_statistics"):
                     stats = block_stats(model, block, [targets[n] for n in names], hidden, captured.calls[index],
-                                        device, keep_inputs=kept)
+                                        device, keep_inputs=kept, keep_batches=update_batches)
                 yield BlockWork(names, stats, block, f"{prefix}.{index}.", hidden, captured.calls[index], device,
-                                dense_inputs=kept or [], dense_outputs=dense_hidden)
+                                dense_inputs=kept or [], dense_outputs=dense_hidden, update_batches=update_batches)
                 del stats, kept
             if index < last_needed:
                 with stage("compress_propagate"):

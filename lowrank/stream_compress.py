@@ -21,7 +21,7 @@ from . import distributed, stream_ranks
 from .block_capture import capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
-from .calibration import window_batches
+from .calibration import DEFAULT_UPDATE_SAMPLES, leading_batches, window_batches
 from .compression import compress_blocks
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING
@@ -96,12 +96,14 @@ def compress_pass(
     progress: bool = True,
     refine: RefineOptions | None = None,
     keep_inputs: bool = True,
+    update_samples: int = DEFAULT_UPDATE_SAMPLES,
 ) -> dict[str, float]:
     """Compress every block of `source` by `plan`, sequentially, writing each to `writer` (see the module doc).
 
     Returns the seconds spent per part (load, statistics, factor_update, propagate, write).
     `keep_inputs`: the statistics forward keeps each layer's input for the update (faster; memory
-    for one block's layer inputs over all windows); else the update runs the dense block again.
+    for one block's layer inputs over the update's windows); else the update runs the dense block
+    again. The update fits on the first `update_samples` windows (0: all).
     """
     device = torch.device(device)
     clock = StageClock()
@@ -116,6 +118,7 @@ def compress_pass(
     captured = capture_block_inputs(source.model, windows, batch_size, device)
     source.free_outside()  # back to disk until the last shard is written
     n_batches = len(captured.hidden)
+    fitted = distributed.my_count(leading_batches(windows, batch_size, update_samples))  # the update's batches
     refining = refine is not None and refine.enabled
     per_level = 2 * n_batches if refining else n_batches  # batches n.. of a level: the dense path's (refinement)
     done = writer.finished_blocks
@@ -147,9 +150,10 @@ def compress_pass(
             with clock("statistics"):
                 inputs = store.level(index, n_batches)
                 kept = [] if keep_inputs and update and update_target == "dense" else None  # the update's x_d
-                work = BlockWork(names, None, block, source.block_name(index) + ".", inputs, calls, device)
+                work = BlockWork(names, None, block, source.block_name(index) + ".", inputs, calls, device,
+                                 update_batches=fitted)
                 work.stats = block_stats(source.model, block, [targets[n] for n in names], inputs, calls, device,
-                                         keep_inputs=kept)  # held by `work` alone: freed once factored
+                                         keep_inputs=kept, keep_batches=fitted)  # held by `work` alone: freed once factored
                 work.dense_inputs = kept or []
                 work.dense_outputs = [store.get(index + 1, n_batches + b) for b in range(n_batches)] if refining else None
                 del kept

@@ -6,7 +6,7 @@ Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (doc
   sensitivity windows (their other levels wait on disk);
 - compress pass = two copies of one block (the dense tensors kept for the update beside the factors) +
   its statistics, or the update's Grams and cross-Grams when larger + two boundaries + the block's layer
-  inputs kept for the update; with block refinement (`--refine-steps`), two more boundaries (the dense
+  inputs kept for the update (over the windows it fits on, `--update-samples`); with block refinement (`--refine-steps`), two more boundaries (the dense
   path's inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound)
   and the autograd activations of one calibration batch through it.
 - its statistics = the block's Gram matrices (float64, one per target: an upper bound) + a whitening's
@@ -91,8 +91,10 @@ def refinement_bytes(source: BlockSource, batch_size: int, seq_len: int) -> int:
 
 
 def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, prices: bool,
-             sensitivity_samples: int, refine: bool = False, batch_size: int = 8) -> MemoryEstimate:
-    """The formula's parts for `source`, its targets and the calibration `windows` (`refine`: with block refinement)."""
+             sensitivity_samples: int, refine: bool = False, batch_size: int = 8,
+             update_windows: int | None = None) -> MemoryEstimate:
+    """The formula's parts for `source`, its targets and the calibration `windows` (`refine`: with block
+    refinement; `update_windows`: how many windows the update fits on, whose layer inputs are kept)."""
     per_block: dict[str, int] = {}
     per_block_inputs: dict[str, int] = {}
     for target in targets:
@@ -112,9 +114,10 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     logits = 4 * min(4, sensitivity_windows) * windows.shape[1] * vocab * 4 if prices else 0  # a batch's, 4 copies
     # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
     inputs_per_token = max(per_block_inputs.values(), default=0)
+    kept_tokens = min(windows.shape[0], update_windows or windows.shape[0]) * windows.shape[1]
     return MemoryEstimate(block=source.block_bytes(0), statistics=statistics,
                           boundaries_profile=2 * per_level + fisher_levels,
-                          boundaries_compress=(4 if refine else 2) * per_level + windows.numel() * inputs_per_token * 4,
+                          boundaries_compress=(4 if refine else 2) * per_level + kept_tokens * inputs_per_token * 4,
                           outside=source.outside_bytes() + source.block_bytes(0) + logits,
                           refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0,
                           update=2 * grams)

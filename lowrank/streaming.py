@@ -28,7 +28,7 @@ from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
-from .calibration import planning_windows, window_count
+from .calibration import leading_windows, planning_windows, window_count
 from .model_planning import check_plan_matches, needs_statistics
 from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
@@ -241,7 +241,8 @@ def compress_streamed(
         strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally
     est = estimate(source, targets, stream_ranks.my_windows(windows, config.batch_size),  # this rank's share
                    strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES, refine=config.refinement().enabled,
-                   batch_size=config.batch_size)
+                   batch_size=config.batch_size,
+                   update_windows=leading_windows(windows, config.batch_size, config.update_samples))  # an upper bound
     limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else \
         stream_ranks.memory_share(available_bytes())
     with distributed.agreement("checking the memory"):
@@ -282,7 +283,7 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
     parts = compress_pass(source, plan, {t.name: t for t in targets}, windows, writer,
                           BoundaryStore(cap, config.offload_dir), batch_size=config.batch_size,
                           update=config.update is not False, damping=config.damping, device=device, progress=progress,
-                          refine=config.refinement(),
+                          refine=config.refinement(), update_samples=config.update_samples,
                           keep_inputs=cap is None)  # when memory is short, the update runs the dense block again
     writer.finish()
     seconds["compress"] = round(time.perf_counter() - started, 3)
@@ -291,6 +292,7 @@ def _run_passes(source: BlockSource, targets, config: CompressConfig, strategy: 
     plan.options.update({"sequential": True, "update": config.update is not False, "streamed": True})
     if config.update is not False:
         plan.options["update_target"] = "dense"
+        plan.options["update_samples"] = leading_windows(windows, config.batch_size, config.update_samples)
     if config.refinement().recorded:
         plan.options["refine"] = config.refinement().record()
     plan.options.update(plan_options or {})

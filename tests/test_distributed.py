@@ -131,9 +131,11 @@ def test_skipping_another_ranks_batch_draws_what_its_backward_pass_draws(objecti
 # ---- two ranks against one process ----------------------------------------------------------------
 
 def compress_args(tiny: Path) -> list[str]:
-    """whiten + sensitivity planner + sequential + update (the defaults, spelled out)."""
+    """whiten + sensitivity planner + sequential + update (the defaults, spelled out), the planner and the
+    update each on a share of the windows, as the defaults are on 64 (the ranks' batches interleave)."""
     return ["compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "--method", "whiten",
-            "--strategy", "sensitivity", "--sequential", "--update", "-q"]
+            "--strategy", "sensitivity", "--sequential", "--update", "--plan-samples", "4", "--update-samples", "6",
+            "-q"]
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def _grams(n: int = 96) -> dict[str, torch.Tensor]:
 
 
 def test_whitening_equals_the_textbook_formula_on_both_paths(monkeypatch):
-    """Cholesky: the same bits. Eigh: the same root from another LAPACK driver, so equal to rounding."""
+    """Both paths run in place through SciPy's LAPACK (another build than torch's), so equal to rounding."""
     calls = []
     eigh = factorize.symmetric_eigh
     monkeypatch.setattr(factorize, "symmetric_eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
@@ -61,12 +61,9 @@ def test_whitening_equals_the_textbook_formula_on_both_paths(monkeypatch):
         got = whitening(gram.clone())
         assert len(calls) == (1 if path == "eigh" else 0), path  # the path this Gram is meant to take
         root, inverse = _reference_whitening(gram)
-        if path == "cholesky":
-            assert torch.equal(got.root, root) and torch.equal(got.inverse, inverse)
-        else:
-            assert torch.allclose(got.root, root, rtol=0, atol=1e-12 * root.abs().max())
-            assert torch.allclose(got.inverse, inverse, rtol=0, atol=1e-9 * inverse.abs().max())
-            assert torch.allclose(got.root @ got.inverse, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-9)
+        assert torch.allclose(got.root, root, rtol=0, atol=1e-12 * root.abs().max()), path
+        assert torch.allclose(got.inverse, inverse, rtol=0, atol=1e-9 * inverse.abs().max()), path
+        assert torch.allclose(got.root @ got.inverse, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-9), path
 
 
 def test_a_whitening_holds_one_matrix_and_applies_s_and_its_inverse_through_it():
@@ -80,6 +77,18 @@ def test_a_whitening_holds_one_matrix_and_applies_s_and_its_inverse_through_it()
         assert torch.allclose(white.whiten(matrix), matrix @ root, atol=1e-10 * (matrix @ root).abs().max()), path
         expected = matrix @ inverse
         assert torch.allclose(white.unwhiten(matrix), expected, atol=1e-8 * expected.abs().max()), path
+
+
+def test_cholesky_in_place_works_inside_the_matrix_it_is_given_and_says_when_it_fails():
+    matrix = _grams()["cholesky"]
+    matrix = (matrix + matrix.T) / 2
+    matrix.diagonal().add_(1e-3 * matrix.diagonal().mean())
+    work = matrix.clone()
+    lower = factorize.cholesky_in_place(work)
+    assert lower.data_ptr() == work.data_ptr()  # L lives in the input's buffer
+    assert torch.equal(lower, lower.tril())  # the upper triangle cleared
+    assert torch.allclose(lower, torch.linalg.cholesky(matrix), rtol=0, atol=1e-12 * matrix.abs().max() ** 0.5)
+    assert factorize.cholesky_in_place(-matrix.clone()) is None  # not positive definite
 
 
 def test_symmetric_eigh_works_inside_the_matrix_it_is_given():

@@ -819,6 +819,8 @@ ROWS = [
         compress("{model}", "-o", "OUT", "--refine-refit", "1", "--no-update", *SAMPLES), r"add --sequential --update"),
     Row("plan-samples-negative", "compress", "`--plan-samples -1` (windows the planner profiles)",
         compress("{model}", "-o", "OUT", "--plan-samples=-1", *SAMPLES), r"--plan-samples must be at least 0"),
+    Row("update-samples-negative", "compress", "`--update-samples -1` (windows the update fits on)",
+        compress("{model}", "-o", "OUT", "--update-samples=-1", *SAMPLES), r"--update-samples must be at least 0"),
     Row("plan-samples-not-a-number", "compress", "`--plan-samples all` (a count; 0 means all)",
         compress("{model}", "-o", "OUT", "--plan-samples", "all", *SAMPLES), r"'all' is not a valid integer",
         exit_code=2),

@@ -1,8 +1,9 @@
-"""Sequential compression plans from its first --plan-samples windows (lowrank.calibration.planning_windows).
+"""Which calibration windows each stage of sequential compression reads (lowrank.calibration).
 
-The planner's profile (dense Grams, whitened spectra, prices) is the single largest stage of the default
-compress; sequential compression calibrates again on every window, block by block, so the plan alone
-reads the subset. These tests pin down which windows each path profiles.
+The planner profiles the first --plan-samples windows (dense Grams, whitened spectra, prices), the
+least-squares update fits on the first --update-samples, and the block statistics use every window.
+The profile and the update's extra pass of the compressed block were the stages these cut short
+(reports/speed-notes.md); these tests pin down which windows each path reads.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 from helpers import random_windows, save_tiny_model
 
 import lowrank
-from lowrank.calibration import planning_windows
+from lowrank import compression
+from lowrank.calibration import leading_batches, leading_windows, planning_windows
+from lowrank.checkpoint import load_compressed
 from lowrank.config import CompressConfig
 from lowrank.errors import LowrankError
+from lowrank.layers import LowRankLinear
 from lowrank.model_planning import plan_model
 from lowrank.targets import find_targets
 
@@ -79,3 +83,41 @@ def test_one_shot_profiles_every_window(tmp_path, tiny):
     plan = lowrank.compress(folder, CompressConfig(ratio=0.6, plan_samples=SUBSET, sequential=False), windows,
                             output=tmp_path / "out", progress=False)
     assert plan.factored == every and "plan_samples" not in plan.options
+
+
+def test_leading_batches_hold_the_first_windows():
+    windows = random_windows(12, 24)
+    assert leading_batches(windows, 4, 6) == 2 and leading_windows(windows, 4, 6) == 8  # whole batches
+    assert leading_batches(windows, 4, 0) == 3 and leading_windows(windows, 4, 0) == 12  # 0: all
+    assert leading_batches(windows, 4, 99) == 3
+    sentences = [torch.ones(4, 5, dtype=torch.long), torch.ones(2, 9, dtype=torch.long)]
+    assert leading_batches(sentences, 4, 1) == 2  # an encoder's sentence batches: all
+
+
+def test_negative_update_samples_is_refused_with_the_flag():
+    with pytest.raises(LowrankError, match="--update-samples must be at least 0"):
+        CompressConfig(update_samples=-1)
+
+
+def test_update_fits_on_the_leading_batches_in_memory_and_streamed(tmp_path, tiny, monkeypatch):
+    folder, windows, subset, every = tiny
+    fitted: list[int] = []
+    original = compression.update_block
+    monkeypatch.setattr(compression, "update_block",
+                        lambda dense, block, factored, hidden, *a, **k: fitted.append(len(hidden)) or
+                        original(dense, block, factored, hidden, *a, **k))
+    config = CompressConfig(ratio=0.6, batch_size=4, update_samples=3, plan_samples=0)
+    plans = {stream: lowrank.compress(folder, config.replace(stream=stream), windows, output=tmp_path / str(stream),
+                                      progress=False) for stream in (False, True)}
+    assert fitted and set(fitted) == {1}  # 3 windows: the first batch of 4, every block, both paths
+    assert all(plan.options["update_samples"] == 4 for plan in plans.values())
+    every_window = lowrank.compress(folder, config.replace(update_samples=0), windows, output=tmp_path / "all",
+                                    progress=False)
+    assert every_window.options["update_samples"] == 12 and set(fitted[-1:]) == {3}
+    first, streamed, full = (load_compressed(tmp_path / name) for name in ("False", "True", "all"))
+    products = {name: m.merged_weight() for name, m in first.named_modules() if isinstance(m, LowRankLinear)}
+    for name, module in streamed.named_modules():
+        if isinstance(module, LowRankLinear):
+            assert torch.allclose(module.merged_weight(), products[name], atol=1e-5, rtol=0), name
+    assert any(not torch.allclose(m.merged_weight(), products[n], atol=1e-4, rtol=0)
+               for n, m in full.named_modules() if isinstance(m, LowRankLinear))  # the subset is what was fitted
