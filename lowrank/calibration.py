@@ -216,9 +216,10 @@ def planning_windows(windows: "torch.Tensor | list[torch.Tensor]", count: int) -
     return windows[:count]
 
 
-#: Calibration windows the least-squares update of sequential compression fits on: the compressed
-#: block's extra pass runs on these batches only (measured on SmolLM2 in reports/speed-notes.md).
-DEFAULT_UPDATE_SAMPLES = 32
+#: Calibration windows the least-squares update of sequential compression fits on (0: all of them). A
+#: subset saves the compressed block's extra pass on the other batches, and their kept layer inputs;
+#: on SmolLM2 at 0.8, 32 of 64 windows cost 1.2% perplexity (reports/speed-notes.md), so all is the default.
+DEFAULT_UPDATE_SAMPLES = 0
 
 
 def leading_batches(windows: "torch.Tensor | list[torch.Tensor]", batch_size: int, count: int) -> int:
