@@ -97,9 +97,12 @@ def should_stream(source: Any, config: CompressConfig, output: str | Path | None
         return config.stream
     if config.offload_dir is not None or config.max_memory is not None or config.save_dtype != "source":
         return True
-    if not can_stream(source, config, output):
+    try:
+        if not can_stream(source, config, output):
+            return False
+        needed = in_memory_peak_bytes(Path(source))
+    except Exception:  # noqa: BLE001 — an unreadable folder: the in-memory loader names the problem
         return False
-    needed = in_memory_peak_bytes(Path(source))
     free = available_bytes() if available is None else available
     if needed <= free:
         return False

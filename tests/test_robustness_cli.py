@@ -817,11 +817,11 @@ ROWS = [
         r"'l1' is not one of 'token', 'mse'", exit_code=2),
     Row("refine-refit-no-update", "refine", "`--refine-refit 1 --no-update` (the refit is part of the update)",
         compress("{model}", "-o", "OUT", "--refine-refit", "1", "--no-update", *SAMPLES), r"add --sequential --update"),
-    Row("plan-samples-negative", "compress", "`--plan-samples -1` (windows the planner profiles)",
+    Row("plan-samples-negative", "speed", "`--plan-samples -1` (windows the planner profiles)",
         compress("{model}", "-o", "OUT", "--plan-samples=-1", *SAMPLES), r"--plan-samples must be at least 0"),
-    Row("update-samples-negative", "compress", "`--update-samples -1` (windows the update fits on)",
+    Row("update-samples-negative", "speed", "`--update-samples -1` (windows the update fits on)",
         compress("{model}", "-o", "OUT", "--update-samples=-1", *SAMPLES), r"--update-samples must be at least 0"),
-    Row("plan-samples-not-a-number", "compress", "`--plan-samples all` (a count; 0 means all)",
+    Row("plan-samples-not-a-number", "speed", "`--plan-samples all` (a count; 0 means all)",
         compress("{model}", "-o", "OUT", "--plan-samples", "all", *SAMPLES), r"'all' is not a valid integer",
         exit_code=2),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
@@ -905,7 +905,7 @@ GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "c
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
           "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
           "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders",
-          "refine": "block refinement",
+          "refine": "block refinement", "speed": "speed options (--plan-samples, --update-samples)",
           "distributed": "several ranks (torchrun, accelerate, --nproc)"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")
