@@ -69,14 +69,15 @@ def timed_compress(folder: Path, config, calibration, keep: Path | None = None) 
             shutil.move(str(out), str(keep))
         return {"wall_seconds": round(seconds, 1), "stage_seconds": plan.options.get("stage_seconds"),
                 "factored": len(plan.factored), "target_ratio": plan.summary()["target_ratio"],
-                "plan_samples": plan.options.get("plan_samples")}
+                "plan_samples": plan.options.get("plan_samples"), "update_samples": plan.options.get("update_samples")}
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: int | None = None) -> None:
-    """Floor, compress, floor; merged into reports/speed.json under a key naming ratio, mode (and a
-    non-default --plan-samples)."""
+def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: int | None = None,
+        update_samples: int | None = None) -> None:
+    """Floor, compress, floor; merged into reports/speed.json under a key naming ratio, mode (and the
+    --plan-samples / --update-samples when given, also noted in the table)."""
     from lowrank.calibration import text_windows
     from lowrank.config import CalibrationConfig, CompressConfig
     from lowrank.loading import load_tokenizer
@@ -89,7 +90,7 @@ def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: 
                     "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     floors = [floor_seconds(folder, windows)]
-    options = {} if plan_samples is None else {"plan_samples": plan_samples}
+    options = {k: v for k, v in (("plan_samples", plan_samples), ("update_samples", update_samples)) if v is not None}
     result.update(timed_compress(folder, CompressConfig(stream=mode == "stream", ratio=ratio, **options), calibration,
                                  keep))
     floors.append(floor_seconds(folder, windows))
@@ -97,7 +98,10 @@ def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: 
     result["times_floor"] = round(result["wall_seconds"] / (sum(floors) / len(floors)), 2)
     result["load_average_end"] = os.getloadavg()[0]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[f"smollm2-r{ratio}-{mode}" + ("" if plan_samples is None else f"-plan{plan_samples}")] = result
+    if options:
+        result["note"] = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+    suffix = "".join(f"-{k.split('_')[0]}{v}" for k, v in options.items())
+    results[f"smollm2-r{ratio}-{mode}{suffix}"] = result
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(result, indent=1))
     report()
@@ -124,8 +128,6 @@ def report() -> None:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
-        if r.get("plan_samples") is not None:
-            mode += f", plan from {r['plan_samples']} windows"
         lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r['wall_seconds']:.0f} | "
                      f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
                      f"{r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
@@ -153,14 +155,14 @@ def main() -> None:
     measure.add_argument("--mode", choices=("in-memory", "stream"), default="in-memory",
                          help="in-memory: the default `lowrank compress`; stream: `--stream`")
     measure.add_argument("--keep", type=Path, help="move the compressed output here (for `lowrank eval`)")
-    measure.add_argument("--plan-samples", type=int, help="windows the planner profiles (default: the toolkit's; "
-                         "0: all, as before --plan-samples existed)")
+    measure.add_argument("--plan-samples", type=int, help="windows the planner profiles (default: the toolkit's)")
+    measure.add_argument("--update-samples", type=int, help="windows the update fits on (default: the toolkit's)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder)
     elif args.command == "run":
-        run(args.folder, args.ratio, args.mode, args.keep, args.plan_samples)
+        run(args.folder, args.ratio, args.mode, args.keep, args.plan_samples, args.update_samples)
     else:
         report()
 
