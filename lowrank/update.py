@@ -93,7 +93,30 @@ def refit_both(
     return factors
 
 
-class _PairedCodes:
+class _PairedHooks:
+    """Forward hooks on a block's dense copy and on the compressed block, run on the same batch: the
+    inputs they keep for the batch, and their removal. Subclasses sum what their refit needs."""
+
+    def __init__(self):
+        self.dense_inputs: dict[str, torch.Tensor] = {}  # this batch's x_d of each layer
+        self._handles = []
+
+    def _keep_inputs(self, module: nn.Module, kept: str, name: str) -> None:
+        """Keep `module`'s input of each batch as `self.<kept>[name]`."""
+        def hook(_, args):
+            getattr(self, kept)[name] = args[0]
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def end_batch(self) -> None:
+        self.dense_inputs = {}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _PairedCodes(_PairedHooks):
     """Hooks that accumulate, per factored layer of a block, Σ z zᵀ and Σ x zᵀ over its rank-k codes.
 
     z = down·x_c is the code the compressed layer computes anyway (its `down`'s output); x is the
@@ -103,28 +126,17 @@ class _PairedCodes:
     """
 
     def __init__(self, dense: nn.Module, compressed: nn.Module, names: list[str], target: str):
+        super().__init__()
         self.target = target
-        self.dense_inputs: dict[str, torch.Tensor] = {}
         self.code_gram: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
         self._inputs: dict[str, torch.Tensor] = {}  # this batch's x_c of each layer
-        self._handles = []
         for name in names:
             layer = compressed.get_submodule(name)
             if target == "dense":
-                self._handles.append(dense.get_submodule(name).register_forward_pre_hook(self._dense_hook(name)))
-            self._handles.append(layer.register_forward_pre_hook(self._input_hook(name)))
+                self._keep_inputs(dense.get_submodule(name), "dense_inputs", name)
+            self._keep_inputs(layer, "_inputs", name)
             self._handles.append(layer.down.register_forward_hook(self._code_hook(name)))
-
-    def _dense_hook(self, name: str):
-        def hook(module, args):
-            self.dense_inputs[name] = args[0]
-        return hook
-
-    def _input_hook(self, name: str):
-        def hook(module, args):
-            self._inputs[name] = args[0]
-        return hook
 
     def _code_hook(self, name: str):
         def hook(module, args, codes):
@@ -140,16 +152,11 @@ class _PairedCodes:
         return hook
 
     def end_batch(self) -> None:
-        self.dense_inputs = {}
+        super().end_batch()
         self._inputs = {}
 
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
-
-class _PairedInputs:
+class _PairedInputs(_PairedHooks):
     """Hooks that accumulate, per factored layer of a block, Σ x_c x_cᵀ and Σ x_d x_cᵀ (in × in): what
     `refit_both` needs, where the plain update makes do with `_PairedCodes`.
 
@@ -158,21 +165,15 @@ class _PairedInputs:
     """
 
     def __init__(self, dense: nn.Module, compressed: nn.Module, names: dict[str, int]):
+        super().__init__()
         self.names = names  # name relative to the block -> in_features
-        self.dense_inputs: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._linked: set[str] = set()
-        self._handles = []
         for name in names:
-            self._handles.append(dense.get_submodule(name).register_forward_pre_hook(self._dense_hook(name)))
+            self._keep_inputs(dense.get_submodule(name), "dense_inputs", name)
             self._handles.append(compressed.get_submodule(name).register_forward_pre_hook(self._compressed_hook(name)))
-
-    def _dense_hook(self, name: str):
-        def hook(module, args):
-            self.dense_inputs[name] = args[0]
-        return hook
 
     def _compressed_hook(self, name: str):
         def hook(module, args):
@@ -197,13 +198,8 @@ class _PairedInputs:
         return hook
 
     def end_batch(self) -> None:
-        self.dense_inputs = {}
+        super().end_batch()
         self._seen.clear()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 @torch.no_grad()
