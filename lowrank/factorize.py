@@ -87,58 +87,106 @@ class Whitening:
         return (self.vectors / self.scales) @ self.vectors.T
 
 
+def all_finite(tensor: torch.Tensor, rows: int = 256) -> bool:
+    """Whether every entry is finite, a slab of rows at a time: `torch.isfinite` of a whole float64 matrix
+    builds temporaries larger than the matrix (+334 MiB beside a 5632² Gram)."""
+    if tensor.dim() < 2:
+        return bool(torch.isfinite(tensor).all())
+    return all(bool(torch.isfinite(tensor[start:start + rows]).all()) for start in range(0, tensor.shape[0], rows))
+
+
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise LowrankError(
             f"{what} contains NaN or Inf; check the model's weights and the calibration text"
         )
 
 
-def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = "layer") -> Whitening:
+def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = "layer",
+              consume: bool = False) -> Whitening:
     """A square root S of G + δ·mean(eig G)·I (see `Whitening`); never fails, never returns NaN.
 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), the symmetric
     root from an eigendecomposition is used instead, with negative eigenvalues clipped to zero.
-    In both cases the ridge δ keeps every direction invertible. Memory: two in × in float64 matrices
-    beside `gram` (both factorizations work in place), one once `gram` is symmetrized when the caller
-    passed its only reference (`WhiteningCache` with readers does); the result holds one.
+    In both cases the ridge δ keeps every direction invertible. Memory: everything happens in one
+    in × in float64 buffer, which becomes the result's (plus the eigenvectors on the fallback path):
+    `gram`'s own with `consume` (the caller hands it over; `WhiteningCache` with readers does), else a copy.
     """
-    gram = gram.to(torch.float64)
-    _check_finite(gram, f"the Gram matrix of {name}")
-    scale = torch.diagonal(gram).mean()  # = mean eigenvalue (the diagonal of (G + Gᵀ)/2 is G's own)
+    work = gram.to(torch.float64)
+    if work is gram and not consume:
+        work = gram.clone()
+    del gram
+    _check_finite(work, f"the Gram matrix of {name}")
+    scale = torch.diagonal(work).mean()  # = mean eigenvalue (the diagonal of (G + Gᵀ)/2 is G's own)
     if scale <= 0:
         raise LowrankError(
             f"{name} received only zero inputs during calibration; "
             "use more or different calibration text, or exclude the layer with --exclude"
         )
-    gram = gram + gram.T  # (G + Gᵀ)/2 in one new buffer; the bits of `(gram + gram.T) / 2`
-    gram.div_(2)
-    damped = gram.clone()
-    damped.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
-    lower = cholesky_in_place(damped)  # `damped`'s buffer becomes L, or None
-    del damped
+    symmetrize_in_place(work)  # (G + Gᵀ)/2, the same bits as `(gram + gram.T) / 2`
+    undamped = work.diagonal().clone()
+    work.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
+    lower = cholesky_in_place(work)  # `work`'s buffer becomes L, or None with its strict lower triangle intact
     if lower is not None:
         return Whitening(lower=lower)
-    eigenvalues, vectors = symmetric_eigh(gram)  # consumes `gram`: its buffer becomes LAPACK's work matrix
-    del gram
+    mirror_lower_in_place(work)  # back to (G + Gᵀ)/2 from the triangle Cholesky did not touch
+    work.diagonal().copy_(undamped)
+    eigenvalues, vectors = symmetric_eigh(work)  # consumes `work`: its buffer becomes LAPACK's work matrix
+    del work
     return Whitening(vectors=vectors, scales=(eigenvalues.clamp(min=0.0) + damping * scale).sqrt())
+
+
+#: Rows per slab in the in-place symmetric copies below (a slab of rows is the only temporary).
+_SLAB = 512
+
+
+def symmetrize_in_place(matrix: torch.Tensor, slab: int = _SLAB) -> None:
+    """matrix ← (matrix + matrixᵀ)/2 without a second n × n matrix: slab by slab, each upper part averaged with
+    the lower part that mirrors it (the same additions as the whole-matrix formula, so the same bits)."""
+    n = matrix.shape[0]
+    for start in range(0, n, slab):
+        stop = min(start + slab, n)
+        rows = matrix[start:stop, start:]  # this slab's diagonal block and the upper part right of it
+        mirrored = matrix[start:, start:stop].T  # the transposed lower part below (and the same diagonal block)
+        average = (rows + mirrored) / 2
+        rows.copy_(average)
+        mirrored.copy_(average)
+
+
+def mirror_lower_in_place(matrix: torch.Tensor, slab: int = _SLAB) -> None:
+    """Copy the strict lower triangle onto the strict upper one (the diagonal is left as it is)."""
+    n = matrix.shape[0]
+    for start in range(0, n, slab):
+        stop = min(start + slab, n)
+        matrix[start:stop, stop:] = matrix[stop:, start:stop].T
+        block = matrix[start:stop, start:stop]
+        block.copy_(block.tril() + block.tril(-1).T)
 
 
 def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor | None:
     """The lower Cholesky factor L of the symmetric positive definite float64 `matrix`, computed in its
-    buffer (LAPACK's dpotrf through SciPy on CPU: no second n × n matrix), or None where it fails."""
-    if matrix.device.type != "cpu":
-        lower, info = torch.linalg.cholesky_ex(matrix)
-    else:
-        from scipy.linalg import lapack
+    buffer (LAPACK's dpotrf through SciPy on CPU: no second n × n matrix), or None where it fails.
 
-        # the transpose is the same symmetric matrix in Fortran order, so LAPACK works in its buffer
-        factor, info = lapack.dpotrf(matrix.numpy().T, lower=1, clean=1, overwrite_a=1)
-        lower = torch.from_numpy(factor)
-    if int(info) != 0 or not torch.isfinite(lower).all() or not bool((lower.diagonal() > 0).all()):
+    Only the diagonal and the upper triangle are read and overwritten: where it fails, the strict lower
+    triangle still holds the input's (what `whitening` rebuilds the matrix from).
+    """
+    if matrix.device.type != "cpu":
+        lower, info = torch.linalg.cholesky_ex(matrix, upper=True)  # reads the upper triangle; `matrix` intact
+        lower = lower.mT
+        if int(info) != 0 or not torch.isfinite(lower).all() or not bool((lower.diagonal() > 0).all()):
+            return None
+        matrix.copy_(lower)
+        return matrix
+    from scipy.linalg import lapack
+
+    # the transpose is the same symmetric matrix in Fortran order, so LAPACK works in its buffer: its lower
+    # triangle is `matrix`'s upper one, and its untouched strict upper triangle is `matrix`'s strict lower one
+    _, info = lapack.dpotrf(matrix.numpy().T, lower=1, clean=0, overwrite_a=1)
+    # `matrix` now holds Lᵀ in its upper triangle, and the (finite) input below it: this checks L alone
+    if int(info) != 0 or not all_finite(matrix) or not bool((matrix.diagonal() > 0).all()):
         return None
-    return lower
+    return matrix.triu_().T  # clear the input's strict lower triangle (in the contiguous buffer: no copy)
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,16 +227,20 @@ class WhiteningCache:
         """The whitening of `stats.gram`, computed on first use (`name` labels its errors)."""
         entry = self._by_input.get(id(stats))
         if entry is None or entry[0] is not stats:
-            entry = (stats, whitening(self._gram(stats), self.damping, name))
+            gram, taken = self._gram(stats)
+            entry = (stats, whitening(gram, self.damping, name, consume=taken))
+            del gram
             self._by_input[id(stats)] = entry
         return entry[1]
 
-    def _gram(self, stats) -> torch.Tensor:
-        """`stats.gram`; with readers, taken from `stats`, so that the whitening holds the only reference."""
+    def _gram(self, stats) -> tuple[torch.Tensor, bool]:
+        """`stats.gram`, and whether the whitening may work in it: with readers it is taken from `stats`, so that
+        the whitening holds the only reference and its buffer becomes the whitening's."""
         gram = stats.gram
-        if self._left is not None and id(stats) in self._left:
+        taken = self._left is not None and id(stats) in self._left
+        if taken:
             stats.gram = None
-        return gram
+        return gram, taken
 
     def done(self, stats) -> None:
         """One reader of `stats` is finished; after the last (with readers), its whitening is dropped."""

@@ -10,8 +10,8 @@ Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (doc
   path's inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound)
   and the autograd activations of one calibration batch through it.
 - its statistics = the block's Gram matrices (float64, one per target: an upper bound) + a whitening's
-  temporaries (three in × in beside its Gram: the symmetric copy, the eigenvectors and eigh's work space
-  of two) + the largest SVD (W·S and U).
+  temporaries (one in × in beside its Gram, which becomes the whitening: the eigenvectors of the
+  eigendecomposition fallback) + the largest SVD (W·S and U).
 Boundary activations past the memory left go to `--offload-dir` when one is given.
 """
 
@@ -103,7 +103,7 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
         per_block[block] = per_block.get(block, 0) + target.in_features ** 2 * 8
         per_block_inputs[block] = per_block_inputs.get(block, 0) + target.in_features
     grams = max(per_block.values(), default=0)
-    widest = max(t.in_features for t in targets) ** 2 * 8 * 3  # a whitening's temporaries beside its Gram
+    widest = max(t.in_features for t in targets) ** 2 * 8  # a whitening's temporary beside its Gram (eigh's vectors)
     biggest = max((t.out_features * min(t.shape) + t.out_features * t.in_features) * 8 for t in targets)  # W·S, U
     statistics = grams + widest + biggest
     hidden = getattr(source.config, "hidden_size", None) or getattr(source.config, "n_embd", None) or 0

@@ -104,6 +104,60 @@ def test_symmetric_eigh_works_inside_the_matrix_it_is_given():
     assert torch.allclose((vectors * values) @ vectors.T, matrix, atol=1e-9 * matrix.abs().max())
 
 
+def test_symmetrize_and_mirror_in_place_give_the_whole_matrix_formulas_bits():
+    """Slab by slab, in the matrix's own buffer, with slabs that do not divide the width."""
+    gram = _grams()["cholesky"]
+    for slab in (7, 40, 512):
+        work = gram.clone()
+        factorize.symmetrize_in_place(work, slab=slab)
+        assert torch.equal(work, (gram + gram.T) / 2), slab
+        mirrored = gram.clone()
+        factorize.mirror_lower_in_place(mirrored, slab=slab)
+        lower = gram.tril(-1)
+        assert torch.equal(mirrored, lower + lower.T + torch.diag(gram.diagonal())), slab
+
+
+def _scipy_whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> tuple[str, torch.Tensor]:
+    """The previous implementation's steps, each in its own new matrix: the bits a whitening must keep."""
+    import scipy.linalg
+    from scipy.linalg import lapack
+
+    symmetric = (gram + gram.T) / 2
+    scale = torch.diagonal(gram).mean()
+    damped = symmetric.clone()
+    damped.diagonal().add_(damping * scale)
+    factor, info = lapack.dpotrf(damped.numpy().T.copy(order="F"), lower=1, clean=1)
+    if int(info) == 0:
+        return "lower", torch.from_numpy(factor)
+    _, vectors = scipy.linalg.eigh(symmetric.numpy().T.copy(order="F"), check_finite=False, driver="evr")
+    return "vectors", torch.from_numpy(vectors)
+
+
+def test_a_consumed_gram_becomes_the_whitening_with_the_same_bits():
+    """With `consume` the Gram's buffer is the only n × n matrix (Cholesky) and the result's bits do not move."""
+    for path, gram in _grams().items():
+        kind, expected = _scipy_whitening(gram)
+        owned = gram.clone()
+        white = whitening(owned, consume=True)
+        got = white.lower if kind == "lower" else white.vectors
+        assert got is not None, path
+        assert torch.equal(got, expected), path
+        if kind == "lower":
+            assert got.data_ptr() == owned.data_ptr(), path  # L lives in the Gram's buffer
+        kept = gram.clone()
+        again = whitening(kept)  # not consumed: the caller's Gram is left as it was
+        assert torch.equal(kept, gram), path
+        assert torch.equal(again.lower if kind == "lower" else again.vectors, expected), path
+
+
+def test_a_failed_cholesky_leaves_the_lower_triangle_it_did_not_read():
+    matrix = -_grams()["cholesky"]  # not positive definite
+    matrix = (matrix + matrix.T) / 2
+    work = matrix.clone()
+    assert factorize.cholesky_in_place(work) is None
+    assert torch.equal(work.tril(-1), matrix.tril(-1))  # what `whitening` rebuilds the matrix from
+
+
 def _stats(gram: torch.Tensor) -> ActivationStats:
     return ActivationStats(gram.shape[0], gram.clone(), torch.zeros(gram.shape[0], dtype=torch.float64), 1)
 
@@ -112,8 +166,10 @@ def test_whitening_cache_with_readers_frees_each_gram_and_drops_each_whitening_a
     grams = _grams()
     shared, single = _stats(grams["cholesky"]), _stats(grams["eigh"])
     cache = WhiteningCache(readers=[shared, shared, single])  # q and k read one input, down another
+    buffer = shared.gram.data_ptr()
     first = cache.get(shared, "q")
     assert shared.gram is None  # handed to the whitening, freed there
+    assert first.lower.data_ptr() == buffer  # and its buffer became the whitening's L
     assert torch.equal(first.root, whitening(grams["cholesky"]).root)
     cache.done(shared)
     assert cache.get(shared, "k") is first  # the second reader gets the same whitening, not a recomputed one
@@ -180,3 +236,13 @@ def test_profile_pass_keeps_the_sensitivity_boundaries_on_disk(tmp_path, monkeyp
     (levels,) = stores
     assert levels.spilled_bytes > 0 and levels.most_held == 0  # every level of the sensitivity windows on disk
     assert all(m.price is not None and torch.isfinite(m.price).all() for m in profile.matrices)
+
+
+def test_all_finite_reads_slab_by_slab_and_finds_a_bad_entry_anywhere():
+    matrix = torch.randn(700, 30, dtype=torch.float64)
+    assert factorize.all_finite(matrix, rows=256)
+    for row, bad in ((0, float("nan")), (699, float("inf")), (300, -float("inf"))):
+        spoiled = matrix.clone()
+        spoiled[row, 7] = bad
+        assert not factorize.all_finite(spoiled, rows=256), (row, bad)
+    assert not factorize.all_finite(torch.tensor([1.0, float("nan")]))
