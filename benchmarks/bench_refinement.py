@@ -133,17 +133,23 @@ def markdown(data: dict) -> str:
     def cell(value, form: str) -> str:
         return "–" if value is None else format(value, form)
 
+    def saved(row) -> bool:  # a plan read from a folder: its planning time is another run's, on another day
+        return row.get("plan_source") not in (None, "planned in this run")
+
     for row in sorted(data["rows"], key=lambda r: (-r["ratio"], r.get("refit_rounds", 0), r["steps"])):
         seconds = row["compress_seconds"]
-        ratio_to_floor = None if seconds is None else (seconds + row["planning_seconds"]) / floor
+        planning = 0.0 if saved(row) else row["planning_seconds"]
+        ratio_to_floor = None if seconds is None else (seconds + planning) / floor
         lines.append(f"| {row['ratio']} | {row['variant']} | {row.get('refit_rounds', 0)} | {row['steps']} | "
                      f"{row['perplexity']:.2f} | "
                      f"≤ {GOALS.get(row['ratio'], float('nan')):g} | {cell(seconds, '.0f')} | "
-                     f"{cell(ratio_to_floor, '.1f')} | {row['planning_seconds']:.0f} | {cell(row['peak_rss_mib'], ',')} | "
+                     f"{cell(ratio_to_floor, '.1f')} | {'saved' if saved(row) else format(planning, '.0f')} | "
+                     f"{cell(row['peak_rss_mib'], ',')} | "
                      f"{cell(row['block_error_after_over_before'], '.3f')} |")
     lines += ["", "Compression (s) is the compress stage alone (the plan is shared by a ratio's variants); × floor "
-              "counts planning + compression. Planning time comes from the run that made the plan "
-              "(see `plan_source` in the JSON).", ""]
+              "counts planning + compression when the plan was made in this run, and compression alone when it was "
+              "read from a folder (planning *saved*: `plan_source` in the JSON; its recorded seconds are another "
+              "run's).", ""]
     if data.get("sweep"):
         lines += [f"Steps against perplexity at ratio {data['sweep']['ratio']}: ![steps](refinement-steps.png)", ""]
     return "\n".join(lines) + "\n"

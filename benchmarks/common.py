@@ -71,7 +71,15 @@ def reset_peak_rss() -> None:
     """Restart the peak-RSS watermark (VmHWM) from the current RSS, so a later peak is one stage's own.
 
     ru_maxrss cannot do this, and a child process even inherits its parent's ru_maxrss across exec.
+    Garbage and the heap glibc keeps after an earlier stage are given back first, so that they do not
+    count as this stage's (they did in reports/refinement-one-run.md, whose later rows start higher).
     """
+    import gc
+
+    from lowrank.block_source import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")
 
 
