@@ -168,7 +168,8 @@ def plot(data: dict) -> None:
     steps = [r["steps"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [r["perplexity"] for r in rows], "o-",
-            label="sequential + update" + (f" + refit ({refit} rounds)" if refit else "") + " + refinement")
+            label="sequential + update" + (f" + refit ({refit} round{'s' if refit != 1 else ''})" if refit else "")
+            + " + refinement")
     default = [r for r in data["rows"] if r["ratio"] == ratio and r["steps"] == 0 and not r.get("refit_rounds")]
     if default and refit:
         ax.axhline(default[0]["perplexity"], color="tab:red", linestyle="-.", label="today's default")
@@ -211,7 +212,8 @@ def main() -> None:
                         help="run each ratio in its own process at once (peak memory is then per process)")
     parser.add_argument("--name", default=NAME, help="report name under reports/ (default: %(default)s)")
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lock", default="/work/wt/timed.lock", help="flock file held while timing ('' : none)")
+    parser.add_argument("--lock", default="", help="flock file held while timing, so that timed runs on one machine "
+                        "never overlap (default: none)")
     args = parser.parse_args()
     lock = args.lock or None
     saved = {float(k): v for k, v in (item.split("=", 1) for item in args.plan_from)}
@@ -230,7 +232,7 @@ def main() -> None:
         + ([f"--name {args.name}"] if args.name != NAME else [])
         + ([f"--known-dense {args.known_dense:g}"] if args.known_dense is not None else [])
         + ([f"--known-floor {args.known_floor:g}"] if args.known_floor is not None else [])
-        + ([f"--lock '{args.lock}'"] if args.lock != "/work/wt/timed.lock" else []))
+        + ([f"--lock {args.lock}"] if args.lock else []))
 
     if args.parallel and len(args.ratios) > 1:
         return run_parallel(args, command)
