@@ -242,7 +242,8 @@ def report() -> None:
              "Synthetic random Llamas, default compress (sensitivity planner, sequential, update, ratio 0.8), random "
              "token windows. Each row is its own process; peak = VmHWM; *peak stage* is where the highest VmRSS was "
              "read (benchmarks/trace_memory.py's sampler). Written by `python benchmarks/bench_memory.py report` from "
-             "reports/memory.json; the machine: 2 CPU cores shared with four other jobs (load 9–13), 24 GiB.", "",
+             "reports/memory.json; the machine: 2 CPU cores, 24 GiB. Rows of a stop often shared the cores (the notes below "
+             "say with what), so a wall time is a speed only where the notes say the machine was quiet.", "",
              "| run | layers | dtype | checkpoint | calibration | peak RSS | peak stage | finished | wall | stages (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results.items():

@@ -172,8 +172,7 @@ def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor | None:
     triangle still holds the input's (what `whitening` rebuilds the matrix from).
     """
     if matrix.device.type != "cpu":
-        lower, info = torch.linalg.cholesky_ex(matrix, upper=True)  # reads the upper triangle; `matrix` intact
-        lower = lower.mT
+        lower, info = torch.linalg.cholesky_ex(matrix)  # a new matrix: `matrix` is left intact
         if int(info) != 0 or not torch.isfinite(lower).all() or not bool((lower.diagonal() > 0).all()):
             return None
         matrix.copy_(lower)
