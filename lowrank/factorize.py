@@ -281,6 +281,7 @@ def _truncate(product: torch.Tensor, k: int, back: "Callable[[torch.Tensor], tor
     u, s, vh = top_singular(product, k)
     if s[-1] <= 0:  # directions lost to the Gram's rounding: only a full SVD resolves them
         u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    del product  # freed before the map back, where the caller passed its only reference
     root_s = s[:k].sqrt()
     up = u[:, :k] * root_s
     down = root_s[:, None] * vh[:k]
@@ -318,11 +319,11 @@ def whiten_factors(
 
     Pass a precomputed `white` to share one whitening between modules that read the same input.
     """
-    weight = weight.to(torch.float64)
     _check_finite(weight, f"the weight of {name}")
     if white is None:
         white = whitening(gram, damping, name)
-    return _truncate(white.whiten(weight), rank, white.unwhiten)
+    # no names held here: the float64 copy of W is freed once W·S exists, and W·S once `_truncate` has its SVD
+    return _truncate(white.whiten(weight.to(torch.float64)), rank, white.unwhiten)
 
 
 def gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
