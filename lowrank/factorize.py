@@ -87,9 +87,9 @@ class Whitening:
         return (self.vectors / self.scales) @ self.vectors.T
 
 
-def all_finite(tensor: torch.Tensor, rows: int = 256) -> bool:
-    """Whether every entry is finite, a slab of rows at a time: `torch.isfinite` of a whole float64 matrix
-    builds temporaries larger than the matrix (+334 MiB beside a 5632² Gram)."""
+def all_finite(tensor: torch.Tensor, rows: int = 32) -> bool:
+    """Whether every entry is finite, a few rows at a time: `torch.isfinite` of a whole float64 matrix builds
+    temporaries larger than the matrix (+334 MiB beside a 5632² Gram), and mid-sized ones stay in glibc's heap."""
     if tensor.dim() < 2:
         return bool(torch.isfinite(tensor).all())
     return all(bool(torch.isfinite(tensor[start:start + rows]).all()) for start in range(0, tensor.shape[0], rows))
@@ -137,21 +137,22 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     return Whitening(vectors=vectors, scales=(eigenvalues.clamp(min=0.0) + damping * scale).sqrt())
 
 
-#: Rows per slab in the in-place symmetric copies below (a slab of rows is the only temporary).
-_SLAB = 512
+#: Rows per slab in the in-place symmetric copies below (only a slab's diagonal block is ever copied).
+_SLAB = 256
 
 
 def symmetrize_in_place(matrix: torch.Tensor, slab: int = _SLAB) -> None:
-    """matrix ← (matrix + matrixᵀ)/2 without a second n × n matrix: slab by slab, each upper part averaged with
-    the lower part that mirrors it (the same additions as the whole-matrix formula, so the same bits)."""
+    """matrix ← (matrix + matrixᵀ)/2 without a second n × n matrix: each upper part is averaged in place with the
+    lower part that mirrors it (the same additions as the whole-matrix formula, so the same bits), and only a
+    slab's small diagonal block is copied."""
     n = matrix.shape[0]
     for start in range(0, n, slab):
         stop = min(start + slab, n)
-        rows = matrix[start:stop, start:]  # this slab's diagonal block and the upper part right of it
-        mirrored = matrix[start:, start:stop].T  # the transposed lower part below (and the same diagonal block)
-        average = (rows + mirrored) / 2
-        rows.copy_(average)
-        mirrored.copy_(average)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_((diagonal + diagonal.T) / 2)
+        upper, lower = matrix[start:stop, stop:], matrix[stop:, start:stop].T  # disjoint: in place is safe
+        upper.add_(lower).div_(2)
+        lower.copy_(upper)
 
 
 def mirror_lower_in_place(matrix: torch.Tensor, slab: int = _SLAB) -> None:
@@ -159,9 +160,9 @@ def mirror_lower_in_place(matrix: torch.Tensor, slab: int = _SLAB) -> None:
     n = matrix.shape[0]
     for start in range(0, n, slab):
         stop = min(start + slab, n)
-        matrix[start:stop, stop:] = matrix[stop:, start:stop].T
-        block = matrix[start:stop, start:stop]
-        block.copy_(block.tril() + block.tril(-1).T)
+        matrix[start:stop, stop:].copy_(matrix[stop:, start:stop].T)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
 
 
 def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor | None:
