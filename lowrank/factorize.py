@@ -114,8 +114,8 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     `gram`'s own with `consume` (the caller hands it over; `WhiteningCache` with readers does), else a copy.
     """
     work = gram.to(torch.float64)
-    if work is gram and not consume:
-        work = gram.clone()
+    if (work is gram and not consume) or not work.is_contiguous():
+        work = work.contiguous() if work is not gram else gram.clone(memory_format=torch.contiguous_format)
     del gram
     _check_finite(work, f"the Gram matrix of {name}")
     scale = torch.diagonal(work).mean()  # = mean eigenvalue (the diagonal of (G + Gᵀ)/2 is G's own)
@@ -182,7 +182,10 @@ def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor | None:
 
     # the transpose is the same symmetric matrix in Fortran order, so LAPACK works in its buffer: its lower
     # triangle is `matrix`'s upper one, and its untouched strict upper triangle is `matrix`'s strict lower one
-    _, info = lapack.dpotrf(matrix.numpy().T, lower=1, clean=0, overwrite_a=1)
+    array = matrix.numpy().T
+    factor, info = lapack.dpotrf(array, lower=1, clean=0, overwrite_a=1)
+    if factor.ctypes.data != array.ctypes.data:  # LAPACK worked on a copy (`matrix` not contiguous): bring it back
+        array[...] = factor
     # `matrix` now holds Lᵀ in its upper triangle, and the (finite) input below it: this checks L alone
     if int(info) != 0 or not all_finite(matrix) or not bool((matrix.diagonal() > 0).all()):
         return None

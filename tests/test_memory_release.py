@@ -246,3 +246,19 @@ def test_all_finite_reads_slab_by_slab_and_finds_a_bad_entry_anywhere():
         spoiled[row, 7] = bad
         assert not factorize.all_finite(spoiled, rows=256), (row, bad)
     assert not factorize.all_finite(torch.tensor([1.0, float("nan")]))
+
+
+def test_a_transposed_or_strided_gram_gives_the_same_whitening():
+    """Views that are not contiguous (a transposed Gram) are copied once, never misread by LAPACK."""
+    for path, gram in _grams().items():
+        expected = whitening(gram.clone())
+        for view in (gram.clone().T, gram.clone().T.contiguous().T):
+            got = whitening(view, consume=True)
+            assert torch.allclose(got.root, expected.root, rtol=0, atol=1e-12 * expected.root.abs().max()), path
+    matrix = _grams()["cholesky"]
+    matrix = (matrix + matrix.T) / 2
+    matrix.diagonal().add_(1e-3 * matrix.diagonal().mean())
+    strided = torch.empty(matrix.shape[1], matrix.shape[0], dtype=torch.float64).T  # Fortran order
+    strided.copy_(matrix)
+    lower = factorize.cholesky_in_place(strided)
+    assert torch.allclose(lower, torch.linalg.cholesky(matrix), rtol=0, atol=1e-12 * matrix.abs().max() ** 0.5)
