@@ -114,8 +114,9 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     `gram`'s own with `consume` (the caller hands it over; `WhiteningCache` with readers does), else a copy.
     """
     work = gram.to(torch.float64)
-    if (work is gram and not consume) or not work.is_contiguous():
-        work = work.contiguous() if work is not gram else gram.clone(memory_format=torch.contiguous_format)
+    if work is gram and not consume:  # the caller keeps its Gram: work in a copy
+        work = gram.clone(memory_format=torch.contiguous_format)
+    work = work.contiguous()  # LAPACK works in place only in a contiguous buffer (no copy when it is one)
     del gram
     _check_finite(work, f"the Gram matrix of {name}")
     scale = torch.diagonal(work).mean()  # = mean eigenvalue (the diagonal of (G + Gᵀ)/2 is G's own)
