@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .block_capture import BlockCall, CapturedInputs, capture_block_inputs, model_device, run_block
 from .calibration import ActivationStats, StatsCollector, all_reduce_stats, collect_stats
 from .errors import CalibrationError
+from .forward_cutoff import ForwardCutoff
 from .plan import Plan
 from .stage_times import stage
 from .targets import Target, find_block_list
@@ -105,11 +106,12 @@ def block_stats(
     handles = [] if keep_inputs is None else [
         model.get_submodule(t.name).register_forward_pre_hook(keep(t.name)) for t in targets]
     try:
-        with StatsCollector(model, targets) as collector:
+        modules = [model.get_submodule(t.name) for t in targets]
+        with StatsCollector(model, targets) as collector, ForwardCutoff(modules, after="input") as cutoff:
             for h, call in zip(hidden, calls):
                 if keep_inputs is not None:
                     keep_inputs.append({})
-                run_block(block, h, call, device)
+                cutoff.run(block, h, call, device)  # ends once the last target has its input
                 collector.end_batch()
                 copies.clear()
         if keep_inputs is not None and keep_batches is not None:

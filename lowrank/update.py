@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from . import distributed
-from .block_capture import BlockCall, run_block
+from .block_capture import BlockCall
 from .errors import LowrankError
 from .factorize import Factors, whiten_factors, whitening
+from .forward_cutoff import ForwardCutoff
 from .layers import LowRankLinear
 from .targets import weight_matrix
 
@@ -243,15 +244,20 @@ def _update_round(dense_block: nn.Module, block: nn.Module, factored: dict[str, 
     ranks = {name: block.get_submodule(name).rank for name in layers}
     run_dense = both or target == "dense"
     pairs = _PairedInputs(dense_block, block, dims) if both else _PairedCodes(dense_block, block, layers, target)
+    # each pass ends once what it reads has run: the layers' inputs, or (plain update) their codes
+    compressed_cut = ForwardCutoff([block.get_submodule(n) for n in layers], after="input") if both else \
+        ForwardCutoff([block.get_submodule(n).down for n in layers], after="output")
+    dense_cut = ForwardCutoff([dense_block.get_submodule(n) for n in layers], after="input")
     try:
-        for b, (h, call) in enumerate(zip(hidden, calls)):
-            if run_dense:
-                if dense_inputs:
-                    pairs.dense_inputs = dense_inputs[b]
-                else:
-                    run_block(dense_block, h, call, device)
-            run_block(block, h, call, device)
-            pairs.end_batch()
+        with compressed_cut, dense_cut:
+            for b, (h, call) in enumerate(zip(hidden, calls)):
+                if run_dense:
+                    if dense_inputs:
+                        pairs.dense_inputs = dense_inputs[b]
+                    else:
+                        dense_cut.run(dense_block, h, call, device)
+                compressed_cut.run(block, h, call, device)
+                pairs.end_batch()
     finally:
         pairs.close()
     if both:
