@@ -117,25 +117,36 @@ class _Injector(nn.Module):
 
 def head_gradient(model: nn.Module, blocks: nn.ModuleList, final: torch.Tensor, batch: torch.Tensor,
                   device: torch.device) -> torch.Tensor:
-    """∂(summed next-token loss)/∂(last block's output) for one batch, through the model's own head."""
-    holder = [final.to(device).requires_grad_(True)]
+    """∂(summed next-token loss)/∂(last block's output) for one batch, through the model's own head.
+
+    One window at a time: the loss is a sum over windows and each window's gradient depends on its own
+    tokens only, so the result is the same (bit for bit on CPU, tested), while only one window's logits
+    and their gradient are in memory (4 × 256 tokens over a 32,000 vocabulary were 131 MB a copy, and the
+    loss's backward holds several copies: the streamed run's peak).
+    """
+    holder: list[torch.Tensor] = []
     originals = list(blocks)
     home = model.get_input_embeddings().weight.device
     for i, block in enumerate(originals):
         blocks[i] = _Injector(block, holder, last=i == len(originals) - 1)
+    gradients = []
     try:
         model.to(device)  # the modules outside the blocks only: the blocks are out of the tree now
-        with torch.enable_grad():
-            logits = model(input_ids=batch.to(device), use_cache=False).logits
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].to(device).reshape(-1),
-                reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, holder[0])
+        for window in range(final.shape[0]):
+            holder[:] = [final[window:window + 1].to(device).requires_grad_(True)]
+            tokens = batch[window:window + 1].to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=tokens, use_cache=False).logits
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="sum")
+                del logits
+                gradients.append(torch.autograd.grad(loss, holder[0])[0])
+            del loss
     finally:
         model.to(home)
         for i, block in enumerate(originals):
             blocks[i] = block
-    return gradient
+    return torch.cat(gradients)
 
 
 class _Projections:
