@@ -102,7 +102,7 @@ def _watch(tracer, log: Path, started: float, every: float = 30.0) -> None:
 
 
 def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, log: Path | None = None,
-          keep: Path | None = None) -> dict:
+          keep: Path | None = None, max_memory: str | None = None) -> dict:
     """One measured run in this process; returns its numbers (with the peak VmRSS per stage where traced)."""
     import lowrank
     from lowrank.config import CompressConfig
@@ -133,7 +133,7 @@ def child(folder: Path, mode: str, samples: int, seq_len: int, offload: str | No
                 source.free_block(index)
     else:
         out = Path(tempfile.mkdtemp(prefix="bench-memory-", dir="/tmp")) / "out"
-        config = CompressConfig(stream=mode == "stream", offload_dir=offload)
+        config = CompressConfig(stream=mode == "stream", offload_dir=offload, max_memory=max_memory)
         source = str(folder)
         if mode == "memory":  # today's path: the whole model loaded (no tokenizer in a synthetic folder)
             import transformers
@@ -172,16 +172,18 @@ def _status_bytes(pid: int, field: str) -> int | None:
 
 
 def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None, stop_above: float | None = None,
-        stop_after: float | None = None, keep: Path | None = None) -> None:
+        stop_after: float | None = None, keep: Path | None = None, max_memory: str | None = None) -> None:
     """One row: the child's numbers, or, when it passes `stop_above` GiB of RSS or `stop_after` seconds, the peak
-    and stage it reached when stopped (marked unfinished)."""
+    and stage it reached when stopped (marked unfinished). `max_memory`: the run's `--max-memory` (what makes
+    boundary activations spill to `offload` on a machine with more free memory than that)."""
     facts = checkpoint_facts(folder)
     key = f"h{facts['hidden']}-{facts['layers']}L-{facts['dtype']}-{samples}x{seq_len}-{mode}{'-offload' if offload else ''}"
+    key += f"-max{max_memory}" if max_memory else ""
     log = Path(tempfile.gettempdir()) / f"bench-memory-{key}.log"  # progress: one JSON line every 30 s
     log.unlink(missing_ok=True)
     print(f"progress in {log}", flush=True)
     command = [sys.executable, __file__, "--child", str(folder), mode, str(samples), str(seq_len), offload or "",
-               str(log), str(keep or "")]
+               str(log), str(keep or ""), max_memory or ""]
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
@@ -207,7 +209,8 @@ def run(folder: Path, mode: str, samples: int, seq_len: int, offload: str | None
         raise SystemExit(f"child failed: {stderr[-2000:]}")
     else:
         numbers = {"finished": True, **json.loads(stdout.strip().splitlines()[-1])}
-    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload), **numbers})
+    _record(key, {**facts, "mode": mode, "samples": samples, "seq_len": seq_len, "offload": bool(offload),
+                  **({"max_memory": max_memory} if max_memory else {}), **numbers})
 
 
 def _unfinished(log: Path, why: str, hwm: int = 0, wall: float | None = None) -> dict:
@@ -253,7 +256,8 @@ def report() -> None:
         peaks = r.get("stage_peaks") or {}
         top = max(peaks, key=peaks.get) if peaks else "–"
         finished = "yes" if r.get("finished", True) else f"no: {r.get('stopped')}, in {r.get('stage')}"
-        lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''} | {r['layers']} (h {r['hidden']}) | "
+        cap = f" (--max-memory {r['max_memory']})" if r.get("max_memory") else ""
+        lines.append(f"| {r['mode']}{' + offload' if r['offload'] else ''}{cap} | {r['layers']} (h {r['hidden']}) | "
                      f"{r['dtype']} | {r['checkpoint_bytes'] / gib:.2f} GiB | {r['samples']}×{r['seq_len']} | "
                      f"{r['peak_rss_bytes'] / gib:.2f} GiB | {top} | {finished} | {r['wall_seconds']:.0f} s | {stages} |")
     notes = (REPORTS / "memory-notes.md").read_text() if (REPORTS / "memory-notes.md").is_file() else ""
@@ -262,9 +266,9 @@ def report() -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        folder, mode, samples, seq_len, offload, log, keep = sys.argv[2:9]
+        folder, mode, samples, seq_len, offload, log, keep, max_memory = sys.argv[2:10]
         print(json.dumps(child(Path(folder), mode, int(samples), int(seq_len), offload or None, Path(log),
-                               Path(keep) if keep else None)))
+                               Path(keep) if keep else None, max_memory or None)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +284,7 @@ def main() -> None:
     measure.add_argument("--samples", type=int, default=8)
     measure.add_argument("--seq-len", type=int, default=256)
     measure.add_argument("--offload-dir")
+    measure.add_argument("--max-memory", help="the run's --max-memory, e.g. 2.5GB: boundaries past it spill to --offload-dir")
     measure.add_argument("--stop-above", type=float, help="stop the run past this many GiB of RSS (recorded unfinished)")
     measure.add_argument("--stop-after", type=float, help="stop the run after this many seconds (recorded unfinished)")
     measure.add_argument("--keep-output", type=Path, help="keep the compressed folder here (for check_reload.py)")
@@ -296,7 +301,7 @@ def main() -> None:
         make_checkpoint(args.folder, args.layers, args.hidden, args.mlp, args.dtype)
     elif args.command == "run":
         run(args.folder, args.mode, args.samples, args.seq_len, args.offload_dir, args.stop_above, args.stop_after,
-            args.keep_output)
+            args.keep_output, args.max_memory)
     elif args.command == "stopped":
         record_stopped(args.folder, args.mode, args.samples, args.seq_len, args.offload, args.why)
     else:

@@ -111,7 +111,7 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     sensitivity_windows = min(sensitivity_samples, windows.shape[0])
     fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
     vocab = getattr(source.config, "vocab_size", 0) or 0
-    logits = 4 * min(4, sensitivity_windows) * windows.shape[1] * vocab * 4 if prices else 0  # a batch's, 4 copies
+    logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's (the head's step takes them one by one), 4 copies
     # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
     inputs_per_token = max(per_block_inputs.values(), default=0)
     kept_tokens = min(windows.shape[0], update_windows or windows.shape[0]) * windows.shape[1]
