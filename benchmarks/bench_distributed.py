@@ -2,7 +2,7 @@
 
 Run, in two stages (only the first is timed, so only it holds the machine's timing lock):
 
-    flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_distributed.py time
+    python benchmarks/bench_distributed.py time
     nice -n 10 python benchmarks/bench_distributed.py quality
 
 `time` runs `lowrank compress` twice as a user would, each in a fresh process: once with
@@ -11,7 +11,7 @@ scores both folders on the shared protocol (benchmarks/common.py: 40 windows of 
 compares their factors. Writes reports/distributed.json and reports/distributed.md; with
 `--stream` among the extra arguments (streamed compression on both sides), reports/distributed-stream.*:
 
-    flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_distributed.py time smollm2-135m --seq-len 256 --stream
+    python benchmarks/bench_distributed.py time smollm2-135m --seq-len 256 --stream
     nice -n 10 python benchmarks/bench_distributed.py quality --stream   # or `compare`: without perplexity
 """
 

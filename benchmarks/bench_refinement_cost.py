@@ -1,6 +1,6 @@
 """What block refinement costs, under the timing lock: the first N blocks of SmolLM2-135M, timed three ways.
 
-Run:  flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_refinement_cost.py --blocks 4 --ratio 0.6 \\
+Run:  python benchmarks/bench_refinement_cost.py --blocks 4 --ratio 0.6 \\
           --plan-from /tmp/repro/smollm2-r0.6 --steps 16
 
 The floor (one dense forward pass over the 64 × 512 calibration windows, block by block), today's
@@ -56,7 +56,7 @@ def main() -> None:
     dense, calib = loaded.model, calibration_windows(loaded.tokenizer)
     full = read_plan(args.plan_from)[0]
     modules = {k: v for k, v in full.modules.items() if int(k.split(".")[2]) < args.blocks}
-    result = {"command": "flock /work/wt/timed.lock nice -n 0 python benchmarks/bench_refinement_cost.py "
+    result = {"command": "python benchmarks/bench_refinement_cost.py "
                          f"--blocks {args.blocks} --ratio {args.ratio:g} --plan-from {args.plan_from} "
                          f"--steps {args.steps} --lr {args.lr:g} --share {args.share:g} --holdout {args.holdout:g} "
                          f"--loss {args.loss}" + (" --dense" if args.dense else "")

@@ -1,8 +1,8 @@
 """Wall time of the default compress of SmolLM2-135M against its floor, one dense forward pass, in one run.
 
     python benchmarks/bench_speed.py prepare /tmp/smollm2-st       # the GGUF, saved once as a safetensors folder
-    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode in-memory [--keep DIR]
-    flock /work/wt/timed.lock python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode stream [--keep DIR]
+    python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode in-memory [--keep DIR]
+    python benchmarks/bench_speed.py run /tmp/smollm2-st --ratio 0.8 --mode stream [--keep DIR]
     python benchmarks/bench_speed.py report                        # reports/speed.md from reports/speed.json
 
 `run` measures, in one process and in this order: the floor (the dense model, loaded from the
@@ -11,7 +11,8 @@ the default compress (`lowrank.compress(folder, CompressConfig(stream=..., ratio
 planner, sequential, update, 64 × 512 tokens of Hamlet), in memory (the default `lowrank compress`)
 or streamed (`--stream`), and the floor again. The ratio is the compress wall time over the mean of
 the two floors; the stage seconds come from the plan (`stage_seconds`). The load average of the
-machine is recorded beside the numbers: the cores are shared.
+machine is recorded beside the numbers: the cores are shared. On a shared machine, run timed
+benchmarks one at a time (for example each under `flock LOCKFILE`).
 """
 
 from __future__ import annotations
