@@ -60,8 +60,8 @@ def analyze_streamed(
     targets = targets_of(blocks.model, include, exclude)
     limit = parse_size(max_memory, "--max-memory") if max_memory else stream_ranks.memory_share(available_bytes())
     with distributed.agreement("checking the memory"):  # several ranks: each holds its share of the batches
-        cap = check_fits(estimate(blocks, targets, stream_ranks.my_windows(windows, batch_size), False, 0), limit,
-                         offload_dir is not None)
+        cap = check_fits(estimate(blocks, targets, stream_ranks.my_windows(windows, batch_size), False, 0,
+                                  batch_size=batch_size), limit, offload_dir is not None)
     own = stream_ranks.rank_folder(offload_dir)  # several ranks: rank K spills to OFFLOAD/rank-K
     try:
         profile = profile_streamed(blocks, targets, windows, BoundaryStore(cap, own), prices=False,

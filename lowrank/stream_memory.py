@@ -2,10 +2,10 @@
 
 Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (docs/scale.md)
 - the head's step = embeddings and head (on disk the rest of the time) + one block + the head's logits;
-- profile pass  = one block + its statistics + two boundaries of the calibration windows + two of the
+- profile pass  = one block + its statistics + one batch through it + two boundaries of the calibration windows + two of the
   sensitivity windows (their other levels wait on disk);
 - compress pass = two copies of one block (the dense tensors kept for the update beside the factors) +
-  its statistics, or the update's Grams and cross-Grams when larger + two boundaries + the block's layer
+  one batch through it + its statistics, or the update's Grams and cross-Grams when larger + two boundaries + the block's layer
   inputs kept for the update (over the windows it fits on, `--update-samples`); with block refinement (`--refine-steps`), two more boundaries (the dense
   path's inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound)
   and the autograd activations of one calibration batch through it.
@@ -47,14 +47,19 @@ class MemoryEstimate:
     runtime: int = RUNTIME_BYTES
     refinement: int = 0  # block refinement: optimizer state, gradients, one batch's autograd activations
     update: int = 0  # the update's Grams and cross-Grams (after the factoring's statistics are freed)
+    forward: int = 0  # one calibration batch's activations inside a block (beside the Grams it adds to)
 
     def compress_fixed(self) -> int:
         """The compress pass without its boundary activations."""
-        return 2 * self.block + max(self.statistics, self.update) + self.refinement
+        return 2 * self.block + max(self.statistics, self.update) + self.forward + self.refinement
+
+    def profile_fixed(self) -> int:
+        """The profile pass without its boundary activations."""
+        return self.block + self.statistics + self.forward
 
     @property
     def profile_peak(self) -> int:
-        return self.block + self.statistics + self.boundaries_profile
+        return self.profile_fixed() + self.boundaries_profile
 
     @property
     def compress_peak(self) -> int:
@@ -65,14 +70,15 @@ class MemoryEstimate:
         def capped(b: int) -> int:
             return b if activations_cap is None else min(b, activations_cap)
 
-        profile = self.block + self.statistics + capped(self.boundaries_profile)
+        profile = self.profile_fixed() + capped(self.boundaries_profile)
         compress = self.compress_fixed() + capped(self.boundaries_compress)
         return self.runtime + max(self.outside, profile, compress)
 
     def describe(self, activations_cap: int | None = None) -> str:
         spilled = "" if activations_cap is None else f", {human(activations_cap)} of them in memory"
         return (f"streaming: estimated peak memory {human(self.total(activations_cap))} (one block "
-                f"{human(self.block)}, its statistics {human(self.statistics)}, boundary activations "
+                f"{human(self.block)}, its statistics {human(self.statistics)}, one batch through it "
+                f"{human(self.forward)}, boundary activations "
                 f"{human(max(self.boundaries_profile, self.boundaries_compress))}{spilled}, the head's step "
                 f"{human(self.outside)}, runtime {human(self.runtime)}"
                 + (f", block refinement {human(self.refinement)}" if self.refinement else "") + ")")
@@ -112,6 +118,11 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
     vocab = getattr(source.config, "vocab_size", 0) or 0
     logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's (the head's step takes them one by one), 4 copies
+    mlp = (getattr(source.config, "intermediate_size", None) or getattr(source.config, "ffn_dim", None)
+           or getattr(source.config, "n_inner", None) or 4 * hidden)
+    # one batch through a block, without gradients: at most three MLP-wide tensors (gate, up, their product)
+    # and two hidden-wide ones alive at once (the 1.1B shape at 64 × 512 passed an estimate without it by 4 %)
+    forward = min(batch_size, windows.shape[0]) * windows.shape[1] * (3 * mlp + 2 * hidden) * 4
     # the update's dense-block inputs, kept from the statistics pass (upper bound: one per target)
     inputs_per_token = max(per_block_inputs.values(), default=0)
     kept_tokens = min(windows.shape[0], update_windows or windows.shape[0]) * windows.shape[1]
@@ -120,7 +131,7 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
                           boundaries_compress=(4 if refine else 2) * per_level + kept_tokens * inputs_per_token * 4,
                           outside=source.outside_bytes() + source.block_bytes(0) + logits,
                           refinement=refinement_bytes(source, batch_size, windows.shape[1]) if refine else 0,
-                          update=2 * grams)
+                          update=2 * grams, forward=forward)
 
 
 def available_bytes() -> int:
@@ -137,7 +148,7 @@ def available_bytes() -> int:
 
 def activations_cap(est: MemoryEstimate, limit: int) -> int:
     """The boundary activations that fit in memory under `limit` (the rest spill to --offload-dir)."""
-    fixed = est.runtime + max(est.block + est.statistics, est.compress_fixed())
+    fixed = est.runtime + max(est.profile_fixed(), est.compress_fixed())
     return max(0, limit - fixed) if est.runtime + est.outside <= limit else 0
 
 
