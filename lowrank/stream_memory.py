@@ -2,13 +2,15 @@
 
 Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (docs/scale.md)
 - the head's step = embeddings and head (on disk the rest of the time) + one block + the head's logits;
-- profile pass  = one block + its statistics + one batch through it + two boundaries of the calibration windows + two of the
-  sensitivity windows (their other levels wait on disk);
+- profile pass  = one block + its statistics + one batch through it + two boundaries of the calibration
+  windows + two of the sensitivity windows (their other levels wait on disk);
 - compress pass = two copies of one block (the dense tensors kept for the update beside the factors) +
-  one batch through it + its statistics, or the update's Grams and cross-Grams when larger + two boundaries + the block's layer
-  inputs kept for the update (over the windows it fits on, `--update-samples`); with block refinement (`--refine-steps`), two more boundaries (the dense
-  path's inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound)
-  and the autograd activations of one calibration batch through it.
+  one batch through it + its statistics, or the update's Grams and cross-Grams when larger + two
+  boundaries + the block's layer inputs kept for the update (over the windows it fits on,
+  `--update-samples`); with block refinement (`--refine-steps`), two more boundaries (the dense path's
+  inputs and outputs), Adam's state and gradients (three copies of the block, an upper bound) and the
+  autograd activations of one calibration batch through it;
+- one batch through it = one calibration batch's activations inside a block, without gradients.
 - its statistics = the block's Gram matrices (float64, one per target: an upper bound) + a whitening's
   temporaries (one in × in beside its Gram, which becomes the whitening: the eigenvectors of the
   eigendecomposition fallback) + the largest SVD (W·S and U).
@@ -117,7 +119,7 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     sensitivity_windows = min(sensitivity_samples, windows.shape[0])
     fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
     vocab = getattr(source.config, "vocab_size", 0) or 0
-    logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's (the head's step takes them one by one), 4 copies
+    logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's, 4 copies (taken window by window)
     mlp = (getattr(source.config, "intermediate_size", None) or getattr(source.config, "ffn_dim", None)
            or getattr(source.config, "n_inner", None) or 4 * hidden)
     # one batch through a block, without gradients: at most three MLP-wide tensors (gate, up, their product)

@@ -1,4 +1,4 @@
-"""Ending a block's forward pass early (lowrank.forward_cutoff): what a pass reads stays the same, what follows is skipped."""
+"""Ending a block's forward pass early (lowrank.forward_cutoff): what a pass reads stays, what follows is skipped."""
 
 import pytest
 import torch
