@@ -86,13 +86,19 @@ class MemoryEstimate:
                 + (f", block refinement {human(self.refinement)}" if self.refinement else "") + ")")
 
 
+def widths(config) -> tuple[int, int]:
+    """A transformer config's hidden width and MLP width, under the names the architectures use."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    mlp = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+           or getattr(config, "n_inner", None) or 4 * hidden)
+    return hidden, mlp
+
+
 def refinement_bytes(source: BlockSource, batch_size: int, seq_len: int) -> int:
     """Block refinement's extra memory: Adam's two moments and the gradients (3 × one block), and one
     batch's autograd activations (per token: ~12 hidden-sized and 4 MLP-sized vectors, one attention row per head)."""
     config = source.config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-    mlp = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
-           or getattr(config, "n_inner", None) or 4 * hidden)
+    hidden, mlp = widths(config)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
     activations = batch_size * seq_len * (12 * hidden + 4 * mlp + 2 * heads * seq_len) * 4
     return 3 * source.block_bytes(0) + activations
@@ -114,14 +120,12 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     widest = max(t.in_features for t in targets) ** 2 * 8  # a whitening's temporary beside its Gram (eigh's vectors)
     biggest = max((t.out_features * min(t.shape) + t.out_features * t.in_features) * 8 for t in targets)  # W·S, U
     statistics = grams + widest + biggest
-    hidden = getattr(source.config, "hidden_size", None) or getattr(source.config, "n_embd", None) or 0
+    hidden, mlp = widths(source.config)
     per_level = windows.numel() * hidden * 4
     sensitivity_windows = min(sensitivity_samples, windows.shape[0])
     fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
     vocab = getattr(source.config, "vocab_size", 0) or 0
     logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's, 4 copies (taken window by window)
-    mlp = (getattr(source.config, "intermediate_size", None) or getattr(source.config, "ffn_dim", None)
-           or getattr(source.config, "n_inner", None) or 4 * hidden)
     # one batch through a block, without gradients: at most three MLP-wide tensors (gate, up, their product)
     # and two hidden-wide ones alive at once (the 1.1B shape at 64 × 512 passed an estimate without it by 4 %)
     forward = min(batch_size, windows.shape[0]) * windows.shape[1] * (3 * mlp + 2 * hidden) * 4
