@@ -236,7 +236,8 @@ def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: st
         windows = planning_windows(windows, config.plan_samples)  # what compress's planner profiles
     plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,
                          windows=windows, method=config.method, limits=config.limits(), overrides=config.overrides,
-                         batch_size=config.batch_size, damping=config.damping, source=source, progress=progress)
+                         batch_size=config.batch_size, damping=config.damping, source=source, progress=progress,
+                         reuse_statistics=not config.sequential)  # as compress profiles
     return plan
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -180,7 +181,7 @@ def window_batches(windows: "torch.Tensor | list[torch.Tensor]", batch_size: int
     """The forward-pass batches of `windows`: a (n, seq_len) tensor split `batch_size` rows at a time, or a
     list of (b, L) batches (an encoder's sentences, `lowrank.sentences`) taken as they are."""
     if isinstance(windows, torch.Tensor):
-        return list(windows.split(batch_size))
+        return list(windows.split(batch_size)) if windows.shape[0] else []
     return list(windows)
 
 
@@ -200,6 +201,18 @@ def first_windows(windows: "torch.Tensor | list[torch.Tensor]", n: int) -> "torc
         kept.append(batch[:left])
         left -= kept[-1].shape[0]
     return kept
+
+
+def windows_after(windows: "torch.Tensor | list[torch.Tensor]", n: int) -> "torch.Tensor | list[torch.Tensor]":
+    """Every window but the first `n`, in the same form: what `first_windows(windows, n)` leaves."""
+    if isinstance(windows, torch.Tensor):
+        return windows[n:]
+    rest, skip = [], n
+    for batch in windows:
+        if skip < batch.shape[0]:
+            rest.append(batch[skip:])
+        skip = max(0, skip - batch.shape[0])
+    return rest
 
 
 #: Calibration windows the planner profiles (dense Grams, whitened spectra) before sequential compression,
@@ -292,20 +305,74 @@ class ActivationStats:
         return self.abs_sum / max(self.count, 1)
 
 
+@dataclass
+class OutputStats:
+    """Running statistics of a bias-free layer y = W·x seen from its output: Σ y yᵀ (float64), count, Σ‖x‖².
+
+    They give W·(G + λI)·Wᵀ = Σ y yᵀ + λ·W·Wᵀ, whose eigenvalues are the whitened spectrum σ(W·S)² and
+    whose eigenvectors are its left directions (`factorize.output_side_spectrum`): an out × out sum
+    where the input Gram G is in × in. For a layer much wider in than out that is not read alongside
+    another (an MLP's down projection) this is what profiling collects (`output_side`).
+    """
+
+    dim: int  # out_features
+    in_features: int
+    gram: torch.Tensor = field(repr=False)
+    energy: torch.Tensor = field(repr=False)  # Σ‖x‖², a 0-dim float64 tensor: the trace of the input Gram
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int, in_features: int) -> "OutputStats":
+        return cls(dim, in_features, torch.zeros(dim, dim, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch of inputs (..., in) and their outputs (..., out)."""
+        flat = y.detach().reshape(-1, self.dim)
+        work = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        add_gram_(self.gram, work)
+        inputs = x.detach().reshape(-1, self.in_features).to(work.dtype)
+        self.energy += torch.linalg.vector_norm(inputs).to(device=self.energy.device, dtype=torch.float64) ** 2
+        self.count += flat.shape[0]
+
+    @property
+    def damping_scale(self) -> float:
+        """The mean eigenvalue of the input Gram (its trace over its width): what whitening's damping scales."""
+        return float(self.energy) / self.in_features
+
+
+def output_side(targets: list[Target], hidden_size: int | None) -> set[str]:
+    """The targets whose statistics are cheaper from their output (`OutputStats`): bias-free, narrower out
+    than in, and reading something other than the residual stream (which q/k/v or gate/up read
+    together, one input Gram for all). Which ones never changes a result, only its cost."""
+    return {t.name for t in targets
+            if not t.has_bias and t.out_features < t.in_features and t.in_features != hidden_size}
+
+
 class StatsCollector:
     """Forward pre-hooks that accumulate `ActivationStats` for a set of target modules.
 
     Targets that receive the very same input tensor object in a forward pass share one
     accumulation: the first hook to see a tensor updates the statistics, the others link to it.
+    Targets named in `outputs` accumulate `OutputStats` instead (see `output_side`).
     """
 
-    def __init__(self, model: nn.Module, targets: list[Target]):
+    def __init__(self, model: nn.Module, targets: list[Target], outputs: set[str] = frozenset()):
         self.model = model
         self.targets = targets
-        self.stats: dict[str, ActivationStats] = {}
+        self.outputs = set(outputs)
+        self.stats: dict[str, ActivationStats | OutputStats] = {}
         self._handles = []
         self._seen: dict[int, tuple[weakref.ref, ActivationStats]] = {}
         self._shares_input: set[str] = set()
+
+    def _output_hook(self, target: Target):
+        def hook(module, args, output):
+            stats = self.stats.get(target.name)
+            if stats is None:
+                stats = self.stats[target.name] = OutputStats.empty(target.out_features, target.in_features)
+            stats.update(args[0], output)
+
+        return hook
 
     def _hook(self, name: str, dim: int):
         def hook(module, args):
@@ -328,7 +395,10 @@ class StatsCollector:
     def __enter__(self) -> "StatsCollector":
         for target in self.targets:
             module = self.model.get_submodule(target.name)
-            self._handles.append(module.register_forward_pre_hook(self._hook(target.name, target.in_features)))
+            if target.name in self.outputs:
+                self._handles.append(module.register_forward_hook(self._output_hook(target)))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._hook(target.name, target.in_features)))
         return self
 
     def end_batch(self) -> None:
@@ -342,18 +412,29 @@ class StatsCollector:
         self._seen.clear()
 
 
-def all_reduce_stats(stats: dict[str, ActivationStats], targets: list[Target]) -> dict[str, ActivationStats]:
-    """Every rank's statistics summed in float64 (shared inputs stay shared); `stats` itself with one process."""
+def all_reduce_stats(stats: dict[str, ActivationStats | OutputStats], targets: list[Target],
+                     outputs: set[str] = frozenset()) -> dict[str, ActivationStats | OutputStats]:
+    """Every rank's statistics summed in float64 (shared inputs stay shared); `stats` itself with one process.
+    `outputs`: the targets whose statistics are `OutputStats` (the collector's)."""
     if not distributed.active():
         return stats
-    named = {name: [s.gram, s.abs_sum, torch.tensor(float(s.count), dtype=torch.float64)] for name, s in stats.items()}
-    dims = {t.name: t.in_features for t in targets}
-    summed = distributed.reduce_shared(named, [t.name for t in targets], lambda name: [
-        torch.zeros(dims[name], dims[name]), torch.zeros(dims[name]), torch.zeros(())])
-    merged: dict[int, ActivationStats] = {}
-    for name, (gram, abs_sum, count) in summed.items():
+    named = {name: [s.gram, s.energy if isinstance(s, OutputStats) else s.abs_sum,
+                    torch.tensor(float(s.count), dtype=torch.float64)] for name, s in stats.items()}
+    by_name = {t.name: t for t in targets}
+
+    def zeros(name: str) -> list[torch.Tensor]:
+        t = by_name[name]
+        if name in outputs:
+            return [torch.zeros(t.out_features, t.out_features), torch.zeros(()), torch.zeros(())]
+        return [torch.zeros(t.in_features, t.in_features), torch.zeros(t.in_features), torch.zeros(())]
+
+    summed = distributed.reduce_shared(named, [t.name for t in targets], zeros)
+    merged: dict[int, ActivationStats | OutputStats] = {}
+    for name, (gram, second, count) in summed.items():
         if id(gram) not in merged:
-            merged[id(gram)] = ActivationStats(dims[name], gram, abs_sum, int(count))
+            t = by_name[name]
+            merged[id(gram)] = OutputStats(t.out_features, t.in_features, gram, second, int(count)) \
+                if name in outputs else ActivationStats(t.in_features, gram, second, int(count))
     return {name: merged[id(tensors[0])] for name, tensors in summed.items()}
 
 
@@ -381,13 +462,18 @@ def collect_stats(
     windows: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[str, ActivationStats]:
-    """Run the calibration windows through the model and return each target's input statistics."""
+    into: StatsCollector | None = None,
+) -> dict[str, ActivationStats | OutputStats]:
+    """Run the calibration windows through the model and return each target's input statistics.
+
+    `into`: an open collector that already holds earlier windows' statistics (those of the sensitivity
+    passes, `profiling.measure`); these windows add to them, and its `outputs` are collected so.
+    """
     device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        with StatsCollector(model, targets) as collector:
+        with StatsCollector(model, targets) if into is None else nullcontext(into) as collector:
             batches = distributed.my_share(window_batches(windows, batch_size))  # all of them with one process
             runner = statistics_runner(model, targets)
             for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not progress):
@@ -395,7 +481,7 @@ def collect_stats(
                 collector.end_batch()
     finally:
         model.train(was_training)
-    collector.stats = all_reduce_stats(collector.stats, targets)
+    collector.stats = all_reduce_stats(collector.stats, targets, collector.outputs)
     missing = [t.name for t in targets if t.name not in collector.stats]
     if missing:
         raise CalibrationError(

@@ -293,7 +293,7 @@ def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Ta
             model, targets, check_ratio(ratio) if budget is None else budget,
             strategy or default_strategy(method, model), windows=profiled, method=method,
             limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
-            damping=damping, source=source, progress=progress)
+            damping=damping, source=source, progress=progress, reuse_statistics=not sequential)
         if sequential and windows is not None:
             plan.options["plan_samples"] = window_count(profiled)
     else:

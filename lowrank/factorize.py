@@ -87,11 +87,13 @@ class Whitening:
         return (self.vectors / self.scales) @ self.vectors.T
 
 
-def all_finite(tensor: torch.Tensor, rows: int = 32) -> bool:
-    """Whether every entry is finite, a few rows at a time: `torch.isfinite` of a whole float64 matrix builds
-    temporaries larger than the matrix (+334 MiB beside a 5632² Gram), and mid-sized ones stay in glibc's heap."""
+def all_finite(tensor: torch.Tensor, entries: int = 2**18) -> bool:
+    """Whether every entry is finite, a few rows (about `entries` entries) at a time: `torch.isfinite` of a whole
+    float64 matrix builds temporaries larger than the matrix (+334 MiB beside a 5632² Gram), and mid-sized ones
+    stay in glibc's heap."""
     if tensor.dim() < 2:
         return bool(torch.isfinite(tensor).all())
+    rows = max(1, entries // max(1, tensor[0].numel()))
     return all(bool(torch.isfinite(tensor[start:start + rows]).all()) for start in range(0, tensor.shape[0], rows))
 
 
@@ -255,25 +257,52 @@ class WhiteningCache:
             self._by_input.pop(id(stats), None)
 
 
-def top_singular(product: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(product: torch.Tensor, k: int | None = None, right: bool = True,
+                 left: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The k leading singular triplets (U_k, σ_k, V_kᵀ) of a float64 matrix A, σ descending (k=None: all).
 
     From a symmetric eigensolve of the smaller Gram matrix (A Aᵀ or Aᵀ A), where LAPACK's SVD of A
     costs 2–3× more on these shapes; the other side's vectors follow as Aᵀ U / σ or A V / σ. σ² is
     exact to about max(m, n)·ε·σ₁², as in `gram_svdvals`: directions below that are returned with
     σ = 0 and a zero vector on the divided side (callers that need them exactly fall back to an SVD).
+    `right=False` (`left=False`): V_kᵀ (U_k) is not wanted, and comes back None where it would cost a product.
     """
     m, n = product.shape
     k = min(m, n) if k is None else min(k, m, n)
     wide = m <= n
-    squares, vectors = torch.linalg.eigh(product @ product.T if wide else product.T @ product)
-    squares, vectors = squares.flip(0)[:k], vectors.flip(1)[:, :k]
-    floor = max(m, n) * torch.finfo(squares.dtype).eps * squares[:1].clamp_min(0.0)
-    sigma = torch.where(squares > floor, squares, torch.zeros_like(squares)).sqrt()
+    sigma, vectors = _leading_roots(product @ product.T if wide else product.T @ product, k, max(m, n))
     inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
     if wide:
-        return vectors, sigma, (vectors.T @ product) * inverse[:, None]
-    return (product @ vectors) * inverse, sigma, vectors.T
+        return vectors, sigma, (vectors.T @ product) * inverse[:, None] if right else None
+    return (product @ vectors) * inverse if left else None, sigma, vectors.T
+
+
+def _leading_roots(gram: torch.Tensor, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest σ = √eigenvalue of the symmetric `gram` = A·Aᵀ, descending, and their eigenvectors; σ² at or
+    below `size` (A's larger side) × ε × σ₁², rounding, is returned as 0."""
+    squares, vectors = torch.linalg.eigh(gram)
+    squares, vectors = squares.flip(0)[:k], vectors.flip(1)[:, :k]
+    floor = size * torch.finfo(squares.dtype).eps * squares[:1].clamp_min(0.0)
+    return torch.where(squares > floor, squares, torch.zeros_like(squares)).sqrt(), vectors
+
+
+def output_side_spectrum(weight: torch.Tensor, stats, damping: float = DEFAULT_DAMPING,
+                         name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """The left directions U and the values σ of the whitened W·S from a layer's `OutputStats`, without its input
+    Gram: (W·S)(W·S)ᵀ = W·(G + λI)·Wᵀ = Σ y yᵀ + λ·W·Wᵀ, with λ = `damping` × the mean eigenvalue of G, as
+    `whitening` damps it. The same U and σ as `top_singular(whitening(G).whiten(W))`, up to rounding."""
+    w = weight.to(torch.float64)
+    outputs = stats.gram.to(torch.float64)
+    _check_finite(outputs, f"the output Gram matrix of {name}")
+    scale = stats.damping_scale
+    if not scale > 0:
+        raise LowrankError(
+            f"{name} received only zero inputs during calibration; "
+            "use more or different calibration text, or exclude the layer with --exclude"
+        )
+    product = (outputs + outputs.T) / 2 + (damping * scale) * (w @ w.T)
+    sigma, left = _leading_roots(product, min(w.shape), max(w.shape))
+    return left, sigma
 
 
 def _truncate(product: torch.Tensor, k: int, back: "Callable[[torch.Tensor], torch.Tensor] | None") -> Factors:

@@ -99,11 +99,14 @@ def plan_model(
     source: str | None = None,
     progress: bool = True,
     speed: "SpeedTable | None" = None,
+    reuse_statistics: bool = True,
 ) -> tuple[Plan, dict[str, ActivationStats] | None]:
     """Profile `targets` where the strategy needs it (calibrate, measure sensitivity), then plan.
 
     Returns the Plan and the calibration statistics it collected (None if it needed none), so
-    that one-shot factoring can reuse them instead of calibrating twice.
+    that one-shot factoring can reuse them instead of calibrating twice. Where they will not be
+    reused (`reuse_statistics=False`: sequential compression calibrates again), the profile takes the
+    cheaper output-side statistics where it can (`calibration.output_side`), and returns None.
     """
     if strategy not in STRATEGIES:
         raise LowrankError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -119,11 +122,13 @@ def plan_model(
     stats = fisher = None
     if statistics or prices:
         stats, fisher = measure(model, targets, windows, statistics=statistics, prices=prices, batch_size=batch_size,
-                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress)
+                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress,
+                                output_stats=not reuse_statistics)
     spectra = None
     if needs_spectra(strategy):
         with stage("profile_spectra"):
-            profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
+            profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source,
+                                    plain=False)
         spectra = {m.name: m for m in profile.matrices}
         del profile, fisher
     with stage("planning"):
@@ -132,4 +137,4 @@ def plan_model(
     plan.options["planning_seconds"] = round(time.perf_counter() - started, 3)
     if prices:
         plan.options["sensitivity_samples"] = min(sensitivity_samples, window_count(windows))
-    return plan, stats
+    return plan, stats if reuse_statistics else None

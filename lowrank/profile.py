@@ -39,7 +39,7 @@ class MatrixProfile:
 
     name: str
     shape: tuple[int, int]
-    sigma: torch.Tensor = field(repr=False)  # σ(W), descending, float64
+    sigma: torch.Tensor | None = field(repr=False)  # σ(W), descending, float64 (None: a planning-only profile)
     whitened: torch.Tensor | None = field(default=None, repr=False)  # σ(W·S), descending, float64
     price: torch.Tensor | None = field(default=None, repr=False)  # uⱼᵀ F uⱼ / N per direction of `planning`
     rank: int | None = None  # the stored rank when the matrix is factored already (compressed input)
@@ -79,6 +79,8 @@ class MatrixProfile:
             if self.whitened is None:
                 raise LowrankError(f"{self.name} has no whitened spectrum; analyze with calibration text (--calib)")
             return self.whitened
+        if self.sigma is None:  # planning-only profiles skip σ(W) (profile_model(plain=False))
+            raise LowrankError(f"{self.name} has no plain spectrum σ(W); profile the model with `lowrank profile`")
         return self.sigma
 
     def stats(self, whitened: bool = False) -> SpectrumStats:
@@ -185,6 +187,8 @@ class Profile:
         from safetensors.torch import save_file
 
         tensors = {}
+        if any(m.sigma is None for m in self.matrices):
+            raise LowrankError("a planning-only profile (without σ(W)) cannot be saved; profile with `lowrank profile`")
         for m in self.matrices:
             for kind in VECTOR_KINDS:
                 vector = getattr(m, kind)

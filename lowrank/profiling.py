@@ -11,17 +11,19 @@ then σ and u come from one SVD, so that each σⱼ is paired with its own uⱼ.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .calibration import ActivationStats, collect_stats, first_windows, window_count
+from .calibration import (ActivationStats, OutputStats, StatsCollector, collect_stats, first_windows, output_side,
+                          window_count, windows_after)
 from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
 from .encoders import is_encoder
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
+from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, top_singular
 from .layers import LowRankLinear
 from .model_info import count_parameters
 from .profile import MatrixProfile, Profile
@@ -70,25 +72,33 @@ def measure(
     sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
     damping: float = DEFAULT_DAMPING,
     progress: bool = True,
-) -> tuple[dict[str, ActivationStats] | None, dict[str, OutputFisher | DirectionPrices] | None]:
+    output_stats: bool = False,
+) -> tuple[dict[str, ActivationStats | OutputStats] | None, dict[str, OutputFisher | DirectionPrices] | None]:
     """Input statistics of every target (if `statistics`) and its loss prices (if `prices`) on `windows`.
 
     The prices of a causal LM are output Fishers from the first `sensitivity_samples` windows; an
     encoder's are exact per-direction prices of its sentence embedding over every window (and
-    need the statistics, so they are always collected then)."""
+    need the statistics, so they are always collected then). `output_stats`: the targets that
+    `calibration.output_side` names get `OutputStats`, enough for their spectra (not for factoring)."""
     if prices and sensitivity_samples < 1:
         raise LowrankError(f"--sensitivity-samples must be at least 1, got {sensitivity_samples}")
     if prices and is_encoder(model):  # exact per-direction prices of the sentence embedding, on every sentence
         stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
         return stats, embedding_prices(model, targets, windows, stats, damping=damping, batch_size=batch_size,
                                        progress=progress)
-    with stage("profile_statistics"):
-        stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress) if statistics else None
-    fisher = None
-    if prices:
-        with stage("profile_sensitivity"):
-            fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
-                                           batch_size=max(1, min(batch_size, 4)), progress=progress)
+    outputs = output_side(targets, getattr(getattr(model, "config", None), "hidden_size", None)) if output_stats else set()
+    fisher = stats = None
+    # One forward pass per window: the sensitivity windows' statistics are taken in their backward passes' forward
+    with StatsCollector(model, targets, outputs) if statistics else nullcontext() as collector:
+        if prices:
+            with stage("profile_sensitivity"):
+                fisher = measure_output_fisher(model, targets, first_windows(windows, sensitivity_samples),
+                                               batch_size=max(1, min(batch_size, 4)), progress=progress,
+                                               after_batch=collector.end_batch if statistics else None)
+        if statistics:
+            with stage("profile_statistics"):
+                stats = collect_stats(model, targets, windows_after(windows, sensitivity_samples) if prices else windows,
+                                      batch_size=batch_size, progress=progress, into=collector)
     return stats, fisher
 
 
@@ -108,19 +118,29 @@ def embedding_prices(model: nn.Module, targets: list[Target], windows, stats: di
     return {name: DirectionPrices(sigmas[name], prices[name], samples) for name in prices}
 
 
+def fisher_matrix(fisher: "torch.Tensor | OutputFisher") -> torch.Tensor:
+    """The per-token Fisher matrix, from an OutputFisher or as given."""
+    return fisher.mean if isinstance(fisher, OutputFisher) else fisher
+
+
 def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputFisher | DirectionPrices"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """σ of W·S (W without `white`) from one SVD, and the price uⱼᵀ F uⱼ of each left direction uⱼ
-    (F: a per-token Fisher matrix or an OutputFisher; an encoder's DirectionPrices already hold both)."""
+    (F: a per-token Fisher matrix or an OutputFisher; an encoder's DirectionPrices already hold both).
+
+    With an input-side OutputFisher (WᵀFW), uⱼ = W·S·vⱼ/σⱼ is priced as aⱼᵀ(WᵀFW)aⱼ with aⱼ = S·vⱼ/σⱼ."""
     if isinstance(fisher, DirectionPrices):
         return fisher.sigma, fisher.price
-    if isinstance(fisher, OutputFisher):
-        fisher = fisher.mean
     product = weight.detach().to(torch.float64)
     if white is not None:
         product = white.whiten(product)
-    left, sigma, _ = top_singular(product)
-    return sigma, direction_costs(fisher, left)
+    if isinstance(fisher, OutputFisher) and fisher.side == "input":
+        _, sigma, rows = top_singular(product, left=False)
+        coefficients = rows.T if white is None else white.root @ rows.T
+        inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
+        return sigma, direction_costs(fisher.mean, coefficients * inverse)
+    left, sigma, _ = top_singular(product, right=False)
+    return sigma, direction_costs(fisher_matrix(fisher), left)
 
 
 @torch.no_grad()
@@ -134,15 +154,18 @@ def profile_model(
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     progress: bool = False,
     source: str | None = None,
+    plain: bool = True,
 ) -> Profile:
     """The Profile of `targets` (default: every target) from a model in memory and its measurements.
 
     `stats` (from `measure` or `collect_stats`) add the whitened spectra, `fisher` the loss prices.
+    `plain=False` skips σ(W) where there are statistics: planning reads only the whitened spectrum,
+    and the plain SVDs are a tenth of the profile's time.
     """
     targets = targets if targets is not None else targets_of(model)
     if distributed.active():
         return _profile_spread(model, targets, stats, fisher, damping=damping, batch_bytes=batch_bytes,
-                               progress=progress, source=source)
+                               progress=progress, source=source, plain=plain)
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     weights = {name: module_weight(module).detach() for name, module in modules.items()}
     if stats is not None:
@@ -150,23 +173,30 @@ def profile_model(
         if missing:
             raise LowrankError(f"no calibration statistics for {missing[0]}; it never ran during calibration")
     whitenings = WhiteningCache(damping)
-    plain, white = ShapeBatcher(batch_bytes), ShapeBatcher(batch_bytes)
+    plains, white = ShapeBatcher(batch_bytes), ShapeBatcher(batch_bytes)
     prices: dict[str, torch.Tensor] = {}
     previous = None
     for name, weight in tqdm(weights.items(), desc="Spectra", unit="matrix", disable=not progress):
+        if stats is not None and isinstance(stats[name], OutputStats):  # no input Gram: no whitening to form
+            left, white.done[name] = output_side_spectrum(weight, stats[name], damping, name)
+            if fisher is not None:
+                prices[name] = direction_costs(fisher_matrix(fisher[name]), left)
+            if plain:
+                plains.add(name, weight)
+            continue
         if stats is not None and stats[name] is not previous:  # one input's whitening alive at a time (memory)
             whitenings, previous = WhiteningCache(damping), stats[name]
         whitening = whitenings.get(stats[name], name) if stats is not None else None
         if fisher is not None:  # the planning spectrum and its directions, from one SVD
             sigma, prices[name] = priced_spectrum(weight, whitening, fisher[name])
-            (white.done if whitening is not None else plain.done)[name] = sigma
+            (white.done if whitening is not None else plains.done)[name] = sigma
         if whitening is not None and fisher is None:
             white.add(name, whitening.whiten(weight.to(torch.float64)))
-        if whitening is not None or fisher is None:
-            plain.add(name, weight)
-    sigma, whitened = plain.finish(), white.finish()
+        if whitening is not None and plain or whitening is None and fisher is None:  # σ(W)
+            plains.add(name, weight)
+    sigma, whitened = plains.finish(), white.finish()
     matrices = [
-        MatrixProfile(name=t.name, shape=t.shape, sigma=sigma[t.name], whitened=whitened.get(t.name),
+        MatrixProfile(name=t.name, shape=t.shape, sigma=sigma.get(t.name), whitened=whitened.get(t.name),
                       price=prices.get(t.name),
                       rank=modules[t.name].rank if isinstance(modules[t.name], LowRankLinear) else None)
         for t in targets
@@ -189,7 +219,8 @@ def _profile_spread(model: nn.Module, targets: list[Target], stats, fisher, **op
     matrices = []
     for target, src in zip(targets, owner):
         m = done.get(target.name) or MatrixProfile(
-            name=target.name, shape=target.shape, sigma=torch.empty(min(target.shape), dtype=torch.float64),
+            name=target.name, shape=target.shape,
+            sigma=torch.empty(min(target.shape), dtype=torch.float64) if stats is None or options["plain"] else None,
             whitened=torch.empty(min(target.shape), dtype=torch.float64) if stats is not None else None,
             price=torch.empty(min(target.shape), dtype=torch.float64) if fisher is not None else None,
             rank=getattr(model.get_submodule(target.name), "rank", None))
@@ -223,9 +254,10 @@ def profile_with_calibration(
             raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
     targets = targets_of(model, include, exclude)
     stats = fisher = None
-    if windows is not None:
+    if windows is not None:  # the statistics serve the spectra alone here: output-side ones where cheaper
         stats, fisher = measure(model, targets, windows, prices=prices, batch_size=batch_size,
-                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress)
+                                sensitivity_samples=sensitivity_samples, damping=damping, progress=progress,
+                                output_stats=True)
     profile = profile_model(model, targets, stats, fisher, damping=damping, progress=progress, source=source)
     if fisher is not None:
         profile.options["sensitivity_samples"] = min(sensitivity_samples, window_count(windows))

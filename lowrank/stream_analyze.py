@@ -66,7 +66,7 @@ def analyze_streamed(
     try:
         profile = profile_streamed(blocks, targets, windows, BoundaryStore(cap, own), prices=False,
                                    batch_size=batch_size, damping=damping, device=device, progress=progress,
-                                   name=source)
+                                   name=source, output_stats=False)  # the analyzer's spectra, as in memory
     finally:
         stream_ranks.remove_rank_folder(offload_dir, own)
     if not isinstance(calibration, torch.Tensor):

@@ -4,9 +4,9 @@ Forward, block 0 → L−1: each block is loaded from disk and run on the calibr
 collect its Gram matrices on the way, and its output hidden states (the next block boundary) go to
 a `BoundaryStore`, the previous boundary being dropped. From the Grams come each target's whitening
 S and the SVD W·S = U Σ Vᵀ: σ(W), σ(W·S) are kept, the directions U wait on disk for the backward
-sweep, and the block and its Grams are freed. The sensitivity windows (a few calibration windows)
-run forward too, and their boundaries are all kept; at the last block the head turns them into the
-next-token loss and its gradient.
+sweep, and the block and its Grams are freed. The sensitivity windows (the first few calibration
+windows) run in batches of their own, their Grams counted with the others', and their boundaries
+are all kept; at the last block the head turns them into the next-token loss and its gradient.
 
 Backward, block L−1 → 0 (only where prices are wanted): the block is loaded again with its
 directions U; its forward is recomputed on the sensitivity windows with gradients on, and the
@@ -35,10 +35,10 @@ from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .errors import CalibrationError, LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache, top_singular
+from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, top_singular
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
-from .calibration import StatsCollector, all_reduce_stats, window_batches
+from .calibration import OutputStats, StatsCollector, all_reduce_stats, output_side, window_batches
 from .sequential import block_of
 from .spectrum import ShapeBatcher
 from .targets import Target, weight_matrix
@@ -185,16 +185,25 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
     """
     plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened = {}
-    whitenings = WhiteningCache(damping, readers=[stats[n] for n in names])  # each Gram freed once whitened
+    # each Gram freed once whitened
+    whitenings = WhiteningCache(damping, readers=[stats[n] for n in names if not isinstance(stats[n], OutputStats)])
     for name in names:
         layer_stats = stats.pop(name)
+        if isinstance(layer_stats, OutputStats):  # no input Gram: no whitening to form (profiling's way)
+            weight = weight_matrix(model.get_submodule(name)).detach().cpu()
+            left, whitened[name] = output_side_spectrum(weight, layer_stats, damping, name)
+            if keep is not None:
+                keep(name, left)
+            del left, layer_stats
+            plain.add(name, weight)
+            continue
         white = whitening if whitening is not None else whitenings.get(layer_stats, name)
         whitenings.done(layer_stats)
         weight = weight_matrix(model.get_submodule(name)).detach().cpu()  # the spectra are computed on CPU
         product = white.whiten(weight.to(torch.float64))
         del white
         if keep is not None:
-            left, whitened[name], _ = top_singular(product)
+            left, whitened[name], _ = top_singular(product, right=False)
             keep(name, left)
             del left
         else:
@@ -214,7 +223,7 @@ def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: 
     current: list = [None, None]  # (statistics, its whitening): targets sharing an input share one
 
     def compute(name: str) -> list[torch.Tensor]:
-        if current[0] is not stats[name]:
+        if current[0] is not stats[name] and not isinstance(stats[name], OutputStats):
             current[:] = [stats[name], WhiteningCache(damping).get(stats[name], name)]
         left: dict = {}
         sigma, whitened = _block_spectra(model, [name], {name: stats[name]}, damping,
@@ -252,11 +261,13 @@ def profile_streamed(
     progress: bool = True,
     name: str | None = None,
     scratch_dir: str | Path | None = None,
+    output_stats: bool = True,
 ) -> Profile:
     """The Profile of `targets` (all inside the blocks) of a checkpoint read block by block (see the module doc).
 
     Each block's whitened directions wait on disk for the backward sweep, in a temporary folder
-    under `scratch_dir` (default: the system's temporary folder), removed at the end.
+    under `scratch_dir` (default: the system's temporary folder), removed at the end. `output_stats`:
+    output-side statistics where cheaper, as `profiling.measure(output_stats=True)` takes them.
     """
     model, blocks, device = source.model, source.blocks, torch.device(device)
     if prices and not is_causal_lm(model):
@@ -272,15 +283,17 @@ def profile_streamed(
                                "does not factor; drop it from --include, or pass --no-stream")
         by_block.setdefault(index, []).append(target.name)
     by_name = {t.name: t for t in targets}
+    outputs = output_side(targets, getattr(model.config, "hidden_size", None)) if output_stats else set()
 
     clock = StageClock()
     started = time.perf_counter()
-    captured = capture_block_inputs(model, windows, batch_size, device)
+    fisher_windows = windows[:sensitivity_samples] if prices else windows[:0]
+    # the sensitivity windows' Grams come from their own forward (as in profiling.measure): the others' from this one
+    captured = capture_block_inputs(model, windows[fisher_windows.shape[0]:], batch_size, device)
     calls = captured.calls
     for b, hidden in enumerate(captured.hidden):
         store.put(0, b, hidden)
     n_batches = len(captured.hidden)
-    fisher_windows = windows[:sensitivity_samples] if prices else windows[:0]
     fisher_batch = max(1, min(batch_size, 4))
     fisher = capture_block_inputs(model, fisher_windows, fisher_batch, device) if prices else None
     scratch = _Scratch(scratch_dir)
@@ -304,7 +317,17 @@ def profile_streamed(
             with clock("forward_load"):
                 block = source.load_block(index).to(device)
             names = by_block.get(index, [])
-            with clock("forward_blocks_and_grams"), StatsCollector(model, [by_name[n] for n in names]) as grams:
+            finals = []  # the last block's outputs on the sensitivity windows
+            with clock("forward_blocks_and_grams"), StatsCollector(model, [by_name[n] for n in names],
+                                                                   outputs & set(names)) as grams:
+                for b in range(n_fisher):  # first, in their own batches: the same sums as profiling.measure's
+                    output = run_block(block, levels.get(index, b), fisher.calls[index][b], device)
+                    grams.end_batch()
+                    if index < last:
+                        levels.put(index + 1, b, output)
+                    else:
+                        finals.append(output)
+                    del output
                 for b in range(n_batches):
                     output = run_block(block, store.get(index, b), calls[index][b], device)
                     grams.end_batch()
@@ -312,23 +335,19 @@ def profile_streamed(
                         store.put(index + 1, b, output)
                     del output
             store.drop_level(index, n_batches)  # the calibration windows' boundary: one level alive at a time
-            grams.stats = all_reduce_stats(grams.stats, [by_name[n] for n in names])  # this rank's batches → all
+            grams.stats = all_reduce_stats(grams.stats, [by_name[n] for n in names], grams.outputs)  # → all ranks
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
                 keep = (lambda name, u: scratch.save(index, name, u)) if prices else None  # to disk at once
                 sigma, whitened = _spectra_on_ranks(model, names, grams.stats, damping, keep)
             spectra.update({n: (sigma[n], whitened[n]) for n in names})
             del grams
-            with clock("forward_sensitivity_windows"):
-                for b in range(n_fisher):
-                    inputs = levels.get(index, b)
-                    if index < last:
-                        levels.put(index + 1, b, run_block(block, inputs, fisher.calls[index][b], device))
-                    else:
-                        final = run_block(block, inputs, fisher.calls[last][b], device)
-                        if b == 0:
-                            source.load_outside()
-                        gradients.append(head_gradient(model, blocks, final, fisher_batches[b], device).cpu())
+            if finals:
+                with clock("head_gradient"):
+                    source.load_outside()
+                    gradients = [head_gradient(model, blocks, final, fisher_batches[b], device).cpu()
+                                 for b, final in enumerate(finals)]
+                del finals
             source.free_outside()
             source.free_block(index)
 

@@ -8,12 +8,13 @@ from torch import nn
 
 from helpers import make_tiny_model, random_windows
 from lowrank import factorize
-from lowrank.calibration import ActivationStats, collect_stats
+from lowrank.calibration import ActivationStats, OutputStats, collect_stats, output_side
 from lowrank.compression import compress_model
 from lowrank.errors import LowrankError
 from lowrank.factorize import output_error, whiten_factors, whitened_singular_values, whitening
+from lowrank.planner import plan_profile
 from lowrank.profiling import measure, priced_spectrum, profile_model, profile_with_calibration, targets_of
-from lowrank.sensitivity import OutputFisher
+from lowrank.sensitivity import OutputFisher, direction_costs
 from lowrank.spectrum import truncation_loss
 from lowrank.targets import Target, find_targets, weight_matrix
 
@@ -137,3 +138,49 @@ def test_compressed_model_profiles_each_lowrank_layer_as_one_matrix():
     assert [t.name for t in targets] == list(plan.modules)
     profile = profile_model(model)
     assert [m.rank for m in profile.matrices] == [plan.modules[m.name].rank for m in profile.matrices]
+
+
+def test_output_side_spectrum_equals_the_whitened_svd_and_its_prices():
+    """Σ y yᵀ + λ·W·Wᵀ gives the σ and the left directions (so the prices) of W·S without the input Gram."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 20, generator=generator, dtype=torch.float64)  # narrow out, wide in: a down projection
+    inputs = torch.randn(300, 20, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    stats = OutputStats.empty(6, 20)
+    stats.update(inputs, inputs @ weight.T)
+    left, sigma = factorize.output_side_spectrum(weight, stats, damping=0.01)
+    white = whitening(inputs.T @ inputs, damping=0.01)
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(white.whiten(weight)), rtol=1e-10, atol=0)
+    fisher = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    fisher = fisher @ fisher.T
+    _, price = priced_spectrum(weight, white, fisher)
+    torch.testing.assert_close(direction_costs(fisher, left), price, rtol=1e-8, atol=0)
+    stats.energy.zero_()
+    with pytest.raises(LowrankError, match="only zero inputs"):
+        factorize.output_side_spectrum(weight, stats)
+
+
+def test_profile_from_output_side_statistics_agrees_with_the_input_side():
+    """The down projections' statistics taken from their outputs: the same spectra and prices to float32 rounding,
+    the same ranks, and the sensitivity windows run forward once (their Grams from the backward passes' forward)."""
+    model = make_tiny_model("llama")
+    targets = find_targets(model)
+    windows = random_windows(12, 16)
+    assert output_side(targets, model.config.hidden_size) == {t.name for t in targets if t.name.endswith("down_proj")}
+    forwards = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                          with_kwargs=True)
+    stats, fisher = measure(model, targets, windows, prices=True, batch_size=8, sensitivity_samples=8,
+                            progress=False, output_stats=True)
+    assert forwards == [4, 4, 4]  # the 8 sensitivity windows in batches of 4, then the other 4: each window once
+    assert isinstance(stats["model.layers.0.mlp.down_proj"], OutputStats)
+    assert isinstance(stats["model.layers.0.mlp.up_proj"], ActivationStats)
+    by_output = profile_model(model, targets, stats, fisher)
+    by_input = profile_model(model, targets, *measure(model, targets, windows, prices=True, batch_size=8,
+                                                       sensitivity_samples=8, progress=False))
+    for a, b in zip(by_output.matrices, by_input.matrices):
+        torch.testing.assert_close(a.whitened, b.whitened, rtol=1e-5, atol=1e-6 * float(b.whitened[0]))
+        cost_a, cost_b = a.whitened**2 * a.price, b.whitened**2 * b.price
+        torch.testing.assert_close(cost_a, cost_b, rtol=1e-4, atol=1e-6 * float(cost_b.max()))
+    ranks = [{n: m.rank for n, m in plan_profile(p, 0.6, "sensitivity").modules.items()}
+             for p in (by_output, by_input)]
+    assert ranks[0] == ranks[1]

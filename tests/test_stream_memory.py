@@ -15,8 +15,10 @@ import pytest
 
 #: Bound on the streamed run's peak; the in-memory run on the same checkpoint passes it. Measured: with
 #: 8 blocks streamed 536 MiB, in memory 891 MiB; with 12 blocks 542 and 1,229 MiB (+85 MiB per block
-#: in memory, flat when streamed). The test runs 12 blocks, measured passing (332 s on 2 loaded cores).
-BOUND_BYTES = 850 * 2**20
+#: in memory, flat when streamed). Since the profile takes the down projections' statistics from their
+#: outputs and sequential compression no longer keeps the profile's statistics, 12 blocks measure 458 and
+#: 779 MiB: the bound sits between them, about 160 MiB from each.
+BOUND_BYTES = 620 * 2**20
 
 _RUN = r"""
 import sys, tempfile

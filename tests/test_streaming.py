@@ -222,11 +222,11 @@ def test_update_on_kept_inputs_equals_running_the_dense_block_again(tmp_path, ar
 
 
 def test_profile_pass_runs_each_calibration_batch_forward_once(tmp_path, monkeypatch):
-    """The Grams ride along the forward sweep: no second pass of the calibration windows."""
+    """The Grams ride along the forward sweep: no second pass of any calibration window."""
     import lowrank.stream_profile as stream_profile
 
     model = save_tiny_model(tmp_path, "llama")
-    windows = random_windows(12, 24)  # batches of 8: 2 calibration batches, 3 sensitivity batches of 4
+    windows = random_windows(12, 24)  # the first 8 are the sensitivity windows, in batches of 4; then the last 4
     calls = []
     original = stream_profile.run_block
 
@@ -237,9 +237,9 @@ def test_profile_pass_runs_each_calibration_batch_forward_once(tmp_path, monkeyp
     monkeypatch.setattr(stream_profile, "run_block", counting)
     profile_streamed(BlockSource(tmp_path), targets_of(model), windows, BoundaryStore(), progress=False)
     blocks = model.config.num_hidden_layers
-    # forward sweep, per block: the calibration batches (8 + 4 windows) once, the sensitivity ones (4 + 4);
+    # forward sweep, per block: each window once, the sensitivity ones (4 + 4) among them, then the other 4;
     # backward sweep: the sensitivity batches again, nothing else
-    assert calls == [8, 4, 4, 4] * blocks + [4, 4] * blocks
+    assert calls == [4, 4, 4] * blocks + [4, 4] * blocks
 
 
 @pytest.mark.parametrize("case, can", [("folder", True), ("no-stream", True), ("one-shot", False),
