@@ -41,10 +41,11 @@ MLM_MASK_FRACTION = 0.15
 class OutputFisher:
     """Σ_t g_t g_tᵀ (float64) of the loss gradient w.r.t. one module's output, over `tokens` tokens.
 
-    For a module wider out than in (an MLP's up projections), `side` "input" holds Σ_t (Wᵀg_t)(Wᵀg_t)ᵀ
-    instead, in × in: the gradient at the module's input through W alone, which autograd forms anyway.
-    Every direction the planner prices lies in W's column space, u = W·a, where uᵀFu = aᵀ(WᵀFW)a:
-    the same prices (`profiling.priced_spectrum`) from a matrix (in/out)² the size, and as cheaper to sum.
+    For a module wider out than in (an MLP's gate and up projections), `side` "input" holds
+    Σ_t (Wᵀg_t)(Wᵀg_t)ᵀ instead, in × in: the gradient at the module's input through W alone, which
+    autograd forms anyway. Every direction the planner prices lies in W's column space, u = W·a, where
+    uᵀFu = aᵀ(WᵀFW)a: the same prices (`profiling.priced_spectrum`) from a matrix (in/out)² the size,
+    and as much cheaper to sum.
     """
 
     matrix: torch.Tensor

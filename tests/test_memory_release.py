@@ -243,11 +243,11 @@ def test_profile_pass_keeps_the_sensitivity_boundaries_on_disk(tmp_path, monkeyp
 
 def test_all_finite_reads_slab_by_slab_and_finds_a_bad_entry_anywhere():
     matrix = torch.randn(700, 30, dtype=torch.float64)
-    assert factorize.all_finite(matrix, rows=256)
+    assert factorize.all_finite(matrix, entries=256)
     for row, bad in ((0, float("nan")), (699, float("inf")), (300, -float("inf"))):
         spoiled = matrix.clone()
         spoiled[row, 7] = bad
-        assert not factorize.all_finite(spoiled, rows=256), (row, bad)
+        assert not factorize.all_finite(spoiled, entries=256), (row, bad)
     assert not factorize.all_finite(torch.tensor([1.0, float("nan")]))
 
 
