@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .errors import CalibrationError
 from .targets import Target
-from .model_info import without_cache
+from .model_info import widths, without_cache
 
 log = logging.getLogger(__name__)
 
@@ -340,12 +340,13 @@ class OutputStats:
         return float(self.energy) / self.in_features
 
 
-def output_side(targets: list[Target], hidden_size: int | None) -> set[str]:
+def output_side(model: nn.Module, targets: list[Target]) -> set[str]:
     """The targets whose statistics are cheaper from their output (`OutputStats`): bias-free, narrower out
     than in, and reading something other than the residual stream (which q/k/v or gate/up read
     together, one input Gram for all). Which ones never changes a result, only its cost."""
+    hidden, _ = widths(getattr(model, "config", None))
     return {t.name for t in targets
-            if not t.has_bias and t.out_features < t.in_features and t.in_features != hidden_size}
+            if not t.has_bias and t.out_features < t.in_features and t.in_features != hidden}
 
 
 class StatsCollector:

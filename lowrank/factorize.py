@@ -271,10 +271,15 @@ def top_singular(product: torch.Tensor, k: int | None = None, right: bool = True
     k = min(m, n) if k is None else min(k, m, n)
     wide = m <= n
     sigma, vectors = _leading_roots(product @ product.T if wide else product.T @ product, k, max(m, n))
-    inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
+    inverse = reciprocal_or_zero(sigma)
     if wide:
         return vectors, sigma, (vectors.T @ product) * inverse[:, None] if right else None
     return (product @ vectors) * inverse if left else None, sigma, vectors.T
+
+
+def reciprocal_or_zero(sigma: torch.Tensor) -> torch.Tensor:
+    """1/σ where σ > 0, and 0 where σ is 0 (a direction lost to rounding: its vector is divided to zero)."""
+    return torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
 
 
 def _leading_roots(gram: torch.Tensor, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

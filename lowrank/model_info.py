@@ -1,4 +1,4 @@
-"""Facts about a transformers model that several stages ask: its class, its kind, its size.
+"""Facts about a transformers model that several stages ask: its class, its kind, its size, its widths.
 
 A leaf module (it imports nothing of lowrank's), so that loading, profiling and evaluation can all
 use it without importing one another.
@@ -61,3 +61,11 @@ def frozen_in_eval(model: nn.Module) -> Iterator[nn.Module]:
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
+
+
+def widths(config) -> tuple[int, int]:
+    """A transformer config's hidden width and MLP width, under the names the architectures use."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    mlp = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+           or getattr(config, "n_inner", None) or 4 * hidden)
+    return hidden, mlp

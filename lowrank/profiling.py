@@ -23,7 +23,7 @@ from .calibration import (ActivationStats, OutputStats, StatsCollector, collect_
 from .embedding_prices import DEFAULT_PROBES, DirectionPrices, measure_embedding_prices, whitened_basis
 from .encoders import is_encoder
 from .errors import LowrankError
-from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, top_singular
+from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, reciprocal_or_zero, top_singular
 from .layers import LowRankLinear
 from .model_info import count_parameters
 from .profile import MatrixProfile, Profile
@@ -86,7 +86,7 @@ def measure(
         stats = collect_stats(model, targets, windows, batch_size=batch_size, progress=progress)
         return stats, embedding_prices(model, targets, windows, stats, damping=damping, batch_size=batch_size,
                                        progress=progress)
-    outputs = output_side(targets, getattr(getattr(model, "config", None), "hidden_size", None)) if output_stats else set()
+    outputs = output_side(model, targets) if output_stats else set()
     fisher = stats = None
     # One forward pass per window: the sensitivity windows' statistics are taken in their backward passes' forward
     with StatsCollector(model, targets, outputs) if statistics else nullcontext() as collector:
@@ -137,8 +137,7 @@ def priced_spectrum(weight: torch.Tensor, white, fisher: "torch.Tensor | OutputF
     if isinstance(fisher, OutputFisher) and fisher.side == "input":
         _, sigma, rows = top_singular(product, left=False)
         coefficients = rows.T if white is None else white.root @ rows.T
-        inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
-        return sigma, direction_costs(fisher.mean, coefficients * inverse)
+        return sigma, direction_costs(fisher.mean, coefficients * reciprocal_or_zero(sigma))
     left, sigma, _ = top_singular(product, right=False)
     return sigma, direction_costs(fisher_matrix(fisher), left)
 

@@ -25,6 +25,7 @@ import torch
 
 from .block_source import BlockSource
 from .errors import LowrankError
+from .model_info import widths
 from .targets import Target
 
 #: Python, torch and transformers once imported, plus LAPACK work space (a streamed run of a 28 MB model peaked at 577 MiB).
@@ -84,14 +85,6 @@ class MemoryEstimate:
                 f"{human(max(self.boundaries_profile, self.boundaries_compress))}{spilled}, the head's step "
                 f"{human(self.outside)}, runtime {human(self.runtime)}"
                 + (f", block refinement {human(self.refinement)}" if self.refinement else "") + ")")
-
-
-def widths(config) -> tuple[int, int]:
-    """A transformer config's hidden width and MLP width, under the names the architectures use."""
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-    mlp = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
-           or getattr(config, "n_inner", None) or 4 * hidden)
-    return hidden, mlp
 
 
 def refinement_bytes(source: BlockSource, batch_size: int, seq_len: int) -> int:

@@ -283,7 +283,7 @@ def profile_streamed(
                                "does not factor; drop it from --include, or pass --no-stream")
         by_block.setdefault(index, []).append(target.name)
     by_name = {t.name: t for t in targets}
-    outputs = output_side(targets, getattr(model.config, "hidden_size", None)) if output_stats else set()
+    outputs = output_side(model, targets) if output_stats else set()
 
     clock = StageClock()
     started = time.perf_counter()

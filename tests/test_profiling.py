@@ -165,7 +165,7 @@ def test_profile_from_output_side_statistics_agrees_with_the_input_side():
     model = make_tiny_model("llama")
     targets = find_targets(model)
     windows = random_windows(12, 16)
-    assert output_side(targets, model.config.hidden_size) == {t.name for t in targets if t.name.endswith("down_proj")}
+    assert output_side(model, targets) == {t.name for t in targets if t.name.endswith("down_proj")}
     forwards = []
     model.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
                                           with_kwargs=True)
