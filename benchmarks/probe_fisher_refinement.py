@@ -4,8 +4,8 @@
     lowrank eval DIR --max-windows 40
 
 The default compress with `--refine-steps N`, except for the refinement's loss. Before compressing, the
-dense model's next-token loss is backpropagated on the first 8 calibration windows (batches of 4, as the
-sensitivity planner does), and at each block's output the Fisher F = Σ_t (r_t·g_t)(r_t·g_t)ᵀ is summed,
+dense model's next-token loss is backpropagated on the sensitivity planner's windows (the first 8 of the
+calibration, in batches of 4, with its own `backward_next_token`), and at each block's output the Fisher F = Σ_t (r_t·g_t)(r_t·g_t)ᵀ is summed,
 r_t being the token's RMS (the token loss divides each token's error by it). The loss of block l is then
 mean_t e_tᵀ M_l e_t / hidden, with e_t the token's error over r_t and M_l = F_l / mean diag F_l + δ·I
 rescaled to mean diagonal 1: with M_l = I it is the token loss exactly. M_l is a second-order estimate
@@ -26,17 +26,17 @@ import transformers
 import lowrank.compression as compression
 import lowrank.refinement as refinement
 from lowrank import CompressConfig
-from lowrank.calibration import first_windows, text_windows
+from lowrank.calibration import first_windows, text_windows, window_batches
 from lowrank.config import CalibrationConfig
 from lowrank.loading import load_tokenizer
-
-SENSITIVITY_WINDOWS = 8
+from lowrank.model_info import frozen_in_eval
+from lowrank.profiling import DEFAULT_SENSITIVITY_SAMPLES
+from lowrank.sensitivity import backward_next_token
 
 
 def block_output_fishers(model: torch.nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Σ_t (r_t·g_t)(r_t·g_t)ᵀ at each decoder block's output, from the next-token loss on `windows`."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """Σ_t (r_t·g_t)(r_t·g_t)ᵀ at each decoder block's output, from the next-token loss on `windows`
+    (the sensitivity planner's backward pass, in its batches of 4)."""
     layers = model.model.layers
     hidden = model.config.hidden_size
     fishers = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in layers]
@@ -52,16 +52,16 @@ def block_output_fishers(model: torch.nn.Module, windows: torch.Tensor) -> list[
             states.register_hook(accumulate)
         return hook
 
-    handles = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(layers)]
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
-    try:
-        for batch in windows.split(4):
-            logits = model(input_ids=batch, use_cache=False).logits
-            torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                              batch[:, 1:].reshape(-1), reduction="sum").backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with frozen_in_eval(model):
+        handles = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(layers)]
+        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
+        try:
+            with torch.enable_grad():
+                for batch in window_batches(windows, 4):
+                    backward_next_token(model, batch, torch.Generator())
+        finally:
+            for handle in handles:
+                handle.remove()
     return fishers
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     windows = text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len,
                            calibration.seed)
     dense = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32).eval()
-    fishers = block_output_fishers(dense, first_windows(windows, SENSITIVITY_WINDOWS))
+    fishers = block_output_fishers(dense, first_windows(windows, DEFAULT_SENSITIVITY_SAMPLES))
     # a block is recognized by its input norm's weights, which refinement does not train by default
     metrics = {layer.input_layernorm.weight.detach().numpy().tobytes(): metric_of(f, args.damping)
                for layer, f in zip(dense.model.layers, fishers)}
