@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,12 @@ import torch
 import transformers
 from helpers import (PROBE, REPO, make_env, make_tiny_model, make_tiny_tokenizer, pip_into, random_windows, run_in,
                      save_tiny_model)
+
+# A suite started from a background job (`nohup …`, `cmd &` in a script) inherits SIGINT ignored, and Python then
+# leaves it ignored, in this process and in every child: the Ctrl-C tests' real SIGINTs would do nothing (the paused
+# children would wait forever). Restore the usual handler; children then start with SIGINT at its default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
