@@ -19,11 +19,15 @@ import transformers
 from helpers import (PROBE, REPO, make_env, make_tiny_model, make_tiny_tokenizer, pip_into, random_windows, run_in,
                      save_tiny_model)
 
-# A suite started from a background job (`nohup …`, `cmd &` in a script) inherits SIGINT ignored, and Python then
-# leaves it ignored, in this process and in every child: the Ctrl-C tests' real SIGINTs would do nothing (the paused
-# children would wait forever). Restore the usual handler; children then start with SIGINT at its default again.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def pytest_configure(config):
+    """Give the test process Python's usual SIGINT handler if it started with SIGINT ignored.
+
+    A suite started from a background job (`nohup …`, `cmd &` in a script) inherits SIGINT ignored, and Python
+    leaves it ignored, in this process and in every child: the Ctrl-C tests' real SIGINTs would do nothing (the
+    paused children would wait forever). With the handler back, children start with SIGINT at its default again.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
