@@ -187,7 +187,7 @@ class Profile:
         from safetensors.torch import save_file
 
         tensors = {}
-        if any(m.sigma is None for m in self.matrices):
+        if any(m.sigma is None for m in self.matrices) and not self.options.get("planning_only"):
             raise LowrankError("a planning-only profile (without σ(W)) cannot be saved; profile with `lowrank profile`")
         for m in self.matrices:
             for kind in VECTOR_KINDS:
@@ -232,12 +232,14 @@ class Profile:
             raise LowrankError(f"{where}: profile version {version!r} is newer than this lowrank understands; "
                                "upgrade lowrank")
         matrices = []
+        # a planning-only profile (the streamed compress's, kept for --resume) has no σ(W)
+        planning_only = isinstance(data.get("options"), dict) and data["options"].get("planning_only") is True
         try:
             for entry in data["matrices"]:
                 name, shape = entry["name"], tuple(int(s) for s in entry["shape"])
-                if f"{name}.sigma" not in vectors:
+                if f"{name}.sigma" not in vectors and not (planning_only and f"{name}.whitened" in vectors):
                     raise KeyError(f"{name}.sigma")
-                matrices.append(MatrixProfile(name, shape, vectors[f"{name}.sigma"], vectors.get(f"{name}.whitened"),
+                matrices.append(MatrixProfile(name, shape, vectors.get(f"{name}.sigma"), vectors.get(f"{name}.whitened"),
                                               vectors.get(f"{name}.price"), entry.get("rank")))
             profile = cls(matrices, source=data.get("source"), whitened=bool(data.get("whitened")),
                           options=dict(data.get("options") or {}), model_params=data.get("model_params"))

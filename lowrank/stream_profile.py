@@ -3,10 +3,11 @@
 Forward, block 0 → L−1: each block is loaded from disk and run on the calibration batches; hooks
 collect its Gram matrices on the way, and its output hidden states (the next block boundary) go to
 a `BoundaryStore`, the previous boundary being dropped. From the Grams come each target's whitening
-S and the SVD W·S = U Σ Vᵀ: σ(W), σ(W·S) are kept, the directions U wait on disk for the backward
-sweep, and the block and its Grams are freed. The sensitivity windows (the first few calibration
-windows) run in batches of their own, their Grams counted with the others', and their boundaries
-are all kept; at the last block the head turns them into the next-token loss and its gradient.
+S and the SVD W·S = U Σ Vᵀ: σ(W·S) is kept (and σ(W), unless the profile is for planning alone), the
+directions U wait on disk for the backward sweep, and the block and its Grams are freed. The
+sensitivity windows (the first few calibration windows) run in batches of their own, their Grams
+counted with the others', and their boundaries are all kept; at the last block the head turns them
+into the next-token loss and its gradient.
 
 Backward, block L−1 → 0 (only where prices are wanted): the block is loaded again with its
 directions U; its forward is recomputed on the sensitivity windows with gradients on, and the
@@ -176,14 +177,16 @@ class _Projections:
 
 
 def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: float,
-                   keep: Callable[[str, torch.Tensor], None] | None, whitening=None) -> tuple[dict, dict]:
-    """σ(W) and σ(W·S) for one block's targets; where `keep` is given, it receives each left directions U of W·S.
+                   keep: Callable[[str, torch.Tensor], None] | None, whitening=None,
+                   plain: bool = True) -> tuple[dict, dict]:
+    """σ(W) (where `plain`) and σ(W·S) for one block's targets; where `keep` is given, it receives each left
+    directions U of W·S.
 
     Targets sharing an input are consecutive (q/k/v, gate/up): one whitening is alive at a time, each
     Gram is freed as soon as it is whitened, and each whitening once its last reader is done.
     `whitening`: the whitening of the one input all `names` read, already computed (`_spectra_on_ranks`).
     """
-    plain = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
+    plains = ShapeBatcher(0)  # σ(W) of each matrix as it comes: no stack of float64 copies of the block
     whitened = {}
     # each Gram freed once whitened
     whitenings = WhiteningCache(damping, readers=[stats[n] for n in names if not isinstance(stats[n], OutputStats)])
@@ -195,7 +198,8 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
             if keep is not None:
                 keep(name, left)
             del left, layer_stats
-            plain.add(name, weight)
+            if plain:
+                plains.add(name, weight)
             continue
         white = whitening if whitening is not None else whitenings.get(layer_stats, name)
         whitenings.done(layer_stats)
@@ -209,16 +213,17 @@ def _block_spectra(model: nn.Module, names: list[str], stats: dict, damping: flo
         else:
             whitened[name] = torch.linalg.svdvals(product)
         del product
-        plain.add(name, weight)
-    return plain.finish(), whitened
+        if plain:
+            plains.add(name, weight)
+    return plains.finish(), whitened
 
 
 def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: float,
-                      keep: Callable[[str, torch.Tensor], None] | None) -> tuple[dict, dict]:
+                      keep: Callable[[str, torch.Tensor], None] | None, plain: bool = True) -> tuple[dict, dict]:
     """`_block_spectra` on several ranks: each rank takes its share of the block's SVDs, then all receive all
     (and every rank's `keep` gets every target's U)."""
     if not distributed.active():
-        return _block_spectra(model, names, stats, damping, keep)
+        return _block_spectra(model, names, stats, damping, keep, plain=plain)
     shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
     current: list = [None, None]  # (statistics, its whitening): targets sharing an input share one
 
@@ -227,13 +232,14 @@ def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: 
             current[:] = [stats[name], WhiteningCache(damping).get(stats[name], name)]
         left: dict = {}
         sigma, whitened = _block_spectra(model, [name], {name: stats[name]}, damping,
-                                         left.__setitem__ if keep is not None else None, whitening=current[1])
-        found = [sigma[name], whitened[name]] + ([left[name]] if keep is not None else [])
+                                         left.__setitem__ if keep is not None else None, whitening=current[1],
+                                         plain=plain)
+        found = [whitened[name]] + ([sigma[name]] if plain else []) + ([left[name]] if keep is not None else [])
         return [t.contiguous() for t in found]  # broadcast as laid out: an SVD's U is column-major
 
     def like(name: str) -> list[torch.Tensor]:
         out, k = shapes[name][0], min(shapes[name])
-        return [torch.empty(k, dtype=torch.float64) for _ in range(2)] + (
+        return [torch.empty(k, dtype=torch.float64) for _ in range(1 + plain)] + (
             [torch.empty(out, k, dtype=torch.float64)] if keep is not None else [])
 
     costs = [float(shapes[n][0] * shapes[n][1] * min(shapes[n])) for n in names]
@@ -242,8 +248,8 @@ def _spectra_on_ranks(model: nn.Module, names: list[str], stats: dict, damping: 
     current.clear()
     if keep is not None:
         for name in names:
-            keep(name, done[name][2])
-    return {n: done[n][0] for n in names}, {n: done[n][1] for n in names}
+            keep(name, done[name][-1])
+    return ({n: done[n][1] for n in names} if plain else {}), {n: done[n][0] for n in names}
 
 
 @torch.no_grad()
@@ -262,12 +268,15 @@ def profile_streamed(
     name: str | None = None,
     scratch_dir: str | Path | None = None,
     output_stats: bool = True,
+    plain: bool = True,
 ) -> Profile:
     """The Profile of `targets` (all inside the blocks) of a checkpoint read block by block (see the module doc).
 
     Each block's whitened directions wait on disk for the backward sweep, in a temporary folder
     under `scratch_dir` (default: the system's temporary folder), removed at the end. `output_stats`:
     output-side statistics where cheaper, as `profiling.measure(output_stats=True)` takes them.
+    `plain=False` skips σ(W), as `profiling.profile_model` does for planning: a planning-only profile
+    (on a 1.1B Llama, σ(W) is a third of the spectra's time).
     """
     model, blocks, device = source.model, source.blocks, torch.device(device)
     if prices and not is_causal_lm(model):
@@ -339,8 +348,8 @@ def profile_streamed(
             _check_ran(names, grams.stats)
             with clock("forward_spectra"):
                 keep = (lambda name, u: scratch.save(index, name, u)) if prices else None  # to disk at once
-                sigma, whitened = _spectra_on_ranks(model, names, grams.stats, damping, keep)
-            spectra.update({n: (sigma[n], whitened[n]) for n in names})
+                sigma, whitened = _spectra_on_ranks(model, names, grams.stats, damping, keep, plain=plain)
+            spectra.update({n: (sigma.get(n), whitened[n]) for n in names})
             del grams
             if finals:
                 with clock("head_gradient"):
@@ -374,7 +383,8 @@ def profile_streamed(
         scratch.close()
     store.close()
     profile = Profile([matrices[t.name] for t in targets], source=name, whitened=True,
-                      model_params=count_parameters(model), options={"damping": damping, "streamed": True})
+                      model_params=count_parameters(model),
+                      options={"damping": damping, "streamed": True, **({} if plain else {"planning_only": True})})
     profile.options["seconds"] = {"forward": round(forward_seconds, 3),
                                   "backward": round(time.perf_counter() - started - forward_seconds, 3),
                                   **clock.rounded()}

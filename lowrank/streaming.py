@@ -186,7 +186,8 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        damping=config.damping, device=device, progress=progress,
                                        name=str(source.path),
-                                       scratch_dir=config.offload_dir or (partial if distributed.is_writer() else None))
+                                       scratch_dir=config.offload_dir or (partial if distributed.is_writer() else None),
+                                       plain=config.method == "svd")  # only plain SVD plans on σ(W)
             if distributed.is_writer():
                 profile.save(partial / PROFILE_FILE)
         if not distributed.is_writer():

@@ -16,6 +16,8 @@ from lowrank.checkpoint import load_compressed
 from lowrank.config import CompressConfig
 from lowrank.errors import LowrankError
 from lowrank.layers import LowRankLinear
+from lowrank.planner import plan_profile
+from lowrank.profile import Profile
 from lowrank.profiling import profile_with_calibration, targets_of
 from lowrank.stream_memory import estimate
 from lowrank.stream_profile import profile_streamed
@@ -76,6 +78,27 @@ def test_offloaded_boundaries_give_the_same_profile(tmp_path):
     assert store.spilled_bytes > 0 and list((tmp_path / "spill").iterdir()) == []  # used, then cleaned up
     for a, b in zip(kept.matrices, spilled.matrices):
         assert torch.equal(a.price, b.price) and torch.equal(a.whitened, b.whitened)
+
+
+def test_a_planning_profile_skips_sigma_of_w_and_plans_the_same(tmp_path):
+    """plain=False (what the streamed compress plans on) leaves σ(W) out and changes nothing the planner reads;
+    its file, kept for --resume, loads back as it was; a profile file that lost σ(W) otherwise is refused."""
+    model = save_tiny_model(tmp_path / "src", "llama")
+    windows = random_windows(12, 24)
+    full = profile_streamed(BlockSource(tmp_path / "src"), targets_of(model), windows, BoundaryStore(), progress=False)
+    planning = profile_streamed(BlockSource(tmp_path / "src"), targets_of(model), windows, BoundaryStore(),
+                                progress=False, plain=False)
+    assert all(m.sigma is not None for m in full.matrices) and all(m.sigma is None for m in planning.matrices)
+    for a, b in zip(full.matrices, planning.matrices):
+        assert torch.equal(a.whitened, b.whitened) and torch.equal(a.price, b.price), a.name
+    loaded = Profile.load(planning.save(tmp_path / "planning.safetensors"))
+    plans = [plan_profile(p, 0.6, "sensitivity") for p in (full, planning, loaded)]
+    assert plans[0].factored and plans[0].factored == plans[1].factored == plans[2].factored
+    full.options.pop("planning_only", None)
+    for m in full.matrices:
+        m.sigma = None  # σ(W) gone from a profile that does not say it plans only
+    with pytest.raises(LowrankError, match="planning-only"):
+        full.save(tmp_path / "broken.safetensors")
 
 
 def test_run_past_memory_spills_with_offload_dir_and_refuses_without(tmp_path):
