@@ -183,12 +183,15 @@ class Profile:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the profile as one safetensors file (vectors + JSON header), atomically."""
+        """Write the profile as one safetensors file (vectors + JSON header), atomically.
+
+        A planning-only profile (options["planning_only"], made with `plain=False`) is saved without σ(W);
+        any other profile must have it, so that a report read from the file has every spectrum."""
         from safetensors.torch import save_file
 
         tensors = {}
         if any(m.sigma is None for m in self.matrices) and not self.options.get("planning_only"):
-            raise LowrankError("a planning-only profile (without σ(W)) cannot be saved; profile with `lowrank profile`")
+            raise LowrankError("this profile lacks σ(W) but is not marked planning-only; profile with `lowrank profile`")
         for m in self.matrices:
             for kind in VECTOR_KINDS:
                 vector = getattr(m, kind)
@@ -232,7 +235,7 @@ class Profile:
             raise LowrankError(f"{where}: profile version {version!r} is newer than this lowrank understands; "
                                "upgrade lowrank")
         matrices = []
-        # a planning-only profile (the streamed compress's, kept for --resume) has no σ(W)
+        # a planning-only profile (`plain=False`; the streamed compress keeps one for --resume) has no σ(W)
         planning_only = isinstance(data.get("options"), dict) and data["options"].get("planning_only") is True
         try:
             for entry in data["matrices"]:

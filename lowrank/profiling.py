@@ -201,6 +201,8 @@ def profile_model(
         for t in targets
     ]
     options = {"damping": damping} if stats is not None else {}
+    if stats is not None and not plain:
+        options["planning_only"] = True  # σ(W) skipped: see Profile.save
     return Profile(matrices, source=source, whitened=stats is not None, model_params=count_parameters(model),
                    options=options)
 
