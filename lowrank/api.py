@@ -162,7 +162,7 @@ def compress(
                           batch_size=config.batch_size, damping=config.damping, progress=progress,
                           source=None if in_memory else str(source), sequential=sequential, update=config.update,
                           device=compute_device, refine=config.refinement(), plan_samples=config.plan_samples,
-                          update_samples=config.update_samples)
+                          update_samples=config.update_samples, sensitivity_samples=config.sensitivity_samples)
     if timings is not None:  # --round-to auto: what was measured, so that the plan replays without timing again
         plan.options.update(round_to=config.round_to, round_to_auto=True, timings=timings.to_dict())
     texts_config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig()
@@ -237,7 +237,8 @@ def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: st
     plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,
                          windows=windows, method=config.method, limits=config.limits(), overrides=config.overrides,
                          batch_size=config.batch_size, damping=config.damping, source=source, progress=progress,
-                         reuse_statistics=not config.sequential)  # as compress profiles
+                         reuse_statistics=not config.sequential,  # as compress profiles
+                         sensitivity_samples=config.sensitivity_samples)
     return plan
 
 

@@ -29,6 +29,7 @@ from .model_info import count_parameters
 from .plan import Plan
 from .model_planning import check_plan_matches, needs_statistics, plan_model, plan_modules
 from .planner import default_strategy
+from .profiling import DEFAULT_SENSITIVITY_SAMPLES
 from .ranks import check_ratio
 from .refinement import Average, RefineOptions, refine_block
 from .stage_times import recording, stage, summary
@@ -244,6 +245,7 @@ def compress_model(
     refine: RefineOptions | None = None,
     plan_samples: int = DEFAULT_PLAN_SAMPLES,
     update_samples: int = DEFAULT_UPDATE_SAMPLES,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
 ) -> Plan:
     """Compress `model` in place and return the Plan it followed: profile → plan → compress.
 
@@ -254,7 +256,7 @@ def compress_model(
 
     `windows` (calibration token ids, shape (n, seq_len)) are needed by whiten and asvd; sequential
     compression plans from the first `plan_samples` of them and fits its update on the first
-    `update_samples` (0: all).
+    `update_samples` (0: all); the sensitivity planner backpropagates the first `sensitivity_samples`.
     Without a `plan`, the planner picks ranks by `strategy` (default: `default_strategy(method, model)`)
     under `budget` (lowrank.budget; default: `ratio` of the target parameters), within `limits`
     and `overrides`.
@@ -273,14 +275,16 @@ def compress_model(
                                       round_to=round_to, batch_size=batch_size, damping=damping, progress=progress,
                                       source=source, sequential=sequential, update=update, device=device,
                                       strategy=strategy, budget=budget, limits=limits, overrides=overrides,
-                                      refine=refine, plan_samples=plan_samples, update_samples=update_samples)
+                                      refine=refine, plan_samples=plan_samples, update_samples=update_samples,
+                                      sensitivity_samples=sensitivity_samples)
     plan.options["stage_seconds"] = summary(seconds)
     return plan
 
 
 def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Target], *, ratio, method, windows,
                            round_to, batch_size, damping, progress, source, sequential, update, device, strategy,
-                           budget, limits, overrides, refine, plan_samples, update_samples) -> Plan:
+                           budget, limits, overrides, refine, plan_samples, update_samples,
+                           sensitivity_samples) -> Plan:
     """compress_model's stages: plan (profiling where the strategy needs it) unless given, then compress.
 
     Sequential compression calibrates again on the compressed path, so its planner profiles only the first
@@ -293,7 +297,8 @@ def _profile_plan_compress(model: nn.Module, plan: Plan | None, targets: list[Ta
             model, targets, check_ratio(ratio) if budget is None else budget,
             strategy or default_strategy(method, model), windows=profiled, method=method,
             limits=limits or RankLimits(round_to=round_to), overrides=overrides, batch_size=batch_size,
-            damping=damping, source=source, progress=progress, reuse_statistics=not sequential)
+            damping=damping, source=source, progress=progress, reuse_statistics=not sequential,
+            sensitivity_samples=sensitivity_samples)
         if sequential and windows is not None:
             plan.options["plan_samples"] = window_count(profiled)
     else:

@@ -21,6 +21,7 @@ from .distill import HIDDEN_LAYERS, HIDDEN_LOSSES, LOSSES
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS
 from .planner import STRATEGIES, check_ratio
+from .profiling import DEFAULT_SENSITIVITY_SAMPLES
 from .refinement import RefineOptions
 from .shard_writer import parse_size
 from .speed_model import parse_round_to
@@ -60,6 +61,7 @@ class CompressConfig(ConfigBase):
     batch_size: int = 8                 # calibration windows per forward pass
     plan_samples: int = DEFAULT_PLAN_SAMPLES  # sequential: windows the planner profiles (0: all of them)
     update_samples: int = DEFAULT_UPDATE_SAMPLES  # sequential: windows the least-squares update fits on (0: all)
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES  # sensitivity planner: windows backpropagated for the prices
     device: str = "auto"                # where the math runs (auto: CUDA if available)
     dtype: str = "float32"              # precision the model is loaded and saved in
     stream: bool | None = None          # read the checkpoint block by block from disk (lowrank.streaming);
@@ -98,6 +100,7 @@ class CompressConfig(ConfigBase):
         at_least(self.SECTION, "batch_size", self.batch_size, 1, "--batch-size")
         at_least(self.SECTION, "plan_samples", self.plan_samples, 0, "--plan-samples")
         at_least(self.SECTION, "update_samples", self.update_samples, 0, "--update-samples")
+        at_least(self.SECTION, "sensitivity_samples", self.sensitivity_samples, 1, "--sensitivity-samples")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise LowrankError(f"compress.damping must be a finite number ≥ 0, got {self.damping}")
         check_dtype_and_device(self)

@@ -38,7 +38,6 @@ from .model_info import count_parameters, is_causal_lm
 from .plan import Plan
 from .planner import check_feasible, default_strategy, needs_spectra, plan_targets
 from .profile import Profile
-from .profiling import DEFAULT_SENSITIVITY_SAMPLES
 from .shard_writer import ShardWriter, parse_size
 from .speed_model import resolve_round_to
 from .stream_compress import compress_pass
@@ -184,6 +183,7 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
             profile = profile_streamed(source, targets, planning_windows(windows, config.plan_samples),
                                        BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
+                                       sensitivity_samples=config.sensitivity_samples,
                                        damping=config.damping, device=device, progress=progress,
                                        name=str(source.path),
                                        scratch_dir=config.offload_dir or (partial if distributed.is_writer() else None),
@@ -201,7 +201,8 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     if spectra is not None:
         plan.options["plan_samples"] = window_count(planning_windows(windows, config.plan_samples))
     if strategy == "sensitivity":
-        plan.options["sensitivity_samples"] = min(DEFAULT_SENSITIVITY_SAMPLES, windows.shape[0])
+        plan.options["sensitivity_samples"] = min(config.sensitivity_samples, window_count(planning_windows(
+            windows, config.plan_samples)))
     return plan
 
 
@@ -244,7 +245,7 @@ def compress_streamed(
     if strategy == "sensitivity" and config.strategy is None and not is_causal_lm(source.model):
         strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally
     est = estimate(source, targets, stream_ranks.my_windows(windows, config.batch_size),  # this rank's share
-                   strategy == "sensitivity", DEFAULT_SENSITIVITY_SAMPLES, refine=config.refinement().enabled,
+                   strategy == "sensitivity", config.sensitivity_samples, refine=config.refinement().enabled,
                    batch_size=config.batch_size,
                    update_windows=leading_windows(windows, config.batch_size, config.update_samples))  # an upper bound
     limit = parse_size(config.max_memory, "--max-memory") if config.max_memory else \

@@ -824,6 +824,12 @@ ROWS = [
     Row("plan-samples-not-a-number", "speed", "`--plan-samples all` (a count; 0 means all)",
         compress("{model}", "-o", "OUT", "--plan-samples", "all", *SAMPLES), r"'all' is not a valid integer",
         exit_code=2),
+    Row("sensitivity-samples-zero", "speed", "`--sensitivity-samples 0` (windows the sensitivity planner backpropagates)",
+        compress("{model}", "-o", "OUT", "--sensitivity-samples", "0", *SAMPLES),
+        r"--sensitivity-samples must be at least 1, got 0"),
+    Row("sensitivity-samples-not-a-number", "speed", "`--sensitivity-samples many` (a count of windows)",
+        compress("{model}", "-o", "OUT", "--sensitivity-samples", "many", *SAMPLES), r"'many' is not a valid integer",
+        exit_code=2),
     # Agreement, zero-shot tasks and speed (`lowrank eval --against/--tasks`, `lowrank bench`)
     Row("eval-against-dense-folder", "evaluation", "`lowrank eval MODEL --against` on a dense folder (no plan, no source)",
         command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),
@@ -905,7 +911,7 @@ GROUPS = {"model": "model input", "budget": "budget", "plan": "plan", "text": "c
           "environment": "environment", "read-back": "files read back", "commands": "other commands",
           "recipe": "recipes (lowrank run)", "profile": "saved profiles", "stream": "streaming",
           "evaluation": "evaluation and speed (eval --against/--tasks, bench)", "encoders": "encoders",
-          "refine": "block refinement", "speed": "speed options (--plan-samples, --update-samples)",
+          "refine": "block refinement", "speed": "speed options (--plan-samples, --update-samples, --sensitivity-samples)",
           "distributed": "several ranks (torchrun, accelerate, --nproc)"}
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 TABLE_MARKERS = ("<!-- robustness-table:start -->", "<!-- robustness-table:end -->")

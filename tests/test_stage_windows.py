@@ -1,7 +1,8 @@
 """Which calibration windows each stage of sequential compression reads (lowrank.calibration).
 
-The planner profiles the first --plan-samples windows (dense Grams, whitened spectra, prices), the
-least-squares update fits on the first --update-samples, and the block statistics use every window.
+The planner profiles the first --plan-samples windows (dense Grams, whitened spectra, prices) and
+backpropagates the first --sensitivity-samples of them for its prices, the least-squares update fits on
+the first --update-samples, and the block statistics use every window.
 The profile and the update's extra pass of the compressed block were the stages these cut short
 (reports/speed-notes.md); these tests pin down which windows each path reads.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from helpers import random_windows, save_tiny_model
 
 import lowrank
@@ -39,8 +41,8 @@ def test_negative_plan_samples_is_refused_with_the_flag():
         CompressConfig(plan_samples=-1)
 
 
-def _reference_ranks(model, windows) -> dict[str, int]:
-    plan, _ = plan_model(model, find_targets(model), 0.6, "sensitivity", windows=windows, progress=False)
+def _reference_ranks(model, windows, **options) -> dict[str, int]:
+    plan, _ = plan_model(model, find_targets(model), 0.6, "sensitivity", windows=windows, progress=False, **options)
     return plan.factored
 
 
@@ -83,6 +85,41 @@ def test_one_shot_profiles_every_window(tmp_path, tiny):
     plan = lowrank.compress(folder, CompressConfig(ratio=0.6, plan_samples=SUBSET, sequential=False), windows,
                             output=tmp_path / "out", progress=False)
     assert plan.factored == every and "plan_samples" not in plan.options
+
+
+def test_sensitivity_samples_below_one_is_refused_with_the_flag():
+    with pytest.raises(LowrankError, match="--sensitivity-samples must be at least 1, got 0"):
+        CompressConfig(sensitivity_samples=0)
+
+
+@pytest.fixture(scope="module")
+def one_window_prices(tiny):
+    """The ranks planned when the prices come from the first window alone; not those of the default's windows."""
+    folder, windows, subset, every = tiny
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    one = _reference_ranks(model, windows, sensitivity_samples=1)
+    assert one != every  # else the tests below could not tell how many windows were backpropagated
+    return one
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_compress_prices_directions_on_the_first_sensitivity_windows(tmp_path, tiny, one_window_prices, stream):
+    folder, windows, subset, every = tiny
+    config = CompressConfig(ratio=0.6, plan_samples=0, sensitivity_samples=1, stream=stream)
+    plan = lowrank.compress(folder, config, windows, output=tmp_path / "out", progress=False)
+    assert plan.factored == one_window_prices
+    assert plan.options["sensitivity_samples"] == 1
+    dry = lowrank.compress(folder, config, windows, dry_run=True, progress=False)
+    assert dry.factored == one_window_prices
+
+
+def test_sensitivity_samples_count_within_the_planning_windows(tmp_path, tiny):
+    """With --plan-samples 3, at most those 3 windows are backpropagated, on both paths, and the plan says so."""
+    folder, windows, subset, every = tiny
+    for stream in (False, True):
+        plan = lowrank.compress(folder, CompressConfig(ratio=0.6, plan_samples=SUBSET, stream=stream), windows,
+                                output=tmp_path / str(stream), progress=False)
+        assert plan.factored == subset and plan.options["sensitivity_samples"] == SUBSET
 
 
 def test_leading_batches_hold_the_first_windows():

@@ -84,6 +84,9 @@ def describe(plan) -> str:
 @click.option("--update-samples", type=int, default=DEFAULTS.update_samples, show_default=True, metavar="N",
               help="With --update: the least-squares refit fits on the first N calibration windows, so the "
                    "compressed block's extra pass runs on them alone (0: all of them).")
+@click.option("--sensitivity-samples", type=int, default=DEFAULTS.sensitivity_samples, show_default=True,
+              metavar="N", help="With the sensitivity planner: calibration windows backpropagated to price each "
+                                "direction's loss (the first N of those the planner profiles).")
 @click.option("--refine-steps", type=int, default=DEFAULTS.refine_steps, show_default=True,
               help="With --sequential: after each block is factored (and updated), this many Adam steps on its "
                    "factors so that its output matches the dense block's on the dense path's inputs (0: off).")
@@ -133,7 +136,7 @@ def describe(plan) -> str:
 @quiet_option
 @silence_transformers
 def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_len, seed, batch_size, round_to, include,
-            exclude, sequential, update, plan_samples, update_samples, refine_steps, refine_lr, refine_share, refine_norms, refine_dense,
+            exclude, sequential, update, plan_samples, update_samples, sensitivity_samples, refine_steps, refine_lr, refine_share, refine_norms, refine_dense,
             refine_holdout, refine_refit, refine_loss, stream, offload_dir, max_memory, max_shard_size, save_dtype, resume, output,
             overwrite, dtype, device, tokenizer_source, trust_remote_code, allow_pickle, nproc, quiet):
     """Compress MODEL (default: smollm2-135m) by low-rank factorization and save it.
@@ -146,7 +149,7 @@ def command(model, ratio, budget, strategy, plan, method, texts, samples, seq_le
         return distributed.launch(nproc, distributed.strip_option(click.get_current_context().obj["argv"], "--nproc"))
     config = CompressConfig(method=method, ratio=ratio, budget=budget, strategy=strategy, plan=plan, include=include,
                             exclude=exclude, round_to=round_to, sequential=sequential, update=update, plan_samples=plan_samples,
-                            update_samples=update_samples,
+                            update_samples=update_samples, sensitivity_samples=sensitivity_samples,
                             refine_steps=refine_steps, refine_lr=refine_lr, refine_share=refine_share,
                             refine_norms=refine_norms, refine_dense=refine_dense, refine_holdout=refine_holdout,
                             refine_refit=refine_refit, refine_loss=refine_loss,
