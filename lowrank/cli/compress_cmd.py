@@ -86,7 +86,8 @@ def describe(plan) -> str:
                    "compressed block's extra pass runs on them alone (0: all of them).")
 @click.option("--sensitivity-samples", type=int, default=DEFAULTS.sensitivity_samples, show_default=True,
               metavar="N", help="With the sensitivity planner: calibration windows backpropagated to price each "
-                                "direction's loss (the first N of those the planner profiles).")
+                                "direction's loss (the first N of those the planner profiles; causal LMs only, an "
+                                "encoder prices every calibration sentence by its embedding).")
 @click.option("--refine-steps", type=int, default=DEFAULTS.refine_steps, show_default=True,
               help="With --sequential: after each block is factored (and updated), this many Adam steps on its "
                    "factors so that its output matches the dense block's on the dense path's inputs (0: off).")
