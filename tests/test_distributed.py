@@ -132,10 +132,11 @@ def test_skipping_another_ranks_batch_draws_what_its_backward_pass_draws(objecti
 
 def compress_args(tiny: Path) -> list[str]:
     """whiten + sensitivity planner + sequential + update (the defaults, spelled out), the planner and the
-    update each on a share of the windows, as the defaults are on 64 (the ranks' batches interleave)."""
+    update each on a share of the windows, as the defaults are on 64 (the ranks' batches interleave); the
+    prices on 3 windows, two batches of unequal size, one per rank."""
     return ["compress", str(tiny), "--calib", calib(tiny), *CALIBRATION, "--ratio", "0.6", "--method", "whiten",
             "--strategy", "sensitivity", "--sequential", "--update", "--plan-samples", "4", "--update-samples", "6",
-            "-q"]
+            "--sensitivity-samples", "3", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,8 @@ def assert_same_compression(one: Path, two: Path) -> None:
     assert {n: m["rank"] for n, m in plan_one["modules"].items()} == \
         {n: m["rank"] for n, m in plan_two["modules"].items()}
     assert plan_one["strategy"] == "sensitivity" and any(m["rank"] for m in plan_one["modules"].values())
+    for key in ("plan_samples", "update_samples", "sensitivity_samples"):  # the windows each stage read
+        assert plan_two["options"].get(key) == plan_one["options"].get(key), key
     a, b = products(one), products(two)
     assert a.keys() == b.keys()
     factored = [k for k in a if not k.endswith("weight") and not k.endswith("bias")]
