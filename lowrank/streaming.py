@@ -176,11 +176,12 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
     budget = config.budget if config.budget is not None else config.ratio
     check_feasible(targets, budget, model_params, config.limits(), config.overrides)
     spectra = None
+    planned = planning_windows(windows, config.plan_samples)  # what the profile reads
     if needs_spectra(strategy):
         if stream_ranks.writer_answer(lambda: (partial / PROFILE_FILE).is_file()):
             profile = Profile.load(partial / PROFILE_FILE) if distributed.is_writer() else None
         else:
-            profile = profile_streamed(source, targets, planning_windows(windows, config.plan_samples),
+            profile = profile_streamed(source, targets, planned,
                                        BoundaryStore(cap, config.offload_dir),
                                        prices=strategy == "sensitivity", batch_size=config.batch_size,
                                        sensitivity_samples=config.sensitivity_samples,
@@ -199,10 +200,9 @@ def _plan(source: BlockSource, targets, config: CompressConfig, strategy: str, w
                         limits=config.limits() or RankLimits(), overrides=config.overrides, source=str(source.path))
     seconds["planning"] = round(time.perf_counter() - started, 3)
     if spectra is not None:
-        plan.options["plan_samples"] = window_count(planning_windows(windows, config.plan_samples))
+        plan.options["plan_samples"] = window_count(planned)
     if strategy == "sensitivity":
-        plan.options["sensitivity_samples"] = min(config.sensitivity_samples, window_count(planning_windows(
-            windows, config.plan_samples)))
+        plan.options["sensitivity_samples"] = min(config.sensitivity_samples, window_count(planned))
     return plan
 
 
