@@ -11,6 +11,11 @@ import os
 # eigh up to 30× slower here; dense matrix products are unaffected. Set OMP_WAIT_POLICY yourself
 # to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Likewise before SciPy loads its OpenBLAS (the Cholesky and eigh of `factorize`): after each call its
+# worker threads spin for 2^28 cycles (about 0.1 s) waiting for more, taking a core from torch's matrix
+# products; on two cores that was 8 % of the default compress of SmolLM2's processor time. With 2^4
+# cycles they sleep at once. The arithmetic is the same. Set OPENBLAS_THREAD_TIMEOUT yourself to override.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .version import __version__  # noqa: E402
 
