@@ -1,13 +1,15 @@
 """Importing lowrank tells the thread pools under it to sleep when idle, unless the user said otherwise.
 
-Both settings are read once, when the runtime loads (torch's OpenMP, SciPy's OpenBLAS), so they must
-be in the environment before either loads: each check starts a fresh interpreter.
+Both settings are read once, when a runtime loads (torch's OpenMP, SciPy's OpenBLAS), so they must be
+in the environment before torch or SciPy is first imported: each check starts a fresh interpreter and
+records the environment at the moment each of them is imported.
 
 Cross-cutting (tests/ mirrors lowrank/ otherwise): a property of importing the package.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,23 +18,40 @@ import pytest
 
 SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
+# Run in a fresh interpreter: an import finder that looks on (never loads) and notes the settings as they
+# stand when torch and SciPy are first asked for, then lowrank and the SciPy linear algebra it uses.
+WATCH = """
+import json, os, sys
+names = {names!r}
+seen = {{}}
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "scipy") and name not in seen:
+            seen[name] = {{k: os.environ.get(k, "") for k in names}}
+        return None
+sys.meta_path.insert(0, Watch())
+import lowrank, scipy.linalg
+print(json.dumps(seen))
+"""
 
-def environment_after_import(preset: dict[str, str]) -> dict[str, str]:
-    """The SETTINGS' values seen inside a fresh interpreter after `import lowrank`, started with `preset`."""
+
+def settings_at_first_import(preset: dict[str, str]) -> dict[str, dict[str, str]]:
+    """For torch and scipy: the SETTINGS' values when each was first imported, in an interpreter started
+    with `preset` (and none of SETTINGS otherwise) that runs `import lowrank`."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(preset)
-    code = ("import os, lowrank; "
-            f"print('\\n'.join(k + '=' + os.environ.get(k, '') for k in {sorted(SETTINGS)!r}))")
+    code = WATCH.format(names=sorted(SETTINGS))
     printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    return dict(line.split("=", 1) for line in printed.splitlines())
+    return json.loads(printed.splitlines()[-1])
 
 
-def test_import_sets_the_idle_waits_before_the_runtimes_load():
-    assert environment_after_import({}) == SETTINGS
+def test_import_sets_the_idle_waits_before_torch_and_scipy_load():
+    seen = settings_at_first_import({})
+    assert set(seen) == {"torch", "scipy"}
+    assert seen["torch"] == SETTINGS and seen["scipy"] == SETTINGS
 
 
 @pytest.mark.parametrize("name,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("OPENBLAS_THREAD_TIMEOUT", "28")])
 def test_a_users_own_setting_is_kept(name, value):
-    seen = environment_after_import({name: value})
-    assert seen[name] == value
-    assert all(seen[other] == SETTINGS[other] for other in SETTINGS if other != name)
+    for library, seen in settings_at_first_import({name: value}).items():
+        assert seen == {**SETTINGS, name: value}, library
