@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
@@ -376,7 +377,12 @@ def origin(exc: BaseException) -> str:
 # ---- starting torchrun for the user ------------------------------------------------------------------
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m lowrank ARGV` on `nproc` local ranks through torch.distributed.run; its exit code."""
+    """Run `python -m lowrank ARGV` on `nproc` local ranks through torch.distributed.run; its exit code.
+
+    torchrun's agent keeps per-rank log and error files in a folder it never removes (a new
+    `torchelastic_*` in the temporary directory on every run); here that folder is a temporary one of
+    our own, removed when the run ends, however it ends.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -385,12 +391,14 @@ def launch(nproc: int, argv: list[str]) -> int:
     if launched_ranks() > 1:
         raise LowrankError("--nproc starts torchrun, and this process is already one rank of a run; drop --nproc")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "lowrank", *argv])
-    try:
-        run(args)
-    except ChildFailedError as exc:  # every rank printed what it had to say
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        return next((code for code in codes if code and code > 0), 1)
+    with tempfile.TemporaryDirectory(prefix="lowrank-torchrun-") as logs:
+        args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={logs}",
+                                             "--module", "lowrank", *argv])
+        try:
+            run(args)
+        except ChildFailedError as exc:  # every rank printed what it had to say
+            codes = [failure.exitcode for failure in exc.failures.values()]
+            return next((code for code in codes if code and code > 0), 1)
     return 0
 
 

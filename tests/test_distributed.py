@@ -39,9 +39,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def lowrank(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m lowrank ARGS` in one process (with --nproc it starts torchrun itself)."""
-    return subprocess.run([sys.executable, "-m", "lowrank", *args], cwd=cwd, env=_env(), capture_output=True,
+def lowrank(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m lowrank ARGS` in one process (with --nproc it starts torchrun itself); `env`: extra variables."""
+    return subprocess.run([sys.executable, "-m", "lowrank", *args], cwd=cwd, env=_env(**env), capture_output=True,
                           text=True, timeout=GUARD_S)
 
 
@@ -174,11 +174,16 @@ def assert_same_compression(one: Path, two: Path) -> None:
 
 
 def test_compress_on_two_ranks_matches_one_process(tiny, one_process, tmp_path):
-    """`lowrank compress --nproc 2` (torchrun through torch.distributed.run) against one process."""
-    two = lowrank(*compress_args(tiny), "-o", "two", "--nproc", "2", cwd=tmp_path)
+    """`lowrank compress --nproc 2` (torchrun through torch.distributed.run) against one process.
+
+    torchrun's log folder is the launcher's own and goes with the run: nothing is left in the temporary directory."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    two = lowrank(*compress_args(tiny), "-o", "two", "--nproc", "2", cwd=tmp_path, TMPDIR=str(scratch))
     assert two.returncode == 0, two.stderr
     assert len(two.stdout.strip().splitlines()) == 1, "only rank 0 prints the result"
     assert_same_compression(one_process, tmp_path / "two")
+    assert list(scratch.iterdir()) == []
 
 
 def test_accelerate_launch_matches_one_process(tiny, one_process, tmp_path):
