@@ -835,7 +835,7 @@ ROWS = [
         command("eval", "{model}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "-q"), r"records no dense source; pass --against DENSE"),
     Row("eval-against-source-unloadable", "evaluation", "`lowrank eval FOLDER --against` when the plan's source cannot be loaded",
         command("eval", "{compressed}", "--against", "--seq-len", "16", "--prompt-tokens", "8", "--max-windows", "1", "-q"),
-        r"cannot load the dense model tiny .*pass --against with its path or name"),
+        r"cannot load the dense model tiny .*pass --against with its path or name", setup=offline_hub),
     Row("eval-against-missing", "evaluation", "`lowrank eval FOLDER --against PATH` naming a path that does not exist",
         command("eval", "{compressed}", "--against", "{model}-missing", "--seq-len", "16", "--prompt-tokens", "8", "-q"),
         r"cannot load the dense model .*does not exist"),
