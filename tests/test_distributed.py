@@ -192,8 +192,8 @@ def test_accelerate_launch_matches_one_process(tiny, one_process, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "lowrank"]
-    two = subprocess.run([*launch, *compress_args(tiny), "-o", "two"], cwd=tmp_path, env=_env(), capture_output=True,
-                         text=True, timeout=GUARD_S)
+    two = subprocess.run([*launch, *compress_args(tiny), "-o", "two"], cwd=tmp_path, env=_env(TMPDIR=str(tmp_path)),
+                         capture_output=True, text=True, timeout=GUARD_S)  # torchrun's log folder: in tmp_path
     assert two.returncode == 0, two.stderr
     assert_same_compression(one_process, tmp_path / "two")
 

@@ -66,8 +66,8 @@ def test_embedding_prices_on_two_ranks_equal_one_process(tmp_path):
     script = tmp_path / "prices.py"
     script.write_text(PRICES_ON_RANKS)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(tmp_path), str(REPO / "tests")], env=_env(), capture_output=True, text=True,
-                         timeout=GUARD_S)
+                          str(script), str(tmp_path), str(REPO / "tests")], env=_env(TMPDIR=str(tmp_path)),
+                         capture_output=True, text=True, timeout=GUARD_S)  # torchrun's log folder: in tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     passes = [json.loads((tmp_path / f"passes-{r}.json").read_text()) for r in range(2)]
 
