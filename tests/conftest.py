@@ -17,7 +17,7 @@ import torch
 
 import transformers
 from helpers import (PROBE, REPO, make_env, make_tiny_model, make_tiny_tokenizer, pip_into, random_windows, run_in,
-                     save_tiny_model)
+                     save_tiny_model, smollm2_calibration)
 
 def pytest_configure(config):
     """Give the test process Python's usual SIGINT handler if it started with SIGINT ignored.
@@ -78,13 +78,10 @@ def smollm2_compressed(smollm2, smollm2_dense_folder) -> CompressedSmolLM2:
 
     Tests that change the model or the folder work on copies (copy.deepcopy, shutil.copytree).
     """
-    from lowrank.calibration import text_windows
     from lowrank.checkpoint import save_compressed
     from lowrank.compression import compress_model
 
-    # bundled Hamlet; more tokens than any input is wide (1536), so every whitening is a Cholesky factor (with
-    # 8 × 128, the MLPs' singular Grams fell back to eigendecompositions: 25.5 s for this compression, not 18.0)
-    calibration = text_windows(smollm2.tokenizer, None, 16, 128, seed=0)
+    calibration = smollm2_calibration(smollm2.tokenizer)  # with 8 × 128 this compression took 25.5 s, not 18.0
     model = copy.deepcopy(smollm2.model)
     plan = compress_model(model, ratio=0.8, method="whiten", windows=calibration, progress=False,
                           source=str(smollm2_dense_folder), sequential=False, strategy="uniform")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import FUZZ, assert_valid_plan, make_tiny_model, random_windows, run_cli
+from helpers import FUZZ, assert_valid_plan, make_tiny_model, random_windows, run_cli, smollm2_calibration
 from lowrank.budget import Budget, RankLimits
 from lowrank.checkpoint import read_plan
 from lowrank.compression import compress_model
@@ -308,11 +308,9 @@ def test_sensitivity_plan_on_smollm2(smollm2):
 
     It plans on the dense model and compresses nothing, so the shared compression (conftest) has no part here.
     """
-    from lowrank.calibration import text_windows
-
     model = smollm2.model
     targets = find_targets(model)
-    windows = text_windows(smollm2.tokenizer, None, 16, 128, seed=0)  # more tokens than any input is wide: Cholesky
+    windows = smollm2_calibration(smollm2.tokenizer)
     plan, stats = plan_model(model, targets, "0.6", "sensitivity", windows=windows, sensitivity_samples=2,
                              batch_size=2, progress=False)
     assert all(p.grad is None for p in model.parameters())

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import start_cli_paused_at, wait_until_paused
+from helpers import smollm2_calibration, start_cli_paused_at, wait_until_paused
 from lowrank.calibration import sample_text_path
 from lowrank.checkpoint import load_compressed, read_plan
 from lowrank.cli import main
@@ -129,9 +129,7 @@ def test_distillation_recovery_on_smollm2_lowers_held_out_loss_and_keeps_the_pla
 
     model = copy.deepcopy(smollm2.model)
     tokenizer = smollm2.tokenizer
-    # 16 × 128 tokens: more than the widest input (1536), so every Gram is full rank and whitened by Cholesky
-    # (with fewer, each falls back to an eigendecomposition: the compression took 54 s instead of 22)
-    calib = text_windows(tokenizer, None, 16, 128, seed=0, default="hamlet")
+    calib = smollm2_calibration(tokenizer)
     compress_model(model, ratio=0.6, method="whiten", windows=calib, batch_size=4, progress=False, sequential=False)
     ranks, n_params = ranks_of(model), count_parameters(model)
     train = text_windows(tokenizer, [sample_text_path("tempest")], 16, 128, seed=0)

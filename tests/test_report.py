@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from helpers import make_tiny_model, random_windows
+from helpers import make_tiny_model, random_windows, smollm2_calibration
 from lowrank.calibration import collect_stats, sample_text_path, text_windows
 from lowrank.checkpoint import save_compressed
 from lowrank.cli import main
@@ -183,7 +183,7 @@ def test_cli_analyze_data_free_on_folders(compressed_folder, tmp_path, capsys):
 def test_real_model_analysis_report_and_compressed_report(smollm2, smollm2_dense_folder, smollm2_compressed,
                                                           tmp_path, capsys):
     model, tokenizer = smollm2.model, smollm2.tokenizer
-    windows = text_windows(tokenizer, None, 16, 128, seed=0)  # more tokens than any input is wide: Cholesky
+    windows = smollm2_calibration(tokenizer)
     targets = find_targets(model)
     stats = collect_stats(model, targets, windows, progress=False)
     analysis = profile_model(model, targets, stats, source="smollm2-135m")
