@@ -59,9 +59,10 @@ def random_windows(n: int = 8, seq_len: int = 24, seed: int = 0) -> torch.Tensor
 def smollm2_calibration(tokenizer) -> torch.Tensor:
     """The real-model tests' calibration: 16 windows of 128 tokens of the bundled Hamlet (seed 0).
 
-    2048 tokens, more than SmolLM2's widest layer input (1536): every Gram matrix is full rank and each
-    whitening a Cholesky factor. With fewer, singular Grams fall back to eigendecompositions, which made
-    the tests' compressions up to 2.5 times slower (54 against 22 s for the 0.6 one of the recovery test).
+    2048 tokens, more than SmolLM2's widest layer input (1536): every Gram matrix is full rank, as in a
+    user's default run, and each whitening a Cholesky factor. With fewer, singular Grams fell back to
+    eigendecompositions and the tests' compressions ran up to 2.5 times slower (54 against 22 s for the
+    0.6 one of the recovery test); they now get Cholesky with a larger ridge first (`RIDGE_RETRIES`).
     """
     from lowrank.calibration import text_windows
 

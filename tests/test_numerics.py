@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows
-from lowrank.calibration import ActivationStats
+from lowrank import factorize
+from lowrank.calibration import ActivationStats, add_gram_
 from lowrank.compression import apply_plan, compress_model
 from lowrank.errors import LowrankError
-from lowrank.factorize import output_error, svd_factors, whiten_factors, whitened_singular_values, whitening
+from lowrank.factorize import (DEFAULT_DAMPING, RIDGE_RETRIES, cholesky_in_place, output_error, svd_factors,
+                               whiten_factors, whitened_singular_values, whitening)
 from lowrank.layers import LowRankLinear
 from lowrank.plan import ModulePlan, Plan
 from lowrank.targets import weight_matrix
@@ -121,6 +123,51 @@ def test_gram_slightly_indefinite_from_rounding():
     assert torch.linalg.eigvalsh(gram).min() < 0
     check_whitening_is_sound(random_weight(), gram, rank=12)
     assert torch.isfinite(whitened_singular_values(random_weight(), gram)).all()
+
+
+def float32_gram_of_few_tokens(n: int = 256, tokens: int = 128, outlier: float = 100.0, seed: int = 0) -> torch.Tensor:
+    """XᵀX as calibration sums it (float32 products of 32-token batches, float64 sums) for fewer tokens
+    than channels, one direction 100 × the others as in LLM activations: singular, and its rounding
+    leaves eigenvalues about −1.7e-6 × the mean eigenvalue, below the ridge δ = 1e-6 × it."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    scales = torch.ones(n, dtype=torch.float64)
+    scales[0] = outlier
+    x = ((torch.randn(tokens, n, generator=generator, dtype=torch.float64) * scales) @ basis).float()
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for batch in x.split(32):
+        add_gram_(gram, batch)
+    return gram
+
+
+def test_a_singular_float32_gram_is_whitened_by_cholesky_with_a_larger_ridge(monkeypatch):
+    """Where δ does not cover the rounding, Cholesky with 10 δ does: no eigendecomposition (ten times the
+    flops), and the truncation is the optimum's, as with the eigendecomposition's root."""
+    gram = float32_gram_of_few_tokens()
+    symmetric, scale = (gram + gram.T) / 2, gram.diagonal().mean()
+    plain = symmetric.clone()
+    plain.diagonal().add_(DEFAULT_DAMPING * scale)
+    assert cholesky_in_place(plain) is None  # the case at hand: the ridge δ alone fails
+    calls = []
+    eigh = factorize.symmetric_eigh
+    monkeypatch.setattr(factorize, "symmetric_eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    white = whitening(gram)
+    assert white.lower is not None and not calls
+    retried = symmetric.clone()
+    retried.diagonal().add_(RIDGE_RETRIES[0] * DEFAULT_DAMPING * scale)
+    expected = torch.linalg.cholesky(retried)
+    assert torch.allclose(white.lower, expected, rtol=0, atol=1e-12 * expected.abs().max())
+    whitening(gram, damping=0.0)  # no ridge asked for: no larger one tried either
+    assert len(calls) == 1
+    monkeypatch.setattr(factorize, "RIDGE_RETRIES", ())
+    eigen = whitening(gram)  # what whitening did before the retries: the eigendecomposition's root
+    assert eigen.lower is None and len(calls) == 2
+    weight = random_weight(96, 256)
+    for rank in (8, 32, 64):
+        best, energy = optimal_error(weight, gram, rank)  # plain SVD is 0.14–0.79 × energy above it
+        for root in (white, eigen):
+            error = output_error(weight, whiten_factors(weight, gram, rank, white=root).matrix(), gram)
+            assert abs(error - best) <= 1e-6 * energy, (rank, error, best, energy)
 
 
 def test_gram_without_any_signal_is_an_error_not_nan():
