@@ -73,10 +73,11 @@ class Whitening:
         return ((matrix @ self.vectors) * self.scales) @ self.vectors.T
 
     def unwhiten(self, matrix: torch.Tensor) -> torch.Tensor:
-        """matrix · S⁻¹ (a triangular solve, not a product with an inverse)."""
+        """matrix · S⁻¹ (a triangular solve, not a product with an inverse); S's pseudo-inverse where a scale
+        is zero (a singular Gram whitened with no ridge: the directions calibration never reached map to 0)."""
         if self.lower is not None:
             return torch.linalg.solve_triangular(self.lower, matrix, upper=False, left=False)
-        return ((matrix @ self.vectors) / self.scales) @ self.vectors.T
+        return _divide_or_zero(matrix @ self.vectors, self.scales) @ self.vectors.T
 
     @property
     def root(self) -> torch.Tensor:
@@ -87,11 +88,17 @@ class Whitening:
 
     @property
     def inverse(self) -> torch.Tensor:
-        """S⁻¹ as a matrix (formed on each call)."""
+        """S⁻¹ as a matrix (formed on each call; the pseudo-inverse where a scale is zero, as in `unwhiten`)."""
         if self.lower is not None:
             identity = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
             return torch.linalg.solve_triangular(self.lower, identity, upper=False)
-        return (self.vectors / self.scales) @ self.vectors.T
+        return _divide_or_zero(self.vectors, self.scales) @ self.vectors.T
+
+
+def _divide_or_zero(numerator: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """numerator / scales column by column, and 0 where a scale is 0 (the same bits elsewhere as the plain division,
+    and no second matrix: the zeros are filled into the quotient)."""
+    return (numerator / scales).masked_fill_(scales == 0, 0.0)
 
 
 def all_finite(tensor: torch.Tensor, entries: int = 2**18) -> bool:
@@ -120,7 +127,8 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     with ridges 10, 100 and 1000 × δ (`RIDGE_RETRIES`; they differ from δ only in directions
     the calibration barely reached), and only then is the symmetric root from an
     eigendecomposition used, with negative eigenvalues clipped to zero and the ridge δ itself.
-    In every case the ridge keeps every direction invertible. Memory: everything happens in one
+    With δ > 0 the ridge keeps every direction invertible; with δ = 0 (asked for), a singular Gram's
+    unreached directions get zero scales and S⁻¹ is the pseudo-inverse. Memory: everything happens in one
     in × in float64 buffer, which becomes the result's (plus the eigenvectors on the fallback path):
     `gram`'s own with `consume` (the caller hands it over; `WhiteningCache` with readers does), else a copy.
     """

@@ -170,6 +170,38 @@ def test_a_singular_float32_gram_is_whitened_by_cholesky_with_a_larger_ridge(mon
             assert abs(error - best) <= 1e-6 * energy, (rank, error, best, energy)
 
 
+def test_no_ridge_on_a_singular_gram_gives_the_optimum_not_nan():
+    """damping 0 (a recipe's `compress.damping: 0`) on fewer tokens than channels: zero scales, so S⁻¹ is
+    the pseudo-inverse, and the truncation is the optimum on what calibration saw (it was NaN)."""
+    weight, gram = random_weight(), activations_gram(n_tokens=22, dim=32)
+    white = whitening(gram, damping=0.0)
+    assert white.lower is None and int((white.scales == 0).sum()) > 0  # the eigendecomposition, zero scales
+    root, inverse = white.root, white.inverse
+    assert torch.isfinite(inverse).all()
+    assert torch.allclose(root @ inverse @ root, root, atol=1e-9 * root.abs().max())  # a pseudo-inverse
+    for rank in (4, 12, 20):
+        factors = whiten_factors(weight, gram, rank, white=white)
+        assert torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()
+        best, energy = optimal_error(weight, gram, rank)
+        error = output_error(weight, factors.matrix(), gram)
+        assert abs(error - best) <= 1e-9 * energy, (rank, error, best)
+
+
+def test_a_model_compresses_without_a_ridge_on_too_few_tokens():
+    """The whole pipeline at damping 0 on 16 tokens (singular Grams everywhere): finite factors, and
+    logits that still follow the dense model's."""
+    model = make_tiny_model("llama")
+    dense = copy.deepcopy(model)
+    windows = random_windows(2, 8)
+    compress_model(model, ratio=0.6, windows=windows, damping=0.0, progress=False)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        logits, reference = model(windows).logits, dense(windows).logits
+    assert torch.isfinite(logits).all()
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0) > 0.999
+
+
 def test_gram_without_any_signal_is_an_error_not_nan():
     with pytest.raises(LowrankError, match="only zero inputs"):
         whitening(torch.zeros(8, 8, dtype=torch.float64), name="model.layers.0.mlp.up_proj")
