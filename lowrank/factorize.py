@@ -32,6 +32,10 @@ DEFAULT_DAMPING = 1e-6
 #: eigendecomposition about ten times that (1.0 against 20 s for a 5632-wide Gram here).
 RIDGE_RETRIES = (10.0, 100.0, 1000.0)
 
+#: The largest ridge a retry may use, relative to the mean eigenvalue: beyond it the ridge would bias the
+#: directions calibration did reach (the update's refit, whose own ridge is 1e-4, retries at 1e-3 only).
+MAX_RETRY_RIDGE = 1e-3
+
 #: Exponent of ASVD's activation scaling, the value recommended by its authors.
 ASVD_ALPHA = 0.5
 
@@ -124,8 +128,8 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
 
     The fast path is a Cholesky factorization of the damped Gram matrix. Where rounding makes
     it fail (a matrix that is singular or has condition number 1e12 and beyond), it is retried
-    with ridges 10, 100 and 1000 × δ (`RIDGE_RETRIES`; they differ from δ only in directions
-    the calibration barely reached), and only then is the symmetric root from an
+    with ridges 10, 100 and 1000 × δ, up to 1e-3 (`RIDGE_RETRIES`, `MAX_RETRY_RIDGE`; they differ
+    from δ only in directions the calibration barely reached), and only then is the symmetric root from an
     eigendecomposition used, with negative eigenvalues clipped to zero and the ridge δ itself.
     With δ > 0 the ridge keeps every direction invertible; with δ = 0 (asked for), a singular Gram's
     unreached directions get zero scales and S⁻¹ is the pseudo-inverse. Memory: everything happens in one
@@ -149,7 +153,7 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
     work.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
     lower = cholesky_in_place(work)  # `work`'s buffer becomes L, or None with its strict lower triangle intact
     for factor in RIDGE_RETRIES if damping > 0 else ():
-        if lower is not None:
+        if lower is not None or damping * factor > MAX_RETRY_RIDGE + 1e-12:  # (1e-12: rounding of the product)
             break
         mirror_lower_in_place(work)  # (G + Gᵀ)/2 again, from the triangle Cholesky did not touch
         work.diagonal().copy_(undamped).add_(damping * factor * scale)

@@ -170,6 +170,29 @@ def test_a_singular_float32_gram_is_whitened_by_cholesky_with_a_larger_ridge(mon
             assert abs(error - best) <= 1e-6 * energy, (rank, error, best, energy)
 
 
+def test_cholesky_retries_stop_at_the_largest_ridge_allowed(monkeypatch):
+    """Eigenvalues of −0.0057 × the mean: only a ridge of 1e-2 would let Cholesky through, above
+    MAX_RETRY_RIDGE (1e-3), so retries go up to it and the eigendecomposition takes over; a damping of
+    1e-2 asked for is used as it is."""
+    gram = gram_with_spectrum(torch.cat([torch.ones(28), torch.full((4,), -0.005)]))
+    scale = float(gram.diagonal().mean())
+    tried = []
+    cholesky = factorize.cholesky_in_place
+
+    def watched(matrix):
+        tried.append(round(float((matrix.diagonal() - gram.diagonal()).mean()) / scale, 9))
+        return cholesky(matrix)
+
+    monkeypatch.setattr(factorize, "cholesky_in_place", watched)
+    for damping, ridges, path in ((1e-6, [1e-6, 1e-5, 1e-4, 1e-3], "eigh"), (1e-4, [1e-4, 1e-3], "eigh"),
+                                  (1e-2, [1e-2], "cholesky")):
+        tried.clear()
+        white = whitening(gram, damping=damping)
+        assert tried == ridges, damping
+        assert (white.lower is None) == (path == "eigh"), damping
+        assert torch.isfinite(white.inverse).all()
+
+
 def test_no_ridge_on_a_singular_gram_gives_the_optimum_not_nan():
     """damping 0 (a recipe's `compress.damping: 0`) on fewer tokens than channels: zero scales, so S⁻¹ is
     the pseudo-inverse, and the truncation is the optimum on what calibration saw (it was NaN)."""
