@@ -122,6 +122,13 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def cholesky_ridges(damping: float) -> list[float]:
+    """The ridges, relative to the mean eigenvalue, that `whitening` tries Cholesky with, in order: δ, then its
+    `RIDGE_RETRIES` multiples up to `MAX_RETRY_RIDGE` (none where δ is 0: no ridge was asked for)."""
+    limit = MAX_RETRY_RIDGE * (1 + 1e-9)  # a product that rounds just above the limit still counts as on it
+    return [damping, *(damping * factor for factor in RIDGE_RETRIES if 0 < damping * factor <= limit)]
+
+
 def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = "layer",
               consume: bool = False) -> Whitening:
     """A square root S of G + δ·mean(eig G)·I (see `Whitening`); never fails, never returns NaN.
@@ -150,16 +157,13 @@ def whitening(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str = 
         )
     symmetrize_in_place(work)  # (G + Gᵀ)/2, the same bits as `(gram + gram.T) / 2`
     undamped = work.diagonal().clone()
-    work.diagonal().add_(damping * scale)  # G + δ·scale·I, without an identity matrix beside it
-    lower = cholesky_in_place(work)  # `work`'s buffer becomes L, or None with its strict lower triangle intact
-    for factor in RIDGE_RETRIES if damping > 0 else ():
-        if lower is not None or damping * factor > MAX_RETRY_RIDGE + 1e-12:  # (1e-12: rounding of the product)
-            break
-        mirror_lower_in_place(work)  # (G + Gᵀ)/2 again, from the triangle Cholesky did not touch
-        work.diagonal().copy_(undamped).add_(damping * factor * scale)
-        lower = cholesky_in_place(work)
-    if lower is not None:
-        return Whitening(lower=lower)
+    for attempt, ridge in enumerate(cholesky_ridges(damping)):
+        if attempt:
+            mirror_lower_in_place(work)  # (G + Gᵀ)/2 again, from the triangle the failed Cholesky did not touch
+        work.diagonal().copy_(undamped).add_(ridge * scale)  # G + ridge·scale·I, no identity matrix beside it
+        lower = cholesky_in_place(work)  # `work`'s buffer becomes L, or None with its strict lower triangle intact
+        if lower is not None:
+            return Whitening(lower=lower)
     mirror_lower_in_place(work)  # back to (G + Gᵀ)/2 from the triangle Cholesky did not touch
     work.diagonal().copy_(undamped)
     eigenvalues, vectors = symmetric_eigh(work)  # consumes `work`: its buffer becomes LAPACK's work matrix
