@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .agreement import AgreementResult, agreement
-from .calibration import load_text, planning_windows, sample_text_path, text_windows, window_count
+from .calibration import load_text, planning_windows, sample_text_path, text_windows, warn_if_thin, window_count
 from .checkpoint import read_plan, save_compressed
 from .compression import compress_model
 from .model_planning import check_plan_matches, needs_statistics, plan_model
@@ -232,6 +232,8 @@ def _plan_only(model: nn.Module, tokenizer, config: CompressConfig, strategy: st
     needs_text = (needs_spectra(strategy) and needs_statistics(config.method)) or strategy == "sensitivity"
     windows = _calibration_windows(tokenizer, calibration, sentences=is_encoder(model),
                                    batch_size=config.batch_size) if needs_text else None
+    if windows is not None and config.method == "whiten":
+        warn_if_thin(windows, targets)
     if windows is not None and config.sequential and needs_statistics(config.method):
         windows = planning_windows(windows, config.plan_samples)  # what compress's planner profiles
     plan, _ = plan_model(model, targets, config.budget if config.budget is not None else config.ratio, strategy,

@@ -257,6 +257,35 @@ def shortest_window(windows: "torch.Tensor | list[torch.Tensor]") -> int:
     return min((b.shape[1] for b in windows), default=0)
 
 
+def calibration_tokens(windows: "torch.Tensor | list[torch.Tensor]") -> int:
+    """Token positions the calibration runs through the model: the rows of every input's statistics."""
+    return windows.numel() if isinstance(windows, torch.Tensor) else sum(b.numel() for b in windows)
+
+
+def thin_calibration(tokens: int, input_widths: dict[str, int]) -> str | None:
+    """Why `tokens` calibration rows are too few for the layers with more inputs than that, or None.
+
+    A Gram matrix summed from fewer rows than its width is singular: the whitened factors then fit only
+    the input directions the calibration reached, and the ridge alone decides the others.
+    """
+    wider = {name: width for name, width in input_widths.items() if width > tokens}
+    if not wider:
+        return None
+    widest = max(wider, key=wider.__getitem__)
+    return (f"the calibration holds {tokens} tokens, fewer than the {wider[widest]} inputs of {widest} "
+            f"({len(wider)} of {len(input_widths)} target layers have more inputs than that): their input statistics "
+            "are singular and their factors fit only the directions the calibration reached; give at least "
+            f"{wider[widest]} tokens, many times that for good factors (raise --samples or --seq-len, or give more "
+            "text)")
+
+
+def warn_if_thin(windows: "torch.Tensor | list[torch.Tensor]", targets: list[Target]) -> None:
+    """Log `thin_calibration`'s warning for these windows and targets, if it has one."""
+    message = thin_calibration(calibration_tokens(windows), {t.name: t.in_features for t in targets})
+    if message is not None:
+        log.warning(message)
+
+
 #: Column width of the blocks in which `add_gram_` forms XᵀX (only blocks on or above the diagonal).
 GRAM_BLOCK = 256
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import distributed, hf_integration
 from .budget import RankLimits
 from .calibration import (DEFAULT_PLAN_SAMPLES, DEFAULT_UPDATE_SAMPLES, ActivationStats, leading_batches,
-                          leading_windows, planning_windows, window_count)
+                          leading_windows, planning_windows, warn_if_thin, window_count)
 from .errors import LowrankError
 from .factorize import DEFAULT_DAMPING, METHODS, Factors, WhiteningCache, factorize
 from .layers import LowRankLinear, replace_module
@@ -270,6 +270,8 @@ def compress_model(
         except re.error as exc:
             raise LowrankError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
     targets = find_targets(model, include, exclude)
+    if windows is not None and method == "whiten":  # asvd scales by Σ|x|, which stays defined
+        warn_if_thin(windows, targets)
     with recording() as seconds:  # plan.options["stage_seconds"]: where the time went
         plan = _profile_plan_compress(model, plan, targets, ratio=ratio, method=method, windows=windows,
                                       round_to=round_to, batch_size=batch_size, damping=damping, progress=progress,

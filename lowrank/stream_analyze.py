@@ -15,7 +15,7 @@ import torch
 from . import distributed, stream_ranks
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
-from .calibration import text_windows
+from .calibration import text_windows, warn_if_thin
 from .config import CalibrationConfig
 from .factorize import DEFAULT_DAMPING
 from .loading import load_tokenizer, local_checkpoint
@@ -58,6 +58,7 @@ def analyze_streamed(
                                calibration.seed)
     blocks = BlockSource(path, torch.float32, trust_remote_code=trust_remote_code)
     targets = targets_of(blocks.model, include, exclude)
+    warn_if_thin(windows, targets)
     limit = parse_size(max_memory, "--max-memory") if max_memory else stream_ranks.memory_share(available_bytes())
     with distributed.agreement("checking the memory"):  # several ranks: each holds its share of the batches
         cap = check_fits(estimate(blocks, targets, stream_ranks.my_windows(windows, batch_size), False, 0,

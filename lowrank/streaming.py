@@ -28,7 +28,7 @@ from .block_source import BlockSource, is_streamable, open_tensors
 from .boundary_store import BoundaryStore
 from .checkpoint import write_plan_and_extras
 from .budget import RankLimits
-from .calibration import leading_windows, planning_windows, window_count
+from .calibration import leading_windows, planning_windows, warn_if_thin, window_count
 from .model_planning import check_plan_matches, needs_statistics
 from .config import CompressConfig
 from .config_base import resolve_device, torch_dtype
@@ -241,6 +241,8 @@ def compress_streamed(
     LOADED_INPUTS.add(folder.resolve())
     source = BlockSource(folder, torch.float32, trust_remote_code=trust_remote_code)
     targets = find_targets(source.model, config.include, config.exclude)
+    if config.method == "whiten":
+        warn_if_thin(windows, targets)
     strategy = config.strategy or default_strategy(config.method, source.model)
     if strategy == "sensitivity" and config.strategy is None and not is_causal_lm(source.model):
         strategy = "global"  # an encoder's exact embedding prices need the whole model; streamed, it plans globally

@@ -1,11 +1,18 @@
 """Calibration text handling and the activation statistics the hooks accumulate."""
 
+import logging
+
 import pytest
 import torch
-from helpers import TINY_ARCHITECTURES, make_tiny_model, make_tiny_tokenizer, random_windows
+from helpers import (TINY_ARCHITECTURES, make_tiny_model, make_tiny_tokenizer, random_windows, save_tiny_model,
+                     smollm2_calibration)
 
-from lowrank.calibration import (ActivationStats, StatsCollector, add_gram_, collect_stats, distinct_tokens_covered, load_text,
-                                 sample_text_path, statistics_runner, text_windows, token_windows)
+import lowrank
+from lowrank.calibration import (ActivationStats, StatsCollector, add_gram_, calibration_tokens, collect_stats,
+                                 distinct_tokens_covered, load_text, sample_text_path, statistics_runner, text_windows,
+                                 thin_calibration, token_windows, warn_if_thin)
+from lowrank.compression import compress_model
+from lowrank.config import CompressConfig
 from lowrank.errors import CalibrationError
 from lowrank.targets import find_targets
 
@@ -209,3 +216,67 @@ def test_bundled_windows_with_a_real_tokenizer():
     windows = text_windows(make_tiny_tokenizer(), None, 4, 64, seed=0)
     assert windows.shape == (4, 64)
     assert sample_text_path("macbeth").is_file()
+
+
+def test_thin_calibration_names_the_widest_input_only_when_the_tokens_fall_short():
+    """The warning's numbers: the tokens, the widest input and how many are wider; none once tokens ≥ every width."""
+    widths = {"a.q_proj": 48, "a.down_proj": 96, "b.down_proj": 96, "b.q_proj": 48}
+    assert thin_calibration(96, widths) is None  # as many rows as inputs: the Gram can have full rank
+    message = thin_calibration(64, widths)
+    assert message.startswith("the calibration holds 64 tokens, fewer than the 96 inputs of a.down_proj (2 of 4 target "
+                              "layers have more inputs than that)")
+    assert "give at least 96 tokens" in message
+    assert "(4 of 4 target layers" in thin_calibration(47, widths)
+    assert calibration_tokens(torch.zeros(3, 7)) == 21
+    assert calibration_tokens([torch.zeros(2, 5), torch.zeros(1, 9)]) == 19  # sentence batches of unequal length
+
+
+def thin_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("the calibration holds")]
+
+
+def test_compress_warns_once_when_the_calibration_has_fewer_tokens_than_the_widest_input(caplog):
+    """2 × 16 tokens against inputs of 48 and 96: the Grams really are singular, and compress says so once."""
+    model = make_tiny_model("llama")
+    windows = random_windows(2, 16)
+    stats = collect_stats(model, find_targets(model), windows, progress=False)
+    # of widths 48 and 96, rank 32 at most (past it only float32 rounding: eigenvalues ~1e-7 of the largest)
+    assert max(int(torch.linalg.matrix_rank(s.gram, rtol=1e-5)) for s in stats.values()) == 32
+    with caplog.at_level(logging.WARNING, logger="lowrank"):
+        compress_model(model, ratio=0.8, windows=windows, progress=False)
+    assert thin_warnings(caplog) == [thin_calibration(32, {t.name: t.in_features for t in find_targets(
+        make_tiny_model("llama"))})]
+    assert "fewer than the 96 inputs of model.layers.0.mlp.down_proj (14 of 14" in thin_warnings(caplog)[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowrank"):
+        compress_model(make_tiny_model("llama"), ratio=0.8, windows=random_windows(4, 24), progress=False)  # 96 tokens
+        compress_model(make_tiny_model("llama"), ratio=0.8, method="svd", windows=windows, progress=False)  # no Grams
+        compress_model(make_tiny_model("llama"), ratio=0.8, method="asvd", windows=windows, progress=False)  # Σ|x|
+    assert thin_warnings(caplog) == []
+
+
+def test_streamed_compress_warns_as_in_memory(tmp_path, caplog):
+    """The streamed path checks the same tokens against the same widths (64 tokens: the two down_proj only)."""
+    save_tiny_model(tmp_path / "src")
+    with caplog.at_level(logging.WARNING, logger="lowrank"):
+        lowrank.compress(tmp_path / "src", CompressConfig(stream=True), random_windows(4, 16), output=tmp_path / "out",
+                         progress=False)
+    assert len(thin_warnings(caplog)) == 1
+    assert thin_warnings(caplog)[0].startswith("the calibration holds 64 tokens, fewer than the 96 inputs of "
+                                               "model.layers.0.mlp.down_proj (2 of 14 target layers")
+
+
+def test_smollm2_on_1024_tokens_of_hamlet_warns_and_its_down_proj_grams_are_singular(smollm2, caplog):
+    """SmolLM2's down_proj reads 1536 inputs: 2 windows of 512 leave its Gram singular and warn; the real-model
+    tests' 16 × 128 tokens do not."""
+    targets = find_targets(smollm2.model)
+    thin = text_windows(smollm2.tokenizer, None, 2, 512)
+    with caplog.at_level(logging.WARNING, logger="lowrank"):
+        warn_if_thin(thin, targets)
+        warn_if_thin(smollm2_calibration(smollm2.tokenizer), targets)  # 2048 tokens
+    assert len(thin_warnings(caplog)) == 1
+    assert thin_warnings(caplog)[0].startswith("the calibration holds 1024 tokens, fewer than the 1536 inputs of "
+                                               "model.layers.0.mlp.down_proj (30 of 210 target layers")
+    down = [t for t in targets if t.name == "model.layers.29.mlp.down_proj"]
+    gram = collect_stats(smollm2.model, down, thin, progress=False)[down[0].name].gram
+    assert gram.shape == (1536, 1536) and int(torch.linalg.matrix_rank(gram, rtol=1e-5)) <= 1024

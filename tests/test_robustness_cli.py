@@ -1005,14 +1005,22 @@ def test_transformers_reads_pickles_weights_only(inputs):
 
 
 def test_short_calibration_text_warns_once_and_compresses(inputs, tmp_path):
-    """Text for 1 window of 16 but 2 asked for: the CLI warns once on stderr, overlaps windows and succeeds."""
+    """Text for 1 window of 16 but 2 asked for: the CLI warns once on stderr, overlaps windows and succeeds.
+
+    The 32 tokens are also fewer than the widest layer's 96 inputs: the second warning, and no other line.
+    """
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", "import sys; from lowrank.cli import main; sys.exit(main())",
                            "compress", inputs["model"], "-o", str(out), "--calib", inputs["short_text"], *SAMPLES, "-q"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
+    assert len(lines) == 2, done.stderr
+    assert lines[1] == ("WARNING lowrank.calibration: the calibration holds 32 tokens, fewer than the 96 inputs of "
+                        "model.layers.0.mlp.down_proj (14 of 14 target layers have more inputs than that): their input "
+                        "statistics are singular and their factors fit only the directions the calibration reached; "
+                        "give at least 96 tokens, many times that for good factors (raise --samples or --seq-len, or "
+                        "give more text)")
     found = re.fullmatch(r"WARNING lowrank\.calibration: calibration text has 21 tokens, enough for 1 non-overlapping "
                          r"windows of 16 but 2 were requested; using 2 overlapping windows, which cover (\d+) distinct "
                          r"tokens \((\d+)% of the text\); give more text for independent windows", lines[0])
@@ -1154,8 +1162,12 @@ def test_ctrl_c_from_outside(inputs, tmp_path):
         child.kill()
     assert child.returncode == 0, err
     assert lines == [line for stage in STAGES for line in (f"in {stage}", f"{stage} 130")] and not out, (lines, out)
-    lines = [line for line in err.splitlines() if line.strip()]  # click writes a newline on Ctrl-C
+    # click writes a newline on Ctrl-C; the 32 calibration tokens, fewer than the model's widest input, warn once
+    # in every stage that gets past loading
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("WARNING lowrank.calibration: "
+                                                                                       "the calibration holds 32")]
     assert lines == ["error: interrupted; nothing was written and the input is untouched"] * len(STAGES), err
+    assert err.count("the calibration holds 32 tokens") == len(STAGES) - 1, err
     assert list(tmp_path.iterdir()) == [], "output or temporary files left behind"
     assert tree_hashes(inputs.root) == before
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import distributed
-from ..calibration import collect_stats, text_windows
+from ..calibration import collect_stats, text_windows, warn_if_thin
 from ..fileio import check_output_dir, check_output_spares_input
 from ..folder_format import is_compressed_folder
 from ..folder_profile import has_safetensors, profile_folder
@@ -125,6 +125,7 @@ def command(model, profile_file, texts, samples, seq_len, seed, batch_size, incl
         stats = None
         if whitened:
             windows = text_windows(loaded.tokenizer, list(texts), samples, seq_len, seed)
+            warn_if_thin(windows, targets)
             stats = collect_stats(loaded.model, targets, windows, batch_size=batch_size, progress=not quiet)
         analysis = profile_model(loaded.model, targets, stats, progress=not quiet, source=model)
         if whitened:

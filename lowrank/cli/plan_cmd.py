@@ -14,6 +14,7 @@ import click
 
 from ..budget import RankLimits
 from ..api import calibration_windows
+from ..calibration import warn_if_thin
 from ..config import CalibrationConfig
 from ..model_planning import needs_statistics, plan_model
 from ..errors import LowrankError
@@ -124,6 +125,8 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
     windows = calibration_windows(loaded.model, loaded.tokenizer, calibration, batch_size) if needs_text else None
+    if windows is not None and needs_spectra(strategy) and method == "whiten":
+        warn_if_thin(windows, targets)
     limits, table = timing.resolve(limits, [t.shape for t in targets])
     plan, _ = plan_model(loaded.model, targets, budget, strategy, windows=windows, method=method, limits=limits,
                          overrides=list(overrides), batch_size=batch_size, sensitivity_samples=sensitivity_samples,

@@ -14,10 +14,11 @@ from pathlib import Path
 import click
 
 from ..api import calibration_windows
+from ..calibration import warn_if_thin
 from ..config import CalibrationConfig
 from ..errors import LowrankError
 from ..loading import DEFAULT_MODEL, load_model
-from ..profiling import DEFAULT_SENSITIVITY_SAMPLES, profile_with_calibration
+from ..profiling import DEFAULT_SENSITIVITY_SAMPLES, profile_with_calibration, targets_of
 from ..config_base import resolve_device
 from .common import DTYPES, calibration_options, model_options, quiet_option, silence_transformers
 
@@ -66,6 +67,8 @@ def command(model, texts, samples, seq_len, seed, batch_size, sensitivity_sample
                         allow_pickle=allow_pickle, tokenizer_source=tokenizer_source, need_tokenizer=not data_free)
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
     windows = None if data_free else calibration_windows(loaded.model, loaded.tokenizer, calibration, batch_size)
+    if windows is not None:
+        warn_if_thin(windows, targets_of(loaded.model, include, exclude))
     prices = True  # next-token prices for a causal LM, sentence-embedding prices for an encoder
     profile = profile_with_calibration(loaded.model, windows, include=include, exclude=exclude, prices=prices,
                                        batch_size=batch_size, sensitivity_samples=sensitivity_samples,
