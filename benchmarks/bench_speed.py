@@ -10,9 +10,12 @@ folder, run forward over the calibration windows in batches of 8, no gradients: 
 the default compress (`lowrank.compress(folder, CompressConfig(stream=..., ratio=r))`: sensitivity
 planner, sequential, update, 64 × 512 tokens of Hamlet), in memory (the default `lowrank compress`)
 or streamed (`--stream`), and the floor again. The ratio is the compress wall time over the mean of
-the two floors; the stage seconds come from the plan (`stage_seconds`). The load average of the
-machine is recorded beside the numbers: the cores are shared. On a shared machine, run timed
-benchmarks one at a time (for example each under `flock LOCKFILE`).
+the two floors; the stage seconds come from the plan (`stage_seconds`). Each of the three parts also
+records its processor time (user + system, `getrusage`; the floors' without loading the model, as their
+wall time) and minor page faults: the ratio in processor time says whether the compress leaves cores
+idle that the floor keeps busy (a lower ratio in processor time than in wall time) or the other way.
+The load average of the machine is recorded beside the numbers: the cores are shared. On a shared
+machine, run timed benchmarks one at a time (for example each under `flock LOCKFILE`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch start
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,13 +49,26 @@ def prepare(folder: Path) -> None:
     loaded.tokenizer.save_pretrained(folder)
 
 
-def floor_seconds(folder: Path, windows: torch.Tensor) -> float:
-    """One dense forward pass over `windows`, model loading excluded."""
+class ProcessorTime:
+    """Processor seconds (user + system) and minor page faults of this process over a `with` block."""
+
+    def __enter__(self) -> "ProcessorTime":
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.seconds = round(end.ru_utime + end.ru_stime - self._start.ru_utime - self._start.ru_stime, 1)
+        self.minor_faults = end.ru_minflt - self._start.ru_minflt
+
+
+def floor_seconds(folder: Path, windows: torch.Tensor, processor: ProcessorTime | None = None) -> float:
+    """One dense forward pass over `windows`, model loading excluded (from `processor`'s counts too)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     started = time.perf_counter()
-    with torch.no_grad():
+    with processor or nullcontext(), torch.no_grad():
         for batch in windows.split(BATCH):
             model(input_ids=batch, use_cache=False)
     seconds = time.perf_counter() - started
@@ -90,13 +108,20 @@ def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: 
     result: dict = {"ratio": ratio, "mode": mode, "samples": calibration.samples, "seq_len": calibration.seq_len,
                     "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    floors = [floor_seconds(folder, windows)]
+    parts = [ProcessorTime(), ProcessorTime(), ProcessorTime()]  # floor, compress (loading and saving too), floor
+    floors = [floor_seconds(folder, windows, parts[0])]
     options = {k: v for k, v in (("plan_samples", plan_samples), ("update_samples", update_samples)) if v is not None}
-    result.update(timed_compress(folder, CompressConfig(stream=mode == "stream", ratio=ratio, **options), calibration,
-                                 keep))
-    floors.append(floor_seconds(folder, windows))
+    with parts[1]:
+        result.update(timed_compress(folder, CompressConfig(stream=mode == "stream", ratio=ratio, **options),
+                                     calibration, keep))
+    floors.append(floor_seconds(folder, windows, parts[2]))
     result["floor_seconds"] = floors
     result["times_floor"] = round(result["wall_seconds"] / (sum(floors) / len(floors)), 2)
+    result["processor_seconds"] = {"floor_before": parts[0].seconds, "compress": parts[1].seconds,
+                                   "floor_after": parts[2].seconds}
+    result["minor_faults"] = {"floor_before": parts[0].minor_faults, "compress": parts[1].minor_faults,
+                              "floor_after": parts[2].minor_faults}
+    result["times_floor_processor"] = round(parts[1].seconds / ((parts[0].seconds + parts[2].seconds) / 2), 2)
     result["load_average_end"] = os.getloadavg()[0]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if options:
@@ -125,13 +150,15 @@ def report() -> None:
              "pass of the float32 model over the same 64 × 512 calibration windows (batches of 8, logits "
              "included), measured before and after the compress in the same process. Machine: 2 CPU cores "
              "shared with other jobs (load average recorded).", "",
-             "| ratio | run | date | wall (s) | floor (s, before / after) | × floor | load avg (start / end) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| ratio | run | date | wall (s) | floor (s, before / after) | × floor | × floor in processor time "
+             "| load avg (start / end) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
+        processor = f"{r['times_floor_processor']:.2f}" if "times_floor_processor" in r else "—"
         lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r['wall_seconds']:.0f} | "
                      f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
-                     f"{r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
+                     f"{processor} | {r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
     for key, r in results.items():
         stages = r.get("stage_seconds") or {}
         lines += ["", f"## Where the time goes ({key}, wall {r['wall_seconds']:.0f} s)", "",
