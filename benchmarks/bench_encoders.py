@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import time
 from pathlib import Path
 
 import torch
 
+from common import cpu_seconds
 from lowrank.api import compress
 from lowrank.calibration import load_text, sample_text_path
 from lowrank.config import CompressConfig
@@ -85,12 +85,6 @@ def write_report(record: dict) -> None:
     before, rest = text.split(TABLE_START, 1)
     after = rest.split(TABLE_END, 1)[1]
     page.write_text(f"{before}{TABLE_START}\n{markdown(record)}{TABLE_END}{after}")
-
-
-def cpu_seconds() -> float:
-    """CPU time this process has used (all threads): unlike wall time, barely moved by other jobs on the machine."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def calibration_label() -> str:

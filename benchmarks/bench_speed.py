@@ -25,7 +25,6 @@ import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch start
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from common import cpu_seconds, minor_faults
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 RESULTS = REPORTS / "speed.json"
@@ -53,13 +53,12 @@ class ProcessorTime:
     """Processor seconds (user + system) and minor page faults of this process over a `with` block."""
 
     def __enter__(self) -> "ProcessorTime":
-        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        self._start = cpu_seconds(), minor_faults()
         return self
 
     def __exit__(self, *exc) -> None:
-        end = resource.getrusage(resource.RUSAGE_SELF)
-        self.seconds = round(end.ru_utime + end.ru_stime - self._start.ru_utime - self._start.ru_stime, 1)
-        self.minor_faults = end.ru_minflt - self._start.ru_minflt
+        self.seconds = round(cpu_seconds() - self._start[0], 1)
+        self.minor_faults = minor_faults() - self._start[1]
 
 
 def floor_seconds(folder: Path, windows: torch.Tensor, processor: ProcessorTime | None = None) -> float:

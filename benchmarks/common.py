@@ -50,6 +50,17 @@ def fresh_copy(model):
     return copy.deepcopy(model)
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used (all threads): unlike wall time, barely moved by other jobs on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each a fresh page of memory touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

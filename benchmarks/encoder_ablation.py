@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import sys
 
 import torch
 
+from common import cpu_seconds
 from lowrank.api import compress
 from lowrank.calibration import load_text, sample_text_path, text_windows
 from lowrank.config import CompressConfig
 from lowrank.encoder_eval import agreement, sentence_embeddings
 from lowrank.loading import load_model
 from lowrank.sentences import sentence_batches, split_sentences
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 from pathlib import Path
 
 import torch
 
+from common import cpu_seconds
 from lowrank.api import compress
 from lowrank.calibration import load_text, sample_text_path
 from lowrank.config import CompressConfig, RecoveryConfig
@@ -29,11 +29,6 @@ from lowrank.encoder_eval import agreement, sentence_embeddings
 from lowrank.loading import load_model
 from lowrank.sentences import framed_windows, sentence_batches, split_sentences
 from lowrank.training import recover
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

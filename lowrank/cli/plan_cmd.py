@@ -125,7 +125,7 @@ def command(model, profile_file, budget, strategy, method, texts, samples, seq_l
     needs_text = (needs_spectra(strategy) and needs_statistics(method)) or strategy == "sensitivity"
     calibration = CalibrationConfig(texts=list(texts), samples=samples, seq_len=seq_len, seed=seed)
     windows = calibration_windows(loaded.model, loaded.tokenizer, calibration, batch_size) if needs_text else None
-    if windows is not None and needs_spectra(strategy) and method == "whiten":
+    if windows is not None and method == "whiten":
         warn_if_thin(windows, targets)
     limits, table = timing.resolve(limits, [t.shape for t in targets])
     plan, _ = plan_model(loaded.model, targets, budget, strategy, windows=windows, method=method, limits=limits,
