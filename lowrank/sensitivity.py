@@ -27,8 +27,10 @@ from . import distributed
 from .calibration import add_gram_, model_device, shortest_window, window_batches
 from .encoders import embed
 from .errors import LowrankError
+from .head_gradient import final_hidden_states, head_gradient
 from .model_info import frozen_in_eval, is_causal_lm, without_cache
-from .targets import Target
+from .sequential import block_of
+from .targets import Target, find_block_list
 
 #: What the backward passes differentiate: None picks next-token for causal LMs, embedding otherwise.
 OBJECTIVES = ("next-token", "embedding", "mlm")
@@ -70,7 +72,16 @@ def default_objective(model: nn.Module) -> str:
 
 
 def backward_next_token(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
-    """Backpropagate the summed next-token cross-entropy of `batch`."""
+    """Backpropagate the summed next-token cross-entropy of `batch`: through the blocks once, and through the
+    head a slice of tokens at a time (`lowrank.head_gradient`), so that the batch's logits never exist whole."""
+    _, blocks = find_block_list(model)
+    final = final_hidden_states(model, blocks, batch)
+    final.backward(head_gradient(model, blocks, final.detach(), batch, final.device))
+
+
+def backward_next_token_whole(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> None:
+    """`backward_next_token` from the whole batch's logits at once: for targets outside the blocks (an
+    included lm_head), which the head's slices would run once more."""
     logits = model(input_ids=batch, **without_cache(model)).logits
     # each position's next token, none (ignored) after the last: the same gradients, without a shifted copy of the
     # logits (0.4 GB per 4 windows of 512 over a 49k vocabulary)
@@ -193,12 +204,15 @@ def measure_output_fisher(
                 module = model.get_submodule(target.name)
                 handles.append(module.register_forward_pre_hook(watch_input(target.name))
                                if target.name in through_input else module.register_forward_hook(watch(target.name)))
+            backward = BACKWARD[objective]
+            if objective == "next-token" and any(block_of(t.name, find_block_list(model)[0]) is None for t in targets):
+                backward = backward_next_token_whole
             generator = torch.Generator().manual_seed(seed)
             batches = distributed.with_ownership(window_batches(windows, batch_size))
             with torch.enable_grad():
                 for batch, mine in tqdm(batches, desc="Sensitivity", unit="batch", disable=not progress):
                     if mine:
-                        BACKWARD[objective](model, batch.to(device), generator)
+                        backward(model, batch.to(device), generator)
                     else:  # another rank's batch: draw its random numbers all the same, so seeds do not depend on N
                         skip_draws(objective, model, batch, generator)
                     if after_batch is not None:

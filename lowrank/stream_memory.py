@@ -1,7 +1,8 @@
 """How much memory a streamed compression needs, said before it starts, and a refusal when it will not fit.
 
 Peak ≈ runtime + max(the head's step, profile pass, compress pass), where (docs/scale.md)
-- the head's step = embeddings and head (on disk the rest of the time) + one block + the head's logits;
+- the head's step = embeddings and head (on disk the rest of the time) + one block + the logits of one
+  slice of tokens (4 copies; a slice's are at most 16 MiB: `lowrank.head_gradient`);
 - profile pass  = one block + its statistics + one batch through it + two boundaries of the calibration
   windows + two of the sensitivity windows (their other levels wait on disk);
 - compress pass = two copies of one block (the dense tensors kept for the update beside the factors) +
@@ -25,6 +26,7 @@ import torch
 
 from .block_source import BlockSource
 from .errors import LowrankError
+from .head_gradient import slice_tokens
 from .model_info import widths
 from .targets import Target
 
@@ -118,7 +120,10 @@ def estimate(source: BlockSource, targets: list[Target], windows: torch.Tensor, 
     sensitivity_windows = min(sensitivity_samples, windows.shape[0])
     fisher_levels = 2 * sensitivity_windows * windows.shape[1] * hidden * 4 if prices else 0  # the rest on disk
     vocab = getattr(source.config, "vocab_size", 0) or 0
-    logits = 4 * windows.shape[1] * vocab * 4 if prices else 0  # one window's, 4 copies (taken window by window)
+    # one slice's logits, 4 copies (the loss gradient is taken a slice of tokens at a time: lowrank.head_gradient)
+    fisher_batch = max(1, min(batch_size, 4, sensitivity_windows))
+    slice_of = min(slice_tokens(vocab), fisher_batch * windows.shape[1]) if vocab else 0
+    logits = 4 * slice_of * vocab * 4 if prices else 0
     # one batch through a block, without gradients: at most three MLP-wide tensors (gate, up, their product)
     # and two hidden-wide ones alive at once (the 1.1B shape at 64 × 512 passed an estimate without it by 4 %)
     forward = min(batch_size, windows.shape[0]) * windows.shape[1] * (3 * mlp + 2 * hidden) * 4

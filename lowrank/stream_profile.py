@@ -36,6 +36,7 @@ from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .errors import CalibrationError, LowrankError
+from .head_gradient import head_gradient
 from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, top_singular
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
@@ -94,60 +95,6 @@ def _check_ran(names: list[str], stats: dict) -> None:
     if missing:
         raise CalibrationError(f"{len(missing)} target layers never ran during calibration (first: {missing[0]}); "
                                "exclude them with --exclude")
-
-
-class _Injector(nn.Module):
-    """Stands in for a block while the head runs: the last one outputs the given final hidden states."""
-
-    def __init__(self, block: nn.Module, holder: list, last: bool):
-        super().__init__()
-        object.__setattr__(self, "_block", block)
-        object.__setattr__(self, "_holder", holder)
-        self.last = last
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return self._holder[0] if self.last else hidden
-
-
-def head_gradient(model: nn.Module, blocks: nn.ModuleList, final: torch.Tensor, batch: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
-    """∂(summed next-token loss)/∂(last block's output) for one batch, through the model's own head.
-
-    One window at a time: the loss is a sum over windows and each window's gradient depends on its own
-    tokens only, so the result is the same (bit for bit on CPU, tested), while only one window's logits
-    and their gradient are in memory (4 × 256 tokens over a 32,000 vocabulary were 131 MB a copy, and the
-    loss's backward holds several copies: the streamed run's peak).
-    """
-    holder: list[torch.Tensor] = []
-    originals = list(blocks)
-    home = model.get_input_embeddings().weight.device
-    for i, block in enumerate(originals):
-        blocks[i] = _Injector(block, holder, last=i == len(originals) - 1)
-    gradients = []
-    try:
-        model.to(device)  # the modules outside the blocks only: the blocks are out of the tree now
-        for window in range(final.shape[0]):
-            holder[:] = [final[window:window + 1].to(device).requires_grad_(True)]
-            tokens = batch[window:window + 1].to(device)
-            with torch.enable_grad():
-                logits = model(input_ids=tokens, use_cache=False).logits
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="sum")
-                del logits
-                gradients.append(torch.autograd.grad(loss, holder[0])[0])
-            del loss
-    finally:
-        model.to(home)
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    return torch.cat(gradients)
 
 
 class _Projections:

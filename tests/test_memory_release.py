@@ -5,13 +5,13 @@
   last reader;
 - the update's dense block shares the dense tensors instead of copying them;
 - a BlockSource sends embeddings and head back to disk while only blocks run, and brings them back;
-- the profile pass keeps the sensitivity windows' boundaries on disk;
-- the loss gradient through the head is taken one window at a time.
+- the profile pass keeps the sensitivity windows' boundaries on disk.
+
+(The loss gradient through the head, a slice of tokens at a time: tests/test_head_gradient.py.)
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers
 from helpers import CAUSAL_ARCHITECTURES, make_tiny_model, random_windows, save_tiny_model
@@ -25,7 +25,6 @@ from lowrank.factorize import DEFAULT_DAMPING, WhiteningCache, whitening
 from lowrank.layers import LowRankLinear, replace_module
 from lowrank.model_info import count_parameters
 from lowrank.profiling import targets_of
-from lowrank.targets import find_block_list
 from lowrank.factorize import Factors
 
 
@@ -265,28 +264,3 @@ def test_a_transposed_or_strided_gram_gives_the_same_whitening():
     strided.copy_(matrix)
     lower = factorize.cholesky_in_place(strided)
     assert torch.allclose(lower, torch.linalg.cholesky(matrix), rtol=0, atol=1e-12 * matrix.abs().max() ** 0.5)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_the_head_gradient_one_window_at_a_time_equals_the_whole_batch(arch):
-    """The gradient of the summed next-token loss at the last block's output, window by window, against the
-    same loss over the whole batch through the model's own final norm and head: the same bits."""
-    model = make_tiny_model(arch)
-    batch = random_windows(3, 20)
-    torch.manual_seed(1)
-    final = torch.randn(3, 20, model.config.hidden_size)
-    backbone = model.base_model
-    norm = backbone.norm if arch == "llama" else backbone.ln_f
-    whole = final.clone().requires_grad_(True)
-    logits = model.lm_head(norm(whole))
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                             reduction="sum")
-    (expected,) = torch.autograd.grad(loss, whole)
-    _, blocks = find_block_list(model)
-    logit_rows = []
-    model.lm_head.register_forward_hook(lambda module, args, output: logit_rows.append(output.shape[0]))
-    got = stream_profile.head_gradient(model, blocks, final, batch, torch.device("cpu"))
-    assert logit_rows == [1, 1, 1]  # one window's logits at a time
-    assert got.shape == final.shape
-    assert torch.equal(got, expected)
-    assert all(not isinstance(block, stream_profile._Injector) for block in blocks)  # the blocks are put back

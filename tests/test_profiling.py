@@ -167,11 +167,11 @@ def test_profile_from_output_side_statistics_agrees_with_the_input_side():
     windows = random_windows(12, 16)
     assert output_side(model, targets) == {t.name for t in targets if t.name.endswith("down_proj")}
     forwards = []
-    model.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
-                                          with_kwargs=True)
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
     stats, fisher = measure(model, targets, windows, prices=True, batch_size=8, sensitivity_samples=8,
                             progress=False, output_stats=True)
     assert forwards == [4, 4, 4]  # the 8 sensitivity windows in batches of 4, then the other 4: each window once
+    # through the blocks (the head's slices run the model with its blocks stood in for: lowrank.head_gradient)
     assert isinstance(stats["model.layers.0.mlp.down_proj"], OutputStats)
     assert isinstance(stats["model.layers.0.mlp.up_proj"], ActivationStats)
     by_output = profile_model(model, targets, stats, fisher)

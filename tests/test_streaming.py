@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import (CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, interrupt_compress_pass_at, random_windows,
+from helpers import (CAUSAL_ARCHITECTURES, TINY_ARCHITECTURES, VOCAB, interrupt_compress_pass_at, random_windows,
                      save_tiny_model)
 
 import lowrank
@@ -133,6 +133,22 @@ def test_the_estimate_counts_one_batch_through_a_block(tmp_path):
     assert large.compress_fixed() - small.compress_fixed() == 6 * per_window
     assert large.profile_fixed() - small.profile_fixed() == 6 * per_window
     assert "one batch through it" in large.describe()
+
+
+def test_the_estimate_counts_the_logits_of_one_slice_of_tokens(tmp_path, monkeypatch):
+    """The head's step holds 4 copies of one slice's logits (lowrank.head_gradient), not of a window's or a
+    batch's: the slice is as many tokens as fit the slice budget, at most one sensitivity batch."""
+    from lowrank import head_gradient
+
+    save_tiny_model(tmp_path / "src", "llama")  # vocabulary VOCAB
+    source = BlockSource(tmp_path / "src")
+    windows = random_windows(12, 24)
+    base = source.outside_bytes() + source.block_bytes(0)
+    monkeypatch.setattr(head_gradient, "LOGITS_SLICE_BYTES", 10 * VOCAB * 4)  # 10 tokens a slice
+    assert estimate(source, targets_of(source.model), windows, True, 8).outside == base + 4 * 10 * VOCAB * 4
+    monkeypatch.setattr(head_gradient, "LOGITS_SLICE_BYTES", 2**30)  # every token of a sensitivity batch (4 × 24)
+    assert estimate(source, targets_of(source.model), windows, True, 8).outside == base + 4 * 4 * 24 * VOCAB * 4
+    assert estimate(source, targets_of(source.model), windows, False, 8).outside == base  # no prices: no head step
 
 
 def test_bf16_source_is_saved_in_bf16_unless_asked(tmp_path):
