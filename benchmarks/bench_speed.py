@@ -20,7 +20,7 @@ machine, run timed benchmarks one at a time (for example each under `flock LOCKF
 
 from __future__ import annotations
 
-import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts its OpenMP runtime)
+import lowrank  # noqa: F401  (first: it sets OPENBLAS_THREAD_TIMEOUT before SciPy starts its OpenBLAS)
 
 import argparse
 import json

@@ -15,7 +15,7 @@ it bought 4.8 % at 0.6, far less than three real texts (reports/refinement.md, s
 
 from __future__ import annotations
 
-import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts its OpenMP runtime)
+import lowrank  # noqa: F401  (first: it sets OPENBLAS_THREAD_TIMEOUT before SciPy starts its OpenBLAS)
 
 import argparse
 import time

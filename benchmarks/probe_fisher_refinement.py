@@ -16,7 +16,7 @@ help (reports/refinement.md, stop 25). It replaces `refinement.block_loss` and w
 
 from __future__ import annotations
 
-import lowrank  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts its OpenMP runtime)
+import lowrank  # noqa: F401  (first: it sets OPENBLAS_THREAD_TIMEOUT before SciPy starts its OpenBLAS)
 
 import argparse
 

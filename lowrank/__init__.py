@@ -6,12 +6,12 @@ Importing the package registers the `lowrank` quantizer with transformers, so
 
 import os
 
-# Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. When the
-# cores are shared (other jobs, or several processes), spinning threads made LAPACK's SVD and
-# eigh up to 30× slower here; dense matrix products are unaffected. Set OMP_WAIT_POLICY yourself
-# to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Likewise before SciPy loads its OpenBLAS (the Cholesky and eigh of `factorize`): after each call its
+# torch's OpenMP threads keep libgomp's default wait (they spin about 3 ms for the next parallel region,
+# then sleep): a forward pass is thousands of short regions, and making the threads sleep at once
+# (OMP_WAIT_POLICY=PASSIVE, this package's setting until stop 34) made the default compress of SmolLM2
+# about 9 % slower (four alternating pairs of runs, reports/speed-notes.md). Set OMP_WAIT_POLICY yourself
+# when several processes share the cores.
+# Before SciPy loads its OpenBLAS (the Cholesky and eigh of `factorize`): after each call its
 # worker threads spin for 2^28 cycles (about 0.1 s) waiting for more, taking a core from torch's matrix
 # products; on two cores that was 8 % of the default compress of SmolLM2's processor time. With 2^4
 # cycles they sleep at once. The arithmetic is the same. Set OPENBLAS_THREAD_TIMEOUT yourself to override.

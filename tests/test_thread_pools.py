@@ -1,4 +1,5 @@
-"""Importing lowrank tells the thread pools under it to sleep when idle, unless the user said otherwise.
+"""Importing lowrank tells SciPy's OpenBLAS threads to sleep when idle, and leaves torch's OpenMP threads to
+libgomp's default wait (a short spin), unless the user said otherwise.
 
 Both settings are read once, when a runtime loads (torch's OpenMP, SciPy's OpenBLAS), so they must be
 in the environment before torch or SciPy is first imported: each check starts a fresh interpreter and
@@ -14,7 +15,7 @@ import os
 import subprocess
 import sys
 
-SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+SETTINGS = {"OMP_WAIT_POLICY": "", "OPENBLAS_THREAD_TIMEOUT": "4"}  # "": not set (OMP_WAIT_POLICY=PASSIVE until stop 34)
 
 # Run in a fresh interpreter: an import finder that looks on (never loads) and notes the settings as they
 # stand when torch and SciPy are first asked for, then lowrank and the SciPy linear algebra it uses.
