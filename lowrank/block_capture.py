@@ -82,25 +82,32 @@ def _hidden_of(output: Any) -> torch.Tensor:
                        "use --one-shot for this architecture")
 
 
-class _BlockRecorder(nn.Module):
-    """Stands in for block `index` during capture: records its call and passes the hidden states on.
+class StandIn(nn.Module):
+    """A module put in a block's place in the model's block list, for one pass that does not run the block.
 
     The real block is kept outside the module tree (so moving the model leaves it alone); attribute
     lookups the model's loop makes on its blocks (e.g. `attention_type`) fall through to it.
     """
 
-    def __init__(self, block: nn.Module, index: int, record, last: bool):
+    def __init__(self, block: nn.Module):
         super().__init__()
         object.__setattr__(self, "_block", block)
-        object.__setattr__(self, "_record", record)
-        self.index = index
-        self.last = last
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_block"], name)
+
+
+class _BlockRecorder(StandIn):
+    """Stands in for block `index` during capture: records its call and passes the hidden states on."""
+
+    def __init__(self, block: nn.Module, index: int, record, last: bool):
+        super().__init__(block)
+        object.__setattr__(self, "_record", record)
+        self.index = index
+        self.last = last
 
     def forward(self, *args, **kwargs):
         hidden, call = _split_hidden(args, kwargs)

@@ -20,26 +20,20 @@ import math
 import torch
 from torch import nn
 
+from .block_capture import StandIn
 from .model_info import without_cache
 
 #: The most bytes of float32 logits one slice of tokens may produce (under glibc's largest mmap threshold, 32 MiB).
 LOGITS_SLICE_BYTES = 16 * 2**20
 
 
-class _Injector(nn.Module):
+class _Injector(StandIn):
     """Stands in for a block while the head runs: the last one outputs the given final hidden states."""
 
     def __init__(self, block: nn.Module, holder: list, last: bool):
-        super().__init__()
-        object.__setattr__(self, "_block", block)
+        super().__init__(block)
         object.__setattr__(self, "_holder", holder)
         self.last = last
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

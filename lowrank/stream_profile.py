@@ -36,8 +36,8 @@ from .block_capture import BlockCall, capture_block_inputs, run_block
 from .block_source import BlockSource
 from .boundary_store import BoundaryStore
 from .errors import CalibrationError, LowrankError
-from .head_gradient import head_gradient
 from .factorize import DEFAULT_DAMPING, WhiteningCache, output_side_spectrum, top_singular
+from .head_gradient import head_gradient
 from .model_info import count_parameters, is_causal_lm
 from .profile import MatrixProfile, Profile
 from .calibration import OutputStats, StatsCollector, all_reduce_stats, output_side, window_batches
