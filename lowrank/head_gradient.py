@@ -8,7 +8,7 @@ bit on CPU (tested), while the logits of the whole batch never exist at once.
 That matters for speed as much as for memory: 4 windows of 512 tokens over a 49k vocabulary have
 403 MB of logits, and the loss's backward holds several such copies. glibc maps every allocation
 over 32 MiB afresh and unmaps it when freed, so each copy was faulted in page by page and given
-back, batch after batch: on SmolLM2 the sensitivity pass spent 11–22 of its 50–55 processor
+back, batch after batch: on SmolLM2 the sensitivity pass spent 11–22 of its 43–55 processor
 seconds in the kernel. Slices whose logits stay under `LOGITS_SLICE_BYTES` are served from memory
 the process already holds.
 """
