@@ -72,7 +72,7 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return hidden, BlockCall((), rest, hidden_by_keyword=True)
 
 
-def _hidden_of(output: Any) -> torch.Tensor:
+def hidden_of(output: Any) -> torch.Tensor:
     """The hidden states a block returns (a tensor, or the first item of a tuple)."""
     if isinstance(output, torch.Tensor):
         return output
@@ -177,5 +177,5 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, device: t
     args = _move(call.args, device, memo)
     kwargs = _move(call.kwargs, device, memo)
     if call.hidden_by_keyword:
-        return _hidden_of(block(*args, hidden_states=hidden, **kwargs))
-    return _hidden_of(block(hidden, *args, **kwargs))
+        return hidden_of(block(*args, hidden_states=hidden, **kwargs))
+    return hidden_of(block(hidden, *args, **kwargs))

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .block_capture import StandIn
+from .block_capture import StandIn, hidden_of
 from .model_info import without_cache
 
 #: The most bytes of float32 logits one slice of tokens may produce (under glibc's largest mmap threshold, 32 MiB).
@@ -73,7 +73,7 @@ def final_hidden_states(model: nn.Module, blocks: nn.ModuleList, batch: torch.Te
     forward ends there, so the final norm and the head do not run."""
 
     def hook(module, args, output):
-        raise _Final(output[0] if isinstance(output, tuple) else output)
+        raise _Final(hidden_of(output))
 
     handle = blocks[-1].register_forward_hook(hook)
     try:
