@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import cpu_seconds, minor_faults
+from common import cpu_seconds, minor_faults, processor_name
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 RESULTS = REPORTS / "speed.json"
@@ -105,7 +105,8 @@ def run(folder: Path, ratio: float, mode: str, keep: Path | None, plan_samples: 
     windows = text_windows(tokenizer, list(calibration.texts), calibration.samples, calibration.seq_len,
                            calibration.seed)
     result: dict = {"ratio": ratio, "mode": mode, "samples": calibration.samples, "seq_len": calibration.seq_len,
-                    "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
+                    "threads": torch.get_num_threads(), "processor": processor_name(),
+                    "load_average_start": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     parts = [ProcessorTime(), ProcessorTime(), ProcessorTime()]  # floor, compress (loading and saving too), floor
     floors = [floor_seconds(folder, windows, parts[0])]
@@ -148,14 +149,15 @@ def report() -> None:
              "Written by `benchmarks/bench_speed.py` (see its docstring for the protocol). Floor: one dense forward "
              "pass of the float32 model over the same 64 × 512 calibration windows (batches of 8, logits "
              "included), measured before and after the compress in the same process. Machine: 2 CPU cores "
-             "shared with other jobs (load average recorded).", "",
-             "| ratio | run | date | wall (s) | floor (s, before / after) | × floor | × floor in processor time "
-             "| load avg (start / end) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "shared with other jobs (load average recorded), on whichever host the session was lent (the "
+             "processor is recorded from stop 35 on; stop 34's rows ran on an Intel Sapphire Rapids host).", "",
+             "| ratio | run | date | processor | wall (s) | floor (s, before / after) | × floor "
+             "| × floor in processor time | load avg (start / end) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
         processor = f"{r['times_floor_processor']:.2f}" if "times_floor_processor" in r else "—"
-        lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r['wall_seconds']:.0f} | "
+        lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r.get('processor', '—')} | {r['wall_seconds']:.0f} | "
                      f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
                      f"{processor} | {r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
     for key, r in results.items():

@@ -99,12 +99,25 @@ def stage_peak_rss_mib() -> float:
     return _proc_status_mib("VmHWM")
 
 
+def processor_name() -> str:
+    """The processor's model name and the vector unit torch's kernels use ("AMD EPYC, AVX2"): hosts differ run to run."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment() -> dict:
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "processor": processor_name(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
