@@ -2,8 +2,10 @@
 
 Everything after the transformer blocks (the final norm, the head, a logit scale or soft cap) acts
 on each position alone, so the gradient at one position's final hidden state depends on that
-position and its next token only. Taken over slices of the tokens it is the same gradient, bit for
-bit on CPU (tested), while the logits of the whole batch never exist at once.
+position and its next token only. Taken over slices of the tokens it is the same gradient (up to
+float32 rounding: bit for bit on the Intel hosts measured, within a unit or two in the last place where
+MKL rounds a slice of a few rows differently, as on an AMD EPYC host; tested), while the logits of the
+whole batch never exist at once.
 
 That matters for speed as much as for memory: 4 windows of 512 tokens over a 49k vocabulary have
 403 MB of logits, and the loss's backward holds several such copies. glibc maps every allocation
