@@ -156,10 +156,10 @@ def report() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         mode = r["mode"] + (f" ({r['note']})" if r.get("note") else "")
-        processor = f"{r['times_floor_processor']:.2f}" if "times_floor_processor" in r else "—"
+        processor_ratio = f"{r['times_floor_processor']:.2f}" if "times_floor_processor" in r else "—"
         lines.append(f"| {r['ratio']} | {mode} | {r['date']} | {r.get('processor', '—')} | {r['wall_seconds']:.0f} | "
                      f"{r['floor_seconds'][0]:.0f} / {r['floor_seconds'][-1]:.0f} | {r['times_floor']:.2f} | "
-                     f"{processor} | {r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
+                     f"{processor_ratio} | {r['load_average_start']:.1f} / {r['load_average_end']:.1f} |")
     for key, r in results.items():
         stages = r.get("stage_seconds") or {}
         lines += ["", f"## Where the time goes ({key}, wall {r['wall_seconds']:.0f} s)", "",
